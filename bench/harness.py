@@ -1,0 +1,118 @@
+"""Side-by-side timing of one idiom: eager, stock ``torch.compile``, ``torch.compile`` + dsa_inductor, roofline.
+
+Times are ``triton.testing.do_bench`` medians (CUDA events, warm-up excluded).  The stock and the
+dsa_inductor compiles run in the same process, one after the other, with Dynamo reset between them and
+the FX graph cache disabled, so each number comes from its own compile of the same eager function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import torch
+
+import dsa_inductor
+
+HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}  # datasheet HBM bandwidth
+BF16_FLOPS = {"H100": 989e12, "H200": 989e12}  # dense bf16 peak
+
+
+@dataclasses.dataclass
+class Case:
+    idiom: str
+    shape: str
+    fn: Callable  # the eager model-style function
+    make_inputs: Callable[[], tuple]
+    min_bytes: float = 0.0  # fewest bytes the idiom must move (inputs read once, outputs written once)
+    flops: float = 0.0
+    check: Optional[Callable] = None  # (inputs, eager_out, our_out) -> None or a reason string
+
+
+@dataclasses.dataclass
+class Result:
+    case: Case
+    eager_us: float
+    stock_us: float
+    ours_us: float
+    roofline_us: float
+    matches: int
+    problem: Optional[str]
+
+
+def _gpu_name() -> str:
+    name = torch.cuda.get_device_name()
+    return next((k for k in HBM_BYTES_PER_S if k in name), name)
+
+
+def _median_us(fn, args) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(lambda: fn(*args), warmup=50, rep=300, return_mode="median") * 1e3
+
+
+def run_case(case: Case) -> Result:
+    torch._inductor.config.force_disable_caches = True
+    args = case.make_inputs()
+    with torch.no_grad():
+        eager_out = case.fn(*args)
+        eager_us = _median_us(case.fn, args)
+
+        dsa_inductor.unregister_dsa_passes()
+        torch._dynamo.reset()
+        stock = torch.compile(case.fn, dynamic=False)
+        stock(*args)
+        stock_us = _median_us(stock, args)
+
+        torch._dynamo.reset()
+        dsa_inductor.reset_report()
+        dsa_inductor.register_dsa_passes()
+        ours = torch.compile(case.fn, dynamic=False)
+        our_out = ours(*args)
+        ours_us = _median_us(ours, args)
+        dsa_inductor.unregister_dsa_passes()
+        torch._dynamo.reset()
+
+    from dsa_inductor.report import _STATS
+
+    matches = sum(sum(st.matches.values()) for st in _STATS.values())
+    problem = case.check(args, eager_out, our_out) if case.check else None
+    gpu = _gpu_name()
+    roof = max(case.min_bytes / HBM_BYTES_PER_S.get(gpu, 3.35e12), case.flops / BF16_FLOPS.get(gpu, 989e12)) * 1e6
+    return Result(case, eager_us, stock_us, ours_us, roof, matches, problem)
+
+
+def markdown(results: list[Result]) -> str:
+    head = (f"Device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+            f"triton {__import__('triton').__version__}; do_bench medians in us.\n\n"
+            "| idiom | shape | eager | stock compile | dsa-inductor | roofline | vs stock | matches | check |\n"
+            "|---|---|---|---|---|---|---|---|---|\n")
+    rows = [f"| {r.case.idiom} | {r.case.shape} | {r.eager_us:.1f} | {r.stock_us:.1f} | {r.ours_us:.1f} | "
+            f"{r.roofline_us:.1f} | {r.stock_us / r.ours_us:.1f}x | {r.matches} | {r.problem or 'ok'} |"
+            for r in results]
+    return head + "\n".join(rows) + "\n"
+
+
+def chart(results: list[Result], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    labels = [f"{r.case.idiom}\n{r.case.shape}" for r in results]
+    series = {"eager": [r.eager_us for r in results], "stock torch.compile": [r.stock_us for r in results],
+              "dsa-inductor": [r.ours_us for r in results], "roofline": [r.roofline_us for r in results]}
+    x = np.arange(len(results))
+    width = 0.2
+    fig, ax = plt.subplots(figsize=(max(6, 2.6 * len(results)), 4.5))
+    for i, (name, vals) in enumerate(series.items()):
+        ax.bar(x + (i - 1.5) * width, vals, width, label=name)
+    ax.set_yscale("log")
+    ax.set_ylabel("median time (us, log scale)")
+    ax.set_xticks(x, labels, fontsize=7)
+    ax.set_title(f"dsa-inductor vs eager and stock torch.compile ({torch.cuda.get_device_name()}, torch {torch.__version__})",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

@@ -1,0 +1,51 @@
+"""Run every idiom benchmark on the current GPU; write a markdown table and a PNG chart.
+
+    python bench/run.py [--out DIR] [--only SUBSTRING]
+
+Output: DIR/<gpu>.md and DIR/<gpu>.png (default DIR: bench/results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+import bench_mask_topk  # noqa: E402
+from harness import chart, markdown, run_case  # noqa: E402
+
+MODULES = [bench_mask_topk]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--only", default="")
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/run.py needs a CUDA GPU: CPU timings say nothing about these kernels")
+    os.makedirs(a.out, exist_ok=True)
+    results = []
+    for mod in MODULES:
+        for case in mod.cases():
+            if a.only and a.only not in case.idiom:
+                continue
+            r = run_case(case)
+            print(f"{case.idiom:45s} {case.shape:32s} eager {r.eager_us:9.1f} stock {r.stock_us:9.1f} "
+                  f"ours {r.ours_us:9.1f} roof {r.roofline_us:7.1f} matches {r.matches} {r.problem or 'ok'}",
+                  flush=True)
+            results.append(r)
+    gpu = torch.cuda.get_device_name().replace(" ", "_")
+    md = markdown(results)
+    with open(os.path.join(a.out, f"{gpu}.md"), "w") as f:
+        f.write(md)
+    chart(results, os.path.join(a.out, f"{gpu}.png"))
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

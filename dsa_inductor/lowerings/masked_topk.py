@@ -1,0 +1,475 @@
+"""``dsa_inductor::masked_topk``: top-k over a row range or mask, without a masked copy of the logits.
+
+Idiom (DeepSeek-V3.2 DSA indexer, transformers' ``DeepseekV32Indexer``, vLLM/SGLang indexer prefill)::
+
+    index_scores = index_scores.masked_fill(~attention_mask, float("-inf"))   # or + additive mask,
+    topk_indices = index_scores.topk(min(index_topk, T), dim=-1).indices      # or an arange range mask
+
+Semantics: ``torch.topk(where(keep, logits (+ bias), fill), k, dim=-1, largest=True, sorted=sorted)``
+where ``keep`` is the conjunction of the given pieces:
+
+* ``row_starts[..., None] <= arange(N) < row_ends[..., None]`` (either bound optional);
+* ``mask`` (``mask_keeps=True``: True keeps the position; ``False``: True drops it).
+
+Masked positions take the value ``fill`` rounded to the result dtype, exactly as ``masked_fill`` /
+``torch.where`` give them; a row with fewer than ``k`` kept positions is padded with masked positions,
+as eager pads it.  Indices are valid positions in ``[0, N)``; ties may pick other indices than eager.
+
+CUDA path: one Triton program per row runs an MSB-first radix select (8-bit digits, ``tl.histogram``)
+on the order-preserving uint32 key of each value, reading only kept positions of the row, never writing
+a masked copy.  A range row with at most ``k`` kept positions and ``fill == -inf`` short-circuits: its
+selection is every in-range position plus padding, and no scores are read unless values or order are
+needed.  ``sorted=True`` orders the ``k`` winners in-kernel with a bitonic ``tl.sort`` on packed
+(key, index) pairs.  The radix-select design follows the radix top-k kernels used for the DSA indexer
+(e.g. SGLang / vLLM ``topk`` for DeepSeek-V3.2, FlashInfer's radix top-k).
+
+CPU path: plain torch (what eager computes), which Inductor can compile to C++ when the op is traced.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch.library import triton_op, wrap_triton
+
+try:  # triton is optional on CPU-only installs; the CPU path never needs it.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only without triton
+    triton = None
+
+OP_NAME = "dsa_inductor::masked_topk"
+VERIFY = False  # set by register_dsa_passes(verify=True): check each CUDA call against eager
+SORT_MAX = 4096  # largest k sorted in-kernel; larger k is ordered with torch.sort after the kernel
+BLOCK = 4096  # positions per tile
+
+
+def _check_args(logits, k, row_starts, row_ends, mask, bias, index_dtype):
+    """Raise ValueError/TypeError naming the offending argument."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() < 1:
+        raise ValueError("masked_topk: `logits` must be a tensor with at least 1 dimension")
+    if not logits.dtype.is_floating_point or logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"masked_topk: `logits` must be float32, float16 or bfloat16, got {logits.dtype}")
+    n = logits.shape[-1]
+    torch._check(k >= 0, lambda: f"masked_topk: `k` must be >= 0, got {k}")
+    torch._check(k <= n, lambda: f"masked_topk: `k` ({k}) is larger than the last dim of `logits` ({n})")
+    for name, t in (("row_starts", row_starts), ("row_ends", row_ends)):
+        if t is None:
+            continue
+        if t.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"masked_topk: `{name}` must be int32 or int64, got {t.dtype}")
+        if t.device != logits.device:
+            raise ValueError(f"masked_topk: `{name}` is on {t.device}, `logits` on {logits.device}")
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise TypeError(f"masked_topk: `mask` must be bool, got {mask.dtype}")
+        if mask.device != logits.device or mask.dim() < 1:
+            raise ValueError("masked_topk: `mask` must be a >=1-d bool tensor on the device of `logits`")
+    if bias is not None:
+        if not bias.dtype.is_floating_point:
+            raise TypeError(f"masked_topk: `bias` must be floating point, got {bias.dtype}")
+        if bias.device != logits.device or bias.dim() < 1:
+            raise ValueError("masked_topk: `bias` must be a >=1-d tensor on the device of `logits`")
+    if index_dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"masked_topk: `index_dtype` must be torch.int32 or torch.int64, got {index_dtype}")
+
+
+def _result_dtype(logits, bias):
+    return logits.dtype if bias is None else torch.promote_types(logits.dtype, bias.dtype)
+
+
+def _batch_shape(logits, row_starts, row_ends, mask, bias):
+    shapes = [logits.shape[:-1]]
+    shapes += [t.shape for t in (row_starts, row_ends) if t is not None]
+    shapes += [t.shape[:-1] for t in (mask, bias) if t is not None]
+    return torch.broadcast_shapes(*shapes)
+
+
+def masked_logits(logits, row_starts=None, row_ends=None, mask=None, mask_keeps=True, bias=None,
+                  fill=float("-inf")):
+    """``where(keep, logits (+ bias), fill)`` broadcast to ``(*batch, N)``: the tensor eager runs topk on."""
+    x = logits if bias is None else logits + bias
+    n = x.shape[-1]
+    keep = None
+    if row_starts is not None or row_ends is not None:
+        pos = torch.arange(n, device=x.device)
+        if row_starts is not None:
+            keep = pos >= row_starts.unsqueeze(-1)
+        if row_ends is not None:
+            before_end = pos < row_ends.unsqueeze(-1)
+            keep = before_end if keep is None else keep & before_end
+    if mask is not None:
+        m = mask if mask_keeps else ~mask
+        keep = m if keep is None else keep & m
+    if keep is not None:
+        x = torch.where(keep, x, torch.tensor(fill, dtype=x.dtype, device=x.device))
+    return x.expand(*_batch_shape(logits, row_starts, row_ends, mask, bias), n)
+
+
+def masked_topk_reference(logits, k, row_starts=None, row_ends=None, mask=None, mask_keeps=True,
+                          bias=None, fill=float("-inf"), sorted=True, index_dtype=torch.int64,
+                          need_values=True):
+    """Plain-torch definition of the op (its CPU path, and the oracle of every test)."""
+    x = masked_logits(logits, row_starts, row_ends, mask, mask_keeps, bias, fill)
+    values, indices = torch.topk(x, k, dim=-1, largest=True, sorted=sorted)
+    if not need_values:
+        values = values.new_empty(*values.shape[:-1], 0)
+    return values, indices.to(index_dtype)
+
+
+def topk_mismatch(masked, k, values, indices, sorted=True, need_values=True) -> Optional[str]:
+    """Why ``(values, indices)`` is not a valid top-k of ``masked`` (None if it is).
+
+    Equivalence contract: the same multiset of selected values as ``torch.topk``, indices unique and
+    in ``[0, N)``, each value equal to ``masked`` at its index, and descending order when ``sorted``.
+    Ties may pick other indices than eager.
+    """
+    n = masked.shape[-1]
+    if tuple(indices.shape) != (*masked.shape[:-1], k):
+        return f"indices have shape {tuple(indices.shape)}, expected {(*masked.shape[:-1], k)}"
+    if need_values and tuple(values.shape) != tuple(indices.shape):
+        return f"values have shape {tuple(values.shape)}, expected {tuple(indices.shape)}"
+    if k == 0 or indices.numel() == 0:
+        return None
+    rows_m = masked.reshape(-1, n)
+    idx = indices.reshape(-1, k).long()
+    bad = (idx < 0) | (idx >= n)
+    if bad.any():
+        r, j = bad.nonzero()[0].tolist()
+        return f"index {idx[r, j].item()} at row {r}, slot {j} is outside [0, {n})"
+    if k > 1:
+        srt = idx.sort(dim=-1).values
+        dup = srt[:, 1:] == srt[:, :-1]
+        if dup.any():
+            r, j = dup.nonzero()[0].tolist()
+            return f"index {srt[r, j].item()} selected twice in row {r}"
+    picked = rows_m.gather(-1, idx).float()
+    if need_values:
+        got = values.reshape(-1, k).float()
+        diff = ~((got == picked) | (got.isnan() & picked.isnan()))
+        if diff.any():
+            r, j = diff.nonzero()[0].tolist()
+            return f"value {got[r, j].item()} at row {r}, slot {j} != logits[{idx[r, j].item()}] = {picked[r, j].item()}"
+    ref = torch.topk(rows_m.float(), k, dim=-1).values
+    mine = torch.sort(picked.nan_to_num(float("inf")), dim=-1, descending=True).values
+    ref_s = torch.sort(ref.nan_to_num(float("inf")), dim=-1, descending=True).values
+    diff = mine != ref_s
+    if diff.any():
+        r, j = diff.nonzero()[0].tolist()
+        return f"row {r}: {j}-th largest selected value is {mine[r, j].item()}, eager selects {ref_s[r, j].item()}"
+    if sorted and k > 1:
+        p = picked.nan_to_num(float("inf"))
+        up = p[:, 1:] > p[:, :-1]
+        if up.any():
+            r, j = up.nonzero()[0].tolist()
+            return f"row {r} is not sorted descending at slot {j + 1}"
+    return None
+
+
+def _round_to(fill: float, dtype: torch.dtype) -> float:
+    """``fill`` as ``masked_fill`` / ``full(dtype=dtype)`` store it (host-side, outside any tracing mode)."""
+    with torch._C._DisableTorchDispatch():
+        return torch.tensor(float(fill), dtype=dtype).item()
+
+
+def _rows3(t, batch, last):
+    """View ``t`` (broadcast to ``(*batch, last)``) as [A, S, last] without copying when possible."""
+    t = t.expand(*batch, last)
+    if len(batch) == 0:
+        return t.unsqueeze(0).unsqueeze(0)
+    if len(batch) == 1:
+        return t.unsqueeze(0)
+    try:
+        return t.view(-1, batch[-1], last)
+    except RuntimeError:
+        return t.reshape(-1, batch[-1], last)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _sortable_key(v):
+        """fp32 -> uint32 key with the order of torch.topk: NaN above +inf, then the usual float order."""
+        v = tl.where(v != v, float("nan"), v)
+        b = v.to(tl.uint32, bitcast=True)
+        return tl.where((b >> 31) != 0, ~b, b | 0x80000000)
+
+    @triton.jit
+    def _key_to_value(key):
+        b = tl.where((key >> 31) != 0, key & 0x7FFFFFFF, ~key)
+        return b.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _keys_at(cols, a, s, lo, hi, fill_key,
+                 x_ptr, xs0, xs1, xs2, m_ptr, ms0, ms1, ms2, b_ptr, bs0, bs1, bs2,
+                 MASK_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_DTYPE: tl.constexpr):
+        """Keys of the (masked, biased) logits at positions ``cols`` of row (a, s); loads only kept ones."""
+        cols = cols.to(tl.int64)
+        keep = (cols >= lo) & (cols < hi)
+        if MASK_MODE != 0:
+            m = tl.load(m_ptr + a * ms0 + s * ms1 + cols * ms2, mask=keep, other=0).to(tl.int1)
+            if MASK_MODE == 1:
+                keep = keep & m
+            else:
+                keep = keep & (m == 0)
+        x = tl.load(x_ptr + a * xs0 + s * xs1 + cols * xs2, mask=keep, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            bb = tl.load(b_ptr + a * bs0 + s * bs1 + cols * bs2, mask=keep, other=0.0).to(tl.float32)
+            x = (x + bb).to(OUT_DTYPE).to(tl.float32)
+        return tl.where(keep, _sortable_key(x), fill_key)
+
+    @triton.jit
+    def _masked_topk_kernel(
+        x_ptr, xs0, xs1, xs2,
+        st_ptr, sts0, sts1, en_ptr, ens0, ens1,
+        m_ptr, ms0, ms1, ms2,
+        b_ptr, bs0, bs1, bs2,
+        val_ptr, idx_ptr,
+        S, N, K, fill,
+        HAS_STARTS: tl.constexpr, HAS_ENDS: tl.constexpr, MASK_MODE: tl.constexpr,
+        HAS_BIAS: tl.constexpr, SHORT_CIRCUIT: tl.constexpr, WRITE_VALUES: tl.constexpr,
+        SORTED: tl.constexpr, NPASS: tl.constexpr, BLOCK: tl.constexpr, SORT_BLOCK: tl.constexpr,
+        OUT_DTYPE: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        a = row // S
+        s = row % S
+        N = N.to(tl.int64)
+        lo = N * 0
+        hi = N
+        if HAS_STARTS:
+            lo = tl.minimum(tl.maximum(tl.load(st_ptr + a * sts0 + s * sts1).to(tl.int64), 0), N)
+        if HAS_ENDS:
+            hi = tl.minimum(tl.maximum(tl.load(en_ptr + a * ens0 + s * ens1).to(tl.int64), lo), N)
+        out = row * K
+        lane = tl.arange(0, BLOCK)
+        fill = tl.cast(fill, tl.float32)  # already rounded to OUT_DTYPE by the caller
+        fill_key = _sortable_key(fill)
+        # Tiles cover [span_lo, span_hi); positions outside hold `fill` and are counted, never loaded.
+        span_lo = (lo // BLOCK) * BLOCK
+        span_hi = tl.minimum(span_lo + tl.cdiv(hi - span_lo, BLOCK) * BLOCK, N)
+        n_out = N - (span_hi - span_lo)
+        n_keep = hi - lo
+
+        short = n_keep < 0
+        if SHORT_CIRCUIT:
+            short = n_keep <= K
+        if short:
+            # Every in-range position is selected; pad with the first masked positions (value fill).
+            for start in range(lo, hi, BLOCK):
+                cols = start + lane
+                ok = cols < hi
+                tl.store(idx_ptr + out + (cols - lo), cols, mask=ok)
+                if WRITE_VALUES and not SORTED:
+                    x = tl.load(x_ptr + a * xs0 + s * xs1 + cols * xs2, mask=ok, other=0.0)
+                    tl.store(val_ptr + out + (cols - lo), x.to(OUT_DTYPE), mask=ok)
+            for start in range(0, K - n_keep, BLOCK):
+                j = start + lane
+                ok = j < K - n_keep
+                cols = tl.where(j < lo, j, j + n_keep)
+                tl.store(idx_ptr + out + n_keep + j, cols, mask=ok)
+                if WRITE_VALUES and not SORTED:
+                    tl.store(val_ptr + out + n_keep + j, tl.zeros_like(j).to(OUT_DTYPE) + fill.to(OUT_DTYPE),
+                             mask=ok)
+        else:
+            # MSB-first radix select of the K-th largest key: `prefix` holds the decided high digits,
+            # `remaining` how many of the keys sharing that prefix still belong to the top K.
+            bins = tl.arange(0, 256)
+            prefix = fill_key * 0
+            pmask = fill_key * 0
+            digit_mask = pmask + 0xFF
+            remaining = (K * 0 + K).to(tl.int32)
+            p = remaining * 0
+            done = remaining * 0
+            while (p < NPASS) & (done == 0):
+                shift = 24 - 8 * p
+                hist = tl.zeros([256], dtype=tl.int32)
+                for start in range(span_lo, span_hi, BLOCK):
+                    cols = start + lane
+                    key = _keys_at(cols, a, s, lo, hi, fill_key, x_ptr, xs0, xs1, xs2, m_ptr, ms0, ms1, ms2,
+                                   b_ptr, bs0, bs1, bs2, MASK_MODE, HAS_BIAS, OUT_DTYPE)
+                    sel = (cols < N) & ((key & pmask) == prefix)
+                    digit = tl.where(sel, ((key >> shift) & digit_mask).to(tl.int32), 0)
+                    h = tl.histogram(digit, 256)
+                    # Unselected lanes were counted in bin 0: take them back out.
+                    hist += h - tl.where(bins == 0, BLOCK - tl.sum(sel.to(tl.int32), 0), 0)
+                if (n_out > 0) & ((fill_key & pmask) == prefix):
+                    fill_digit = ((fill_key >> shift) & digit_mask).to(tl.int32)
+                    hist += tl.where(bins == fill_digit, n_out.to(tl.int32), 0)
+                at_least = tl.cumsum(hist, 0, reverse=True)
+                d = tl.sum((at_least >= remaining).to(tl.int32), 0) - 1
+                count_d = tl.sum(tl.where(bins == d, hist, 0), 0)
+                above_d = tl.sum(tl.where(bins == d, at_least, 0), 0) - count_d
+                remaining = remaining - above_d
+                prefix = prefix | (d.to(tl.uint32) << shift)
+                pmask = pmask | (digit_mask << shift)
+                done = (count_d == remaining).to(tl.int32)
+                p += 1
+
+            # Emit: keys above the prefix, then the first `remaining` keys equal to it (index order).
+            written = remaining * 0
+            ties = remaining * 0
+            for start in range(span_lo, span_hi, BLOCK):
+                cols = start + lane
+                key = _keys_at(cols, a, s, lo, hi, fill_key, x_ptr, xs0, xs1, xs2, m_ptr, ms0, ms1, ms2,
+                               b_ptr, bs0, bs1, bs2, MASK_MODE, HAS_BIAS, OUT_DTYPE)
+                inrow = cols < N
+                above = inrow & ((key & pmask) > prefix)
+                equal = inrow & ((key & pmask) == prefix)
+                tie_rank = ties + tl.cumsum(equal.to(tl.int32), 0) - 1
+                take = above | (equal & (tie_rank < remaining))
+                pos = written + tl.cumsum(take.to(tl.int32), 0) - 1
+                tl.store(idx_ptr + out + pos, cols, mask=take)
+                if WRITE_VALUES and not SORTED:
+                    tl.store(val_ptr + out + pos, _key_to_value(key).to(OUT_DTYPE), mask=take)
+                written += tl.sum(take.to(tl.int32), 0)
+                ties += tl.sum(equal.to(tl.int32), 0)
+            if written < K:
+                # The rest are masked positions outside the tiles: all hold fill_key.
+                fill_block = (lane * 0).to(tl.uint32) + (fill_key & pmask)
+                fill_above = fill_block > prefix
+                fill_equal = fill_block == prefix
+                for start in range(0, N - (span_hi - span_lo), BLOCK):
+                    j = start + lane
+                    cols = tl.where(j < span_lo, j, j + (span_hi - span_lo))
+                    inrow = j < n_out
+                    equal = inrow & fill_equal
+                    tie_rank = ties + tl.cumsum(equal.to(tl.int32), 0) - 1
+                    take = (inrow & fill_above) | (equal & (tie_rank < remaining))
+                    pos = written + tl.cumsum(take.to(tl.int32), 0) - 1
+                    tl.store(idx_ptr + out + pos, cols, mask=take)
+                    if WRITE_VALUES and not SORTED:
+                        tl.store(val_ptr + out + pos, tl.zeros_like(j).to(OUT_DTYPE) + fill.to(OUT_DTYPE),
+                                 mask=take)
+                    written += tl.sum(take.to(tl.int32), 0)
+                    ties += tl.sum(equal.to(tl.int32), 0)
+
+        if SORTED:
+            # Order the K winners by value: bitonic sort of (key << 32 | index), descending.
+            tl.debug_barrier()
+            j = tl.arange(0, SORT_BLOCK)
+            ok = j < K
+            cols = tl.load(idx_ptr + out + j, mask=ok, other=0).to(tl.int64)
+            key = _keys_at(cols, a, s, lo, hi, fill_key, x_ptr, xs0, xs1, xs2, m_ptr, ms0, ms1, ms2,
+                           b_ptr, bs0, bs1, bs2, MASK_MODE, HAS_BIAS, OUT_DTYPE)
+            packed = (key.to(tl.uint64) << 32) | cols.to(tl.uint64)
+            packed = tl.where(ok, packed, 0)
+            packed = tl.sort(packed, descending=True)
+            tl.debug_barrier()
+            tl.store(idx_ptr + out + j, (packed & 0xFFFFFFFF).to(tl.int64), mask=ok)
+            if WRITE_VALUES:
+                tl.store(val_ptr + out + j, _key_to_value((packed >> 32).to(tl.uint32)).to(OUT_DTYPE), mask=ok)
+
+
+_TL_DTYPES = {}
+if triton is not None:
+    _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def masked_topk_triton(logits, k, row_starts=None, row_ends=None, mask=None, mask_keeps=True, bias=None,
+                       fill=float("-inf"), sorted=True, index_dtype=torch.int64, need_values=True,
+                       launch=None, block=BLOCK, num_warps=8):
+    """Run the Triton kernel. ``launch`` wraps the jitted kernel (``wrap_triton`` under the op).
+
+    ``block`` (positions per tile, a power of two) and ``num_warps`` are tuning knobs; tests shrink
+    ``block`` to exercise the multi-tile paths at small sizes under ``TRITON_INTERPRET=1``.
+    """
+    if triton is None:
+        raise RuntimeError("masked_topk: triton is not installed")
+    _check_args(logits, k, row_starts, row_ends, mask, bias, index_dtype)
+    n = logits.shape[-1]
+    if n >= 2**31 - 1:
+        raise ValueError(f"masked_topk: the last dim of `logits` ({n}) must be < 2**31 - 1")
+    out_dtype = _result_dtype(logits, bias)
+    batch = _batch_shape(logits, row_starts, row_ends, mask, bias)
+    rows = math.prod(batch)
+    values = logits.new_empty(*batch, k if need_values else 0, dtype=out_dtype)
+    indices = logits.new_empty(*batch, k, dtype=index_dtype)
+    if rows == 0 or k == 0:
+        return values, indices
+    sort_in_kernel = sorted and k <= SORT_MAX
+    write_values = need_values or (sorted and not sort_in_kernel)
+    vbuf = values if values.shape[-1] == k else logits.new_empty(*batch, k, dtype=out_dtype)
+    x3 = _rows3(logits, batch, n)
+    dummy = x3
+    st3 = _rows3(row_starts.unsqueeze(-1), batch, 1) if row_starts is not None else None
+    en3 = _rows3(row_ends.unsqueeze(-1), batch, 1) if row_ends is not None else None
+    m3 = _rows3(mask, batch, n) if mask is not None else None
+    b3 = _rows3(bias, batch, n) if bias is not None else None
+    kernel = _masked_topk_kernel if launch is None else launch(_masked_topk_kernel)
+    fill = _round_to(fill, out_dtype)
+    kernel[(rows,)](
+        x3, *x3.stride(),
+        st3 if st3 is not None else dummy, *(st3.stride()[:2] if st3 is not None else (0, 0)),
+        en3 if en3 is not None else dummy, *(en3.stride()[:2] if en3 is not None else (0, 0)),
+        m3 if m3 is not None else dummy, *(m3.stride() if m3 is not None else (0, 0, 0)),
+        b3 if b3 is not None else dummy, *(b3.stride() if b3 is not None else (0, 0, 0)),
+        vbuf, indices,
+        batch[-1] if len(batch) else 1, n, k, fill,
+        HAS_STARTS=row_starts is not None, HAS_ENDS=row_ends is not None,
+        MASK_MODE=0 if mask is None else (1 if mask_keeps else 2),
+        HAS_BIAS=bias is not None,
+        SHORT_CIRCUIT=(mask is None and bias is None and fill == float("-inf")),
+        WRITE_VALUES=write_values, SORTED=sort_in_kernel,
+        # 8-bit digits of the fp32 key that can be nonzero: bf16 uses the top 16 bits, fp16 the top 19.
+        NPASS={torch.bfloat16: 2, torch.float16: 3, torch.float32: 4}[out_dtype],
+        BLOCK=block, SORT_BLOCK=max(16, triton.next_power_of_2(k)) if sort_in_kernel else 16,
+        OUT_DTYPE=_TL_DTYPES[out_dtype],
+        num_warps=num_warps,
+    )
+    if sorted and not sort_in_kernel:
+        vbuf, order = vbuf.sort(dim=-1, descending=True)
+        indices = indices.gather(-1, order)
+        if need_values:
+            values = vbuf
+    return values, indices
+
+
+@triton_op(OP_NAME, mutates_args=())
+def masked_topk(
+    logits: torch.Tensor,
+    k: int,
+    row_starts: Optional[torch.Tensor],
+    row_ends: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    mask_keeps: bool,
+    bias: Optional[torch.Tensor],
+    fill: float,
+    sorted: bool,
+    index_dtype: torch.dtype,
+    need_values: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused ``topk(where(keep, logits (+ bias), fill), k, dim=-1)``.
+
+    Args:
+        logits: ``[..., N]`` float32 / float16 / bfloat16 scores (any strides).
+        k: number of positions per row, ``0 <= k <= N``.
+        row_starts, row_ends: optional int32/int64 ``[...]`` per-row bounds: positions
+            ``row_starts <= j < row_ends`` are kept (DSA prefill ``ks``/``ke``).
+        mask: optional bool ``[..., N]`` (broadcastable); ``mask_keeps`` says whether True keeps.
+        bias: optional additive float mask ``[..., N]`` (0 / -inf or finfo.min), added first.
+        fill: value of masked positions (``-inf`` for masked_fill), rounded to the result dtype.
+        sorted: order each row by value, descending, as ``torch.topk(sorted=True)``.
+        index_dtype: torch.int64 or torch.int32 for ``indices``.
+        need_values: when False, ``values`` is an empty ``[..., 0]`` tensor and is never written.
+
+    Returns:
+        ``(values [..., k] in the result dtype, indices [..., k] index_dtype)``.
+
+    Raises:
+        ValueError / TypeError naming the argument: bad rank, dtype or device, ``k < 0`` or ``k > N``.
+    """
+    _check_args(logits, k, row_starts, row_ends, mask, bias, index_dtype)
+    if logits.device.type != "cuda":
+        return masked_topk_reference(logits, k, row_starts, row_ends, mask, mask_keeps, bias, fill, sorted,
+                                     index_dtype, need_values)
+    values, indices = masked_topk_triton(logits, k, row_starts, row_ends, mask, mask_keeps, bias, fill, sorted,
+                                         index_dtype, need_values, launch=wrap_triton)
+    if VERIFY:
+        why = topk_mismatch(masked_logits(logits, row_starts, row_ends, mask, mask_keeps, bias, fill), k,
+                            values, indices, sorted, need_values)
+        if why is not None:
+            raise AssertionError(f"dsa_inductor verify: rule mask_topk ({OP_NAME}) differs from eager: {why}")
+    return values, indices

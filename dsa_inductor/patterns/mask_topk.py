@@ -1,0 +1,216 @@
+"""Rule ``mask_topk``: mask logits outside a per-row range or mask, then ``topk`` -> ``dsa_inductor::masked_topk``.
+
+The idiom is the DSA indexer's token selection (DeepSeek-V3.2-Exp, arXiv 2512.02556; transformers'
+``DeepseekV32Indexer.forward``; DeepSeek's reference ``inference/model.py`` ``Indexer``)::
+
+    index_scores = index_scores.masked_fill(~attention_mask, float("-inf"))     # bool mask
+    index_scores = index_scores + attention_mask                                # or additive 0/-inf mask
+    pos = torch.arange(T); keep = (pos >= row_starts[:, None]) & (pos < row_ends[:, None])  # or a range
+    topk_indices = index_scores.topk(min(index_topk, T), dim=-1).indices.to(torch.int32)
+
+Search variants are the product of
+
+* a mask form: ``range`` (both bounds), ``causal`` (``row_ends`` only), ``keep_mask`` (``~mask``),
+  ``drop_mask`` (``mask`` marks dropped positions), each as ``masked_fill`` and, for keep forms, as
+  ``torch.where(keep, logits, fill)``; and ``additive`` (``logits + bias``);
+* the topk call: ``sorted=True`` (defaults) or ``sorted=False``;
+* what is used: values and indices, indices, values, and indices cast to int32.
+
+``k`` and the fill value are captured with ``scalar_workaround``; every other int in a search pattern
+(arange length, unsqueeze dims, topk ``dim=-1``) is checked exactly by the re-trace on the matched shapes,
+so a ``<=`` bound, an offset arange or a topk over another dim never matches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import operator
+from typing import Callable, Optional
+
+import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from ..lowerings import masked_topk as _op_module  # noqa: F401  (defines the op)
+from .common import Rule, Variant, tensor_meta
+
+aten = torch.ops.aten
+K_MAGIC = 13  # stands for `k` while tracing; any int the search traces with this value becomes `k`
+FILL_MAGIC = -7777.5  # stands for the fill value while tracing
+N_MAGIC = 61  # stands for the arange length (the example logits' last dim) while tracing
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskForm:
+    name: str
+    tensors: tuple[str, ...]  # tensor inputs after `logits`
+    masked: Callable  # (logits, *tensors, fill) -> masked logits (eager spelling)
+    op_args: Callable  # (*tensors) -> dict of masked_topk keyword arguments
+    has_fill: bool = True
+    has_n: bool = False  # takes the arange length `n` as a scalar input
+
+
+def _pos(logits, n):
+    # ``torch.arange(n)`` as post-grad graphs hold it.  Tracing arange itself would record its length
+    # arithmetic ((n - 0 + 1 - 1) // 1) on a symbolic n, which Dynamo's graphs have already simplified.
+    # `n` is a pattern input (not logits.shape[-1]) because a dynamic graph passes T as its own SymInt;
+    # `_check` makes sure it equals the last dim of the logits.
+    return torch.ops.prims.iota(n, start=0, step=1, dtype=torch.int64, device=logits.device, requires_grad=False)
+
+
+def _range_keep(logits, row_starts, row_ends, n):
+    pos = _pos(logits, n)
+    return (pos >= row_starts.unsqueeze(-1)) & (pos < row_ends.unsqueeze(-1))
+
+
+def _causal_keep(logits, row_ends, n):
+    return _pos(logits, n) < row_ends.unsqueeze(-1)
+
+
+MASK_FORMS = (
+    MaskForm("range", ("row_starts", "row_ends"),
+             lambda x, s, e, n, fill: x.masked_fill(~_range_keep(x, s, e, n), fill),
+             lambda s, e: dict(row_starts=s, row_ends=e), has_n=True),
+    MaskForm("range_where", ("row_starts", "row_ends"),
+             lambda x, s, e, n, fill: torch.where(_range_keep(x, s, e, n), x, fill),
+             lambda s, e: dict(row_starts=s, row_ends=e), has_n=True),
+    MaskForm("causal", ("row_ends",),
+             lambda x, e, n, fill: x.masked_fill(~_causal_keep(x, e, n), fill),
+             lambda e: dict(row_ends=e), has_n=True),
+    MaskForm("causal_where", ("row_ends",),
+             lambda x, e, n, fill: torch.where(_causal_keep(x, e, n), x, fill),
+             lambda e: dict(row_ends=e), has_n=True),
+    MaskForm("keep_mask", ("mask",),
+             lambda x, m, fill: x.masked_fill(~m, fill),
+             lambda m: dict(mask=m, mask_keeps=True)),
+    MaskForm("keep_mask_where", ("mask",),
+             lambda x, m, fill: torch.where(m, x, fill),
+             lambda m: dict(mask=m, mask_keeps=True)),
+    MaskForm("drop_mask", ("mask",),
+             lambda x, m, fill: x.masked_fill(m, fill),
+             lambda m: dict(mask=m, mask_keeps=False)),
+    MaskForm("additive", ("bias",),
+             lambda x, b: x + b,
+             lambda b: dict(bias=b), has_fill=False),
+)
+
+# name -> (uses values, uses indices, index dtype of the used indices)
+OUTPUTS = {
+    "values_indices": (True, True, torch.int64),
+    "values_indices_int32": (True, True, torch.int32),
+    "indices_int32": (False, True, torch.int32),
+    "indices": (False, True, torch.int64),
+    "values": (True, False, torch.int64),
+}
+
+
+def _topk(x, k, sorted_):
+    if sorted_:
+        return torch.topk(x, k)
+    return torch.topk(x, k, dim=-1, largest=True, sorted=False)
+
+
+def _select_outputs(values, indices, output):
+    uses_values, uses_indices, index_dtype = OUTPUTS[output]
+    if uses_indices and index_dtype != torch.int64 and indices.dtype != index_dtype:
+        indices = indices.to(index_dtype)
+    if uses_values and uses_indices:
+        return values, indices
+    return values if uses_values else indices
+
+
+def _make_variant(form: MaskForm, sorted_: bool, output: str) -> Variant:
+    scalars = (("n",) if form.has_n else ()) + ("k",) + (("fill",) if form.has_fill else ())
+    argnames = ("logits", *form.tensors, *scalars)
+    n_t = 1 + len(form.tensors)
+    uses_values, _, index_dtype = OUTPUTS[output]
+
+    def split(args):
+        named = dict(zip(scalars, args[n_t:]))
+        return args[0], args[1:n_t], named
+
+    def search(*args):
+        logits, tensors, sc = split(args)
+        extra = ([sc["n"]] if form.has_n else []) + ([sc["fill"]] if form.has_fill else [])
+        values, indices = _topk(form.masked(logits, *tensors, *extra), sc["k"], sorted_)
+        return _select_outputs(values, indices, output)
+
+    def replace(*args):
+        logits, tensors, sc = split(args)
+        k = sc["k"]
+        fill = sc.get("fill", float("-inf"))
+        kw = dict(row_starts=None, row_ends=None, mask=None, mask_keeps=True, bias=None)
+        kw.update(form.op_args(*tensors))
+        values, indices = torch.ops.dsa_inductor.masked_topk(
+            logits, k, kw["row_starts"], kw["row_ends"], kw["mask"], kw["mask_keeps"], kw["bias"], fill,
+            sorted_, index_dtype, uses_values)
+        return _select_outputs(values, indices, output)
+
+    def example_inputs():
+        r, n = 4, N_MAGIC
+        ex = {"logits": torch.empty(r, n), "row_starts": torch.empty(r, dtype=torch.int64),
+              "row_ends": torch.empty(r, dtype=torch.int64), "mask": torch.empty(r, n, dtype=torch.bool),
+              "bias": torch.empty(r, n)}
+        magic = {"n": N_MAGIC, "k": K_MAGIC, "fill": FILL_MAGIC}
+        return [ex["logits"], *(ex[t] for t in form.tensors), *(magic[s] for s in scalars)]
+
+    workaround = {s: {"n": N_MAGIC, "k": K_MAGIC, "fill": FILL_MAGIC}[s] for s in scalars}
+    name = f"{form.name}:{'sorted' if sorted_ else 'unsorted'}:{output}"
+    return Variant(name, argnames, search, replace, example_inputs, workaround, check=_check)
+
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check(match) -> Optional[str]:
+    """Shared checks on the matched (re-traced) values; returns a rejection reason or None."""
+    logits = tensor_meta(match, "logits")
+    if logits is None or logits.dtype not in _FLOATS:
+        return f"logits dtype {getattr(logits, 'dtype', None)} is not float32/float16/bfloat16"
+    for node in match.nodes:  # the arange length, read from the node (torch 2.11 drops scalar kwargs here)
+        if node.target is torch.ops.prims.iota.default:
+            n = node.args[0]
+            n = n.meta.get("val") if isinstance(n, torch.fx.Node) else n
+            if not statically_known_true(n == logits.shape[-1]):
+                return f"the arange length {n} is not the last dim of the logits ({logits.shape[-1]})"
+    for name in ("row_starts", "row_ends"):
+        t = tensor_meta(match, name)
+        if t is not None and t.dtype not in (torch.int32, torch.int64):
+            return f"{name} dtype {t.dtype} is not int32/int64"
+    bias = tensor_meta(match, "bias")
+    if bias is not None:
+        if bias.dim() == 0:
+            return "additive mask is a 0-d tensor, not a per-position mask"
+        if torch.promote_types(logits.dtype, bias.dtype) not in _FLOATS:
+            return f"logits + bias has dtype {torch.promote_types(logits.dtype, bias.dtype)}"
+    return None
+
+
+class MaskTopkRule(Rule):
+    name = "mask_topk"
+    op = "dsa_inductor::masked_topk"
+    anchors = (aten.topk.default,)
+
+    def variants(self):
+        for form, sorted_, output in itertools.product(MASK_FORMS, (True, False), OUTPUTS):
+            yield _make_variant(form, sorted_, output)
+
+    def diagnose(self, node: torch.fx.Node) -> str:
+        x = node.args[0]
+        val = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
+        rank = val.dim() if isinstance(val, torch.Tensor) else None
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", -1)
+        largest = node.args[3] if len(node.args) > 3 else node.kwargs.get("largest", True)
+        if largest is not True:
+            return "topk(largest=False): the rule selects the largest entries"
+        if dim != -1:
+            return (f"topk over dim {dim}, spelled as a positive index" if rank is not None and dim == rank - 1
+                    else f"topk over dim {dim}, not the last dim")
+        if not isinstance(x, torch.fx.Node) or x.target not in (aten.where.self, aten.add.Tensor):
+            return "topk input is not masked (no masked_fill / where / additive mask feeds it)"
+        if len(x.users) > 1:
+            return "the masked logits have another consumer"
+        users = {u.target for u in node.users}
+        if any(t is not operator.getitem for t in users):
+            return "topk result is used other than through values/indices"
+        return "the mask expression matches no search variant (e.g. a <= bound, or an offset arange)"

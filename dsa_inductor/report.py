@@ -1,0 +1,97 @@
+"""Per-rule bookkeeping behind ``dsa_inductor.report()``, and the package logger.
+
+Every rule records, for the graphs its pass examined:
+
+* candidates: anchor nodes seen (e.g. every ``aten.topk``);
+* matches, by search variant, and where in the user's source each matched node came from;
+* rejections, by reason (a failed check, or the diagnosis of a candidate left alone).
+
+The FX graph cache serves a compiled graph without running any post-grad pass, so a graph served from it
+is never re-examined; ``report()`` says so in a plain line, from Inductor's own cache counters.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+
+log = logging.getLogger("dsa_inductor")
+
+
+@dataclasses.dataclass
+class RuleStats:
+    op: str
+    candidates: int = 0
+    matches: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    rejections: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    locations: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+
+_STATS: dict[str, RuleStats] = {}
+_GRAPHS = collections.Counter()
+_CACHE_BASELINE: dict[str, int] = {}
+
+
+def stats_for(rule: str, op: str = "") -> RuleStats:
+    if rule not in _STATS:
+        _STATS[rule] = RuleStats(op=op)
+    return _STATS[rule]
+
+
+def note_graph() -> None:
+    _GRAPHS["examined"] += 1
+
+
+def source_location(node) -> str:
+    """Last user frame of a node's stack trace: ``file:line in fn`` (or ``<unknown>``)."""
+    trace = node.meta.get("stack_trace") if node is not None else None
+    if not trace:
+        return "<unknown>"
+    frames = [ln.strip() for ln in trace.strip().splitlines() if ln.strip().startswith("File ")]
+    if not frames:
+        return "<unknown>"
+    # 'File "/path/mod.py", line 240, in forward'
+    parts = frames[-1].split('"')
+    path = parts[1] if len(parts) > 2 else frames[-1]
+    rest = parts[2] if len(parts) > 2 else ""
+    short = "/".join(path.split("/")[-3:])
+    return f"{short}{rest.replace(', line ', ':').replace(', in ', ' in ')}"
+
+
+def _cache_counters() -> dict[str, int]:
+    from torch._dynamo.utils import counters
+
+    return {k: counters["inductor"][k] for k in ("fxgraph_cache_hit", "fxgraph_cache_miss", "fxgraph_cache_bypass")}
+
+
+def reset() -> None:
+    """Forget all statistics (``register_dsa_passes`` does not reset; tests do)."""
+    _STATS.clear()
+    _GRAPHS.clear()
+    _CACHE_BASELINE.clear()
+    _CACHE_BASELINE.update(_cache_counters())
+
+
+def report() -> str:
+    """A plain-text table: per rule, candidates, matches, rejections with reasons, the fused op."""
+    lines = [f"dsa_inductor report: {_GRAPHS['examined']} graph(s) examined by the post-grad pass"]
+    cache = _cache_counters()
+    hits = cache["fxgraph_cache_hit"] - _CACHE_BASELINE.get("fxgraph_cache_hit", 0)
+    if hits:
+        lines.append(f"  {hits} graph(s) came from the FX graph cache and were not re-examined: "
+                     "their matches are not counted below (set torch._inductor.config.force_disable_caches "
+                     "to re-examine them)")
+    if not _STATS:
+        lines.append("  no rule has seen a candidate yet")
+    for name, st in sorted(_STATS.items()):
+        total = sum(st.matches.values())
+        lines.append(f"- rule {name}: {st.candidates} candidate(s), {total} match(es), "
+                     f"{sum(st.rejections.values())} rejection(s); fused op: {st.op}")
+        for variant, n in sorted(st.matches.items()):
+            lines.append(f"    matched {n}x  variant {variant}")
+        for loc, n in sorted(st.locations.items()):
+            lines.append(f"    matched {n}x  at {loc}")
+        for reason, n in sorted(st.rejections.items()):
+            lines.append(f"    rejected {n}x: {reason}")
+    return "\n".join(lines)

@@ -1,0 +1,46 @@
+"""Shared test setup.
+
+* Without CUDA, Triton kernels run under ``TRITON_INTERPRET=1`` (set here, before triton is imported).
+* Hypothesis profiles: ``ci`` (default) and ``gpu``; choose with ``--hypothesis-profile``.
+* ``fresh`` fixture: Dynamo reset, FX graph / autotune caches off (a cache hit skips the pass, so match
+  counts would read 0), dsa_inductor statistics cleared, passes registered; unregistered afterwards.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile("ci", deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("gpu", deadline=None, max_examples=300,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+import dsa_inductor  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture
+def fresh():
+    torch._dynamo.reset()
+    dsa_inductor.reset_report()
+    with torch._inductor.config.patch(force_disable_caches=True):
+        dsa_inductor.register_dsa_passes()
+        yield dsa_inductor
+        dsa_inductor.unregister_dsa_passes()
+    torch._dynamo.reset()
+
+
+def matches(rule="mask_topk"):
+    """{variant: count} for a rule since the last reset."""
+    from dsa_inductor.report import _STATS
+
+    st = _STATS.get(rule)
+    return dict(st.matches) if st else {}

@@ -1,0 +1,114 @@
+"""The fused masked top-k kernel itself, against eager, on random inputs.
+
+On CPU the Triton kernel runs under TRITON_INTERPRET=1 (set by conftest) at small sizes with a small tile,
+so the multi-tile, short-circuit and padding paths all run; on CUDA at larger sizes with the real tile.
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dsa_inductor.lowerings.masked_topk import masked_logits, masked_topk_triton, topk_mismatch
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+MAX_N = 9000 if CUDA else 200
+BLOCK = 4096 if CUDA else 32
+FLOATS = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@st.composite
+def problems(draw, max_n=MAX_N):
+    rows = draw(st.integers(1, 5))
+    n = draw(st.integers(1, max_n))
+    k = draw(st.one_of(st.integers(0, min(n, 64)), st.integers(0, n), st.just(n)))
+    dtype = draw(st.sampled_from(FLOATS))
+    mode = draw(st.sampled_from(["range", "causal", "starts", "keep", "drop", "bias", "none"]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    x = torch.randn(rows, n, generator=g)
+    if draw(st.booleans()):
+        x = (x * 2).round()  # many ties
+    special = draw(st.sampled_from(["none", "nan", "inf", "-inf"]))
+    if special != "none":
+        x.view(-1)[torch.randint(0, rows * n, (max(1, rows * n // 50),), generator=g)] = float(special)
+    kw = {}
+    idt = draw(st.sampled_from([torch.int32, torch.int64]))
+    if mode in ("range", "starts"):
+        kw["row_starts"] = torch.randint(-3, n + 3, (rows,), generator=g).to(idt)
+    if mode in ("range", "causal"):
+        kw["row_ends"] = torch.randint(-3, n + 3, (rows,), generator=g).to(idt)
+        if draw(st.booleans()):  # empty rows and full rows
+            kw["row_ends"][0] = 0 if draw(st.booleans()) else n
+    if mode in ("keep", "drop"):
+        kw["mask"] = torch.rand(rows, n, generator=g) < draw(st.sampled_from([0.0, 0.1, 0.5, 1.0]))
+        kw["mask_keeps"] = mode == "keep"
+    if mode == "bias":
+        kw["bias"] = torch.where(torch.rand(rows, n, generator=g) > 0.5, 0.0, float("-inf")).to(
+            draw(st.sampled_from([torch.float32, dtype])))
+    fill = float("-inf") if mode == "bias" else draw(st.sampled_from([float("-inf"), -1e30, 0.0]))
+    opts = dict(fill=fill, sorted=draw(st.booleans()), need_values=draw(st.booleans()),
+                index_dtype=draw(st.sampled_from([torch.int32, torch.int64])))
+    return x.to(dtype), k, kw, opts
+
+
+def _to(kw, device):
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+
+
+@settings(max_examples=60 if not CUDA else 300)
+@given(problems())
+def test_kernel_equals_eager(problem):
+    x, k, kw, opts = problem
+    x, kw = x.to(DEVICE), _to(kw, DEVICE)
+    values, indices = masked_topk_triton(x, k, **kw, **opts, block=BLOCK)
+    masked = masked_logits(x, **{n: v for n, v in kw.items()}, fill=opts["fill"])
+    why = topk_mismatch(masked, k, values, indices, opts["sorted"], opts["need_values"])
+    assert why is None, why
+    assert indices.dtype == opts["index_dtype"]
+
+
+@pytest.mark.parametrize("batch", [(2, 3), (1,), ()])
+def test_kernel_batch_dims_and_broadcast_mask(batch):
+    g = torch.Generator().manual_seed(0)
+    n, k = 70, 9
+    x = torch.randn(*batch, n, generator=g).to(DEVICE)
+    mask = (torch.rand(n, generator=g) > 0.3).to(DEVICE)  # broadcast over every row
+    values, indices = masked_topk_triton(x, k, mask=mask, block=BLOCK)
+    assert topk_mismatch(masked_logits(x, mask=mask), k, values, indices) is None
+
+
+def test_kernel_non_contiguous_logits():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 6, generator=g).to(DEVICE).t()  # [6, 40], last-dim stride 6
+    ends = torch.tensor([0, 1, 5, 17, 40, 33], device=DEVICE)
+    values, indices = masked_topk_triton(x, 8, row_ends=ends, block=BLOCK)
+    assert topk_mismatch(masked_logits(x, row_ends=ends), 8, values, indices) is None
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA (the interpreter is too slow at these sizes)")
+@pytest.mark.parametrize("rows,n,k", [(8192, 8192, 2048), (64, 65536, 2048), (4, 200000, 2048), (16, 8192, 8192)])
+def test_kernel_deepseek_shapes(rows, n, k):
+    x = torch.randn(rows, n, device="cuda")
+    ends = torch.randint(0, n + 1, (rows,), device="cuda")
+    for sorted_ in (True, False):
+        values, indices = masked_topk_triton(x, k, row_ends=ends, sorted=sorted_)
+        assert topk_mismatch(masked_logits(x, row_ends=ends), k, values, indices, sorted_) is None
+
+
+@pytest.mark.parametrize("bad,err", [
+    (dict(k=-1), "`k`"), (dict(k=100), "`k`"),
+    (dict(row_ends=torch.zeros(3)), "`row_ends`"),
+    (dict(mask=torch.zeros(3, 8)), "`mask`"),
+    (dict(index_dtype=torch.float32), "`index_dtype`"),
+])
+def test_bad_input_names_the_argument(bad, err):
+    x = torch.randn(3, 8, device=DEVICE)
+    kw = dict(k=2)
+    kw.update({n: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for n, v in bad.items()})
+    k = kw.pop("k")
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=err):
+        masked_topk_triton(x, k, **kw)
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=err):
+        torch.ops.dsa_inductor.masked_topk(x, k, kw.get("row_starts"), kw.get("row_ends"), kw.get("mask"), True,
+                                           None, float("-inf"), True, kw.get("index_dtype", torch.int64), True)
