@@ -57,6 +57,10 @@ class DSAPassManager(CustomGraphPass):
         self.prior = prior
         self.enabled = True
 
+    def __deepcopy__(self, memo):
+        # Inductor deep-copies its config around compiles; the pass (and its traced patterns) is shared state.
+        return self
+
     def configure(self, rules: dict, verify: bool) -> None:
         self.rules = dict(rules)
         self.verify = verify

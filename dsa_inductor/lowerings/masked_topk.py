@@ -44,6 +44,7 @@ OP_NAME = "dsa_inductor::masked_topk"
 VERIFY = False  # set by register_dsa_passes(verify=True): check each CUDA call against eager
 SORT_MAX = 4096  # largest k sorted in-kernel; larger k is ordered with torch.sort after the kernel
 BLOCK = 4096  # positions per tile
+DIGIT_BITS = 8  # radix digit width
 
 
 def _check_args(logits, k, row_starts, row_ends, mask, bias, index_dtype):
@@ -220,7 +221,7 @@ if triton is not None:
             x = (x + bb).to(OUT_DTYPE).to(tl.float32)
         return tl.where(keep, _sortable_key(x), fill_key)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["S", "N", "K"])
     def _masked_topk_kernel(
         x_ptr, xs0, xs1, xs2,
         st_ptr, sts0, sts1, en_ptr, ens0, ens1,
@@ -230,7 +231,8 @@ if triton is not None:
         S, N, K, fill,
         HAS_STARTS: tl.constexpr, HAS_ENDS: tl.constexpr, MASK_MODE: tl.constexpr,
         HAS_BIAS: tl.constexpr, SHORT_CIRCUIT: tl.constexpr, WRITE_VALUES: tl.constexpr,
-        SORTED: tl.constexpr, NPASS: tl.constexpr, BLOCK: tl.constexpr, SORT_BLOCK: tl.constexpr,
+        SORTED: tl.constexpr, NPASS: tl.constexpr, DIGIT_BITS: tl.constexpr, BLOCK: tl.constexpr,
+        SORT_BLOCK: tl.constexpr,
         OUT_DTYPE: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
@@ -274,25 +276,27 @@ if triton is not None:
                     tl.store(val_ptr + out + n_keep + j, tl.zeros_like(j).to(OUT_DTYPE) + fill.to(OUT_DTYPE),
                              mask=ok)
         else:
-            # MSB-first radix select of the K-th largest key: `prefix` holds the decided high digits,
+            # MSB-first radix select of the K-th largest key (DIGIT_BITS-bit digits, one tl.histogram per
+            # tile and pass): `prefix` holds the decided high digits,
             # `remaining` how many of the keys sharing that prefix still belong to the top K.
-            bins = tl.arange(0, 256)
+            NBINS: tl.constexpr = 1 << DIGIT_BITS
+            bins = tl.arange(0, NBINS)
             prefix = fill_key * 0
             pmask = fill_key * 0
-            digit_mask = pmask + 0xFF
+            digit_mask = pmask + (NBINS - 1)
             remaining = (K * 0 + K).to(tl.int32)
             p = remaining * 0
             done = remaining * 0
             while (p < NPASS) & (done == 0):
-                shift = 24 - 8 * p
-                hist = tl.zeros([256], dtype=tl.int32)
+                shift = 32 - DIGIT_BITS * (p + 1)
+                hist = tl.zeros([NBINS], dtype=tl.int32)
                 for start in range(span_lo, span_hi, BLOCK):
                     cols = start + lane
                     key = _keys_at(cols, a, s, lo, hi, fill_key, x_ptr, xs0, xs1, xs2, m_ptr, ms0, ms1, ms2,
                                    b_ptr, bs0, bs1, bs2, MASK_MODE, HAS_BIAS, OUT_DTYPE)
                     sel = (cols < N) & ((key & pmask) == prefix)
                     digit = tl.where(sel, ((key >> shift) & digit_mask).to(tl.int32), 0)
-                    h = tl.histogram(digit, 256)
+                    h = tl.histogram(digit, NBINS)
                     # Unselected lanes were counted in bin 0: take them back out.
                     hist += h - tl.where(bins == 0, BLOCK - tl.sum(sel.to(tl.int32), 0), 0)
                 if (n_out > 0) & ((fill_key & pmask) == prefix):
@@ -370,7 +374,7 @@ if triton is not None:
 
 def masked_topk_triton(logits, k, row_starts=None, row_ends=None, mask=None, mask_keeps=True, bias=None,
                        fill=float("-inf"), sorted=True, index_dtype=torch.int64, need_values=True,
-                       launch=None, block=BLOCK, num_warps=8):
+                       launch=None, block=BLOCK, num_warps=8, digit_bits=DIGIT_BITS):
     """Run the Triton kernel. ``launch`` wraps the jitted kernel (``wrap_triton`` under the op).
 
     ``block`` (positions per tile, a power of two) and ``num_warps`` are tuning knobs; tests shrink
@@ -413,8 +417,9 @@ def masked_topk_triton(logits, k, row_starts=None, row_ends=None, mask=None, mas
         HAS_BIAS=bias is not None,
         SHORT_CIRCUIT=(mask is None and bias is None and fill == float("-inf")),
         WRITE_VALUES=write_values, SORTED=sort_in_kernel,
-        # 8-bit digits of the fp32 key that can be nonzero: bf16 uses the top 16 bits, fp16 the top 19.
-        NPASS={torch.bfloat16: 2, torch.float16: 3, torch.float32: 4}[out_dtype],
+        # Only the top bits of the fp32 key can be nonzero: 16 for bf16, 19 for fp16, 32 for fp32.
+        NPASS=-(-{torch.bfloat16: 16, torch.float16: 19, torch.float32: 32}[out_dtype] // digit_bits),
+        DIGIT_BITS=digit_bits,
         BLOCK=block, SORT_BLOCK=max(16, triton.next_power_of_2(k)) if sort_in_kernel else 16,
         OUT_DTYPE=_TL_DTYPES[out_dtype],
         num_warps=num_warps,

@@ -135,6 +135,7 @@ class Rule:
             reason = self._failed.get(node) or self.diagnose(node)
             st.rejections[reason] += 1
             log.info("rule %s left %s at %s alone: %s", self.name, node.name, source_location(node), reason)
+        self._failed = {}  # holds graph nodes (and their fake values): never keep them past the pass
         if matched:
             log.info("rule %s: %d match(es) -> %s", self.name, matched, self.op)
         return matched

@@ -162,6 +162,39 @@ def _make_variant(form: MaskForm, sorted_: bool, output: str) -> Variant:
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
+_COMPARISONS = (aten.lt.Tensor, aten.le.Tensor, aten.gt.Tensor, aten.ge.Tensor)
+_MASK_LOGIC = (aten.bitwise_and.Tensor, aten.bitwise_or.Tensor, aten.bitwise_not.default,
+               aten.logical_and.default, aten.logical_or.default, aten.logical_not.default)
+
+
+def _from_iota(node, depth=0) -> bool:
+    """Is ``node`` arange(...) itself, up to unsqueeze/expand/add-a-constant?"""
+    if not isinstance(node, torch.fx.Node) or depth > 6:
+        return False
+    if node.target is torch.ops.prims.iota.default:
+        return True
+    if node.target in (aten.unsqueeze.default, aten.expand.default, aten.reshape.default, aten.add.Tensor,
+                       aten.sub.Tensor):
+        return _from_iota(node.args[0], depth + 1)
+    return False
+
+
+def _row_bound_comparison(node, depth=0) -> bool:
+    """Is ``node`` a logic combination of ``arange`` compared with a per-row bound tensor?
+
+    Such a mask is the range idiom; when it reaches the generic mask variants, no range variant took it
+    (a ``<=`` bound, an offset arange, ...): it is left alone rather than read as a materialized mask.
+    """
+    if not isinstance(node, torch.fx.Node) or depth > 4:
+        return False
+    if node.target in _MASK_LOGIC:
+        return any(_row_bound_comparison(a, depth + 1) for a in node.args)
+    if node.target in _COMPARISONS:
+        a, b = node.args[:2]
+        return _from_iota(a) != _from_iota(b) and isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node)
+    return False
+
+
 def _check(match) -> Optional[str]:
     """Shared checks on the matched (re-traced) values; returns a rejection reason or None."""
     logits = tensor_meta(match, "logits")
@@ -177,6 +210,10 @@ def _check(match) -> Optional[str]:
         t = tensor_meta(match, name)
         if t is not None and t.dtype not in (torch.int32, torch.int64):
             return f"{name} dtype {t.dtype} is not int32/int64"
+    mask = match.kwargs.get("mask")
+    if _row_bound_comparison(mask):
+        return ("the mask compares arange with per-row bounds in a form no range variant takes "
+                "(e.g. a <= bound, or an offset arange)")
     bias = tensor_meta(match, "bias")
     if bias is not None:
         if bias.dim() == 0:

@@ -1,0 +1,216 @@
+"""Rule mask_topk under torch.compile: matches, equivalence with eager, and near misses left alone.
+
+Each user function is compiled once with dynamic shapes, then fed many hypothesis examples; the
+compile count is checked, so a test that silently recompiled per example would fail.
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch._inductor.utils import run_and_get_code
+
+from conftest import DEVICES, matches
+from dsa_inductor.lowerings.masked_topk import topk_mismatch
+
+NEG_INF = float("-inf")
+K = 8
+
+
+# ---- user code, written as model code writes it (not through the rule's own search functions) -------------
+
+def range_masked_fill(logits, row_starts, row_ends):
+    pos = torch.arange(logits.shape[-1], device=logits.device)
+    keep = (pos[None, :] >= row_starts[:, None]) & (pos[None, :] < row_ends[:, None])
+    return torch.topk(logits.masked_fill(~keep, NEG_INF), min(K, logits.shape[-1]))
+
+
+def range_where_unsorted(logits, row_starts, row_ends):
+    pos = torch.arange(logits.shape[-1], device=logits.device)
+    keep = (pos >= row_starts.unsqueeze(-1)) & (pos < row_ends.unsqueeze(-1))
+    return torch.where(keep, logits, NEG_INF).topk(min(K, logits.shape[-1]), sorted=False).indices
+
+
+def causal_int32(logits, row_starts, row_ends):
+    pos = torch.arange(logits.shape[-1], device=logits.device)
+    masked = logits.masked_fill(~(pos.unsqueeze(0) < row_ends.unsqueeze(1)), NEG_INF)
+    return masked.topk(min(K, masked.shape[-1]), dim=-1).indices.to(torch.int32)
+
+
+def transformers_bool_mask(index_scores, attention_mask):
+    # transformers DeepseekV32Indexer.forward, bool branch
+    index_scores = index_scores.masked_fill(~attention_mask, NEG_INF)
+    topk = min(K, index_scores.shape[-1])
+    return index_scores.topk(topk, dim=-1).indices.to(torch.int32)
+
+
+def drop_mask_values(logits, drop):
+    return logits.masked_fill(drop, NEG_INF).topk(min(K, logits.shape[-1]))[0]
+
+
+def transformers_additive(index_scores, attention_mask):
+    # transformers DeepseekV32Indexer.forward, additive branch
+    index_scores = index_scores + attention_mask
+    topk = min(K, index_scores.shape[-1])
+    return index_scores.topk(topk, dim=-1).indices.to(torch.int32)
+
+
+def _masked(fn, args):
+    """The tensor eager runs topk on, for the equivalence check."""
+    if fn in (range_masked_fill, range_where_unsorted, causal_int32):
+        logits, s, e = args
+        pos = torch.arange(logits.shape[-1], device=logits.device)
+        keep = pos < e[:, None]
+        if fn is not causal_int32:
+            keep = keep & (pos >= s[:, None])
+        return logits.masked_fill(~keep, NEG_INF)
+    if fn is transformers_bool_mask:
+        return args[0].masked_fill(~args[1], NEG_INF)
+    if fn is drop_mask_values:
+        return args[0].masked_fill(args[1], NEG_INF)
+    return args[0] + args[1]
+
+
+CASES = {  # fn -> (expected variant prefix, sorted?, values?, inputs kind)
+    range_masked_fill: ("range:sorted:values_indices", True, True, "range"),
+    range_where_unsorted: ("range_where:unsorted:indices", False, False, "range"),
+    causal_int32: ("causal:sorted:indices_int32", True, False, "range"),
+    transformers_bool_mask: ("keep_mask:sorted:indices_int32", True, False, "mask3d"),
+    drop_mask_values: ("drop_mask:sorted:values", True, True, "mask"),
+    transformers_additive: ("additive:sorted:indices_int32", True, False, "additive"),
+}
+
+
+@st.composite
+def inputs(draw, kind, dtype, device, index_dtype):
+    rows = draw(st.integers(2, 9))
+    n = draw(st.integers(2, 80))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    x = torch.randn(rows, n, generator=g)
+    if draw(st.booleans()):
+        x = x.round()  # ties
+    x = x.to(dtype)
+    if kind == "range":
+        s = torch.randint(-2, n + 2, (rows,), generator=g)
+        e = torch.randint(-2, n + 2, (rows,), generator=g)
+        if draw(st.booleans()):
+            e[0] = s[0]  # an empty row
+        return x.to(device), s.to(index_dtype).to(device), e.to(index_dtype).to(device)
+    if kind == "mask3d":
+        b = draw(st.integers(2, 3))
+        x = torch.randn(b, rows, n, generator=g).to(dtype)
+        mask = torch.rand(b, rows, n, generator=g) < draw(st.sampled_from([0.0, 0.3, 0.9]))
+        return x.to(device), mask.to(device)
+    if kind == "mask":
+        return x.to(device), (torch.rand(rows, n, generator=g) < 0.4).to(device)
+    fill = draw(st.sampled_from([NEG_INF, torch.finfo(dtype).min]))
+    bias = torch.where(torch.rand(rows, n, generator=g) < 0.5, 0.0, fill).to(dtype)
+    return x.to(device), bias.to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fn", list(CASES), ids=lambda f: f.__name__)
+def test_compiled_equals_eager(fresh, fn, dtype, device):
+    variant, sorted_, has_values, kind = CASES[fn]
+    compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+    torch._dynamo.utils.counters.clear()
+    index_dtype = torch.int32 if dtype == torch.float16 else torch.int64  # both bound dtypes covered
+
+    @settings(max_examples=50)
+    @given(inputs(kind, dtype, device, index_dtype))
+    def check(args):
+        with torch.no_grad():
+            out = compiled(*args)
+            eager = fn(*args)
+        masked = _masked(fn, args)
+        if isinstance(out, tuple):
+            values, indices = out
+        elif has_values:
+            values, indices = out, _indices_of(masked, out)
+        else:
+            values, indices = None, out
+        k = min(K, masked.shape[-1])
+        assert topk_mismatch(masked, k, values, indices, sorted_, values is not None) is None
+        if sorted_ and values is not None:
+            ref = eager[0] if isinstance(eager, tuple) else eager
+            torch.testing.assert_close(values, ref, equal_nan=True, rtol=0, atol=0)
+
+    check()
+    assert matches().get(variant, 0) >= 1, matches()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2  # static, then dynamic
+
+
+def _indices_of(masked, values):
+    """For a values-only output: positions holding those values (any, one per value) -- via topk itself."""
+    return torch.topk(masked, values.shape[-1]).indices
+
+
+def test_fused_op_in_generated_code(fresh):
+    x = torch.randn(16, 40)
+    s = torch.zeros(16, dtype=torch.int64)
+    e = torch.randint(1, 41, (16,))
+    _, code = run_and_get_code(torch.compile(range_masked_fill), x, s, e)
+    assert "dsa_inductor.masked_topk" in "\n".join(code)
+    assert "range:sorted:values_indices" in fresh.report()
+
+
+# ---- near misses: no rule may rewrite these ----------------------------------------------------------------
+
+def nm_largest_false(logits, s, e):
+    pos = torch.arange(logits.shape[-1])
+    keep = (pos >= s[:, None]) & (pos < e[:, None])
+    return logits.masked_fill(~keep, NEG_INF).topk(4, largest=False).indices
+
+
+def nm_other_dim(logits, s, e):
+    pos = torch.arange(logits.shape[-1])
+    keep = (pos >= s[:, None]) & (pos < e[:, None])
+    return logits.masked_fill(~keep, NEG_INF).topk(4, dim=0).indices
+
+
+def nm_le_bound(logits, s, e):
+    pos = torch.arange(logits.shape[-1])
+    keep = (pos >= s[:, None]) & (pos <= e[:, None])  # the range form takes `<`
+    return logits.masked_fill(~keep, NEG_INF).topk(4).indices
+
+
+def nm_offset_arange(logits, s, e):
+    pos = torch.arange(1, logits.shape[-1] + 1)
+    keep = (pos >= s[:, None]) & (pos < e[:, None])
+    return logits.masked_fill(~keep, NEG_INF).topk(4).indices
+
+
+def nm_reused_masked_logits(logits, s, e):
+    pos = torch.arange(logits.shape[-1])
+    masked = logits.masked_fill(~((pos >= s[:, None]) & (pos < e[:, None])), NEG_INF)
+    return masked.topk(4).indices, masked.softmax(-1)
+
+
+def nm_unmasked(logits, s, e):
+    return logits.topk(4).indices
+
+
+def nm_masked_after_topk(logits, s, e):
+    v, i = logits.topk(4)
+    return v.masked_fill(i >= e[:, None], NEG_INF)
+
+
+NEAR_MISSES = [nm_largest_false, nm_other_dim, nm_le_bound, nm_offset_arange, nm_reused_masked_logits,
+               nm_unmasked, nm_masked_after_topk]
+
+
+@pytest.mark.parametrize("fn", NEAR_MISSES, ids=lambda f: f.__name__)
+def test_near_miss_not_rewritten(fresh, fn):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 30, generator=g)
+    s = torch.randint(0, 10, (12,), generator=g)
+    e = s + torch.randint(4, 20, (12,), generator=g)
+    with torch.no_grad():
+        out = torch.compile(fn)(x, s, e)
+        ref = fn(x, s, e)
+    assert matches() == {}, matches()
+    torch.testing.assert_close(out, ref)
+    from dsa_inductor.report import _STATS
+
+    assert sum(_STATS["mask_topk"].rejections.values()) >= 1  # seen, and the reason recorded
