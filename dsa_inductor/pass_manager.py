@@ -30,14 +30,19 @@ from .report import note_graph
 _PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
 
 
-@functools.lru_cache(maxsize=1)
-def package_source_hash() -> str:
-    """sha256 over every .py file of the package (relative path and contents)."""
+def source_hash(package_dir: pathlib.Path) -> str:
+    """sha256 over every .py file under ``package_dir`` (relative path and contents)."""
     h = hashlib.sha256()
-    for path in sorted(_PACKAGE_DIR.rglob("*.py")):
-        h.update(str(path.relative_to(_PACKAGE_DIR)).encode())
+    for path in sorted(package_dir.rglob("*.py")):
+        h.update(str(path.relative_to(package_dir)).encode())
         h.update(path.read_bytes())
     return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def package_source_hash() -> str:
+    """The hash of this package's sources: rules, ops and kernels (computed once per process)."""
+    return source_hash(_PACKAGE_DIR)
 
 
 def _as_tuple(prior) -> tuple:

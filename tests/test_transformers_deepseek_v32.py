@@ -1,0 +1,24 @@
+"""The rule fires inside transformers' DeepseekV32Indexer (code we did not write), and logits match eager."""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+pytest.importorskip("transformers", minversion="5.23")
+
+_spec = importlib.util.spec_from_file_location(
+    "deepseek_v32_prefill", pathlib.Path(__file__).parents[1] / "examples" / "deepseek_v32_prefill.py")
+example = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(example)
+
+
+@pytest.mark.parametrize("attn,variant", [("sdpa", "keep_mask:sorted:indices_int32"),
+                                          ("eager", "additive:sorted:indices_int32")])
+def test_indexer_rule_fires_and_logits_match(fresh, attn, variant):
+    model, ids = example.build(seq=48, batch=2, attn_implementation=attn)
+    res = example.compare(model, ids, with_stock=False)  # asserts logits == eager within tolerance
+    report = res["report"]
+    assert "modeling_deepseek_v32.py" in report, report
+    assert variant in report, report
+    assert res["code_paths"], "no generated code calls a dsa_inductor op"
