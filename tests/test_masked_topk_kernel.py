@@ -14,7 +14,7 @@ from dsa_inductor.lowerings.masked_topk import masked_logits, masked_topk_triton
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 MAX_N = 9000 if CUDA else 200
-BLOCK = 4096 if CUDA else 32
+BLOCK_MAX = [16384, 2048] if CUDA else [16, 32, 64, 256]
 FLOATS = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -49,6 +49,7 @@ def problems(draw, max_n=MAX_N):
     fill = float("-inf") if mode == "bias" else draw(st.sampled_from([float("-inf"), -1e30, 0.0]))
     opts = dict(fill=fill, sorted=draw(st.booleans()), need_values=draw(st.booleans()),
                 index_dtype=draw(st.sampled_from([torch.int32, torch.int64])))
+    opts["block_max"] = draw(st.sampled_from(BLOCK_MAX))
     return x.to(dtype), k, kw, opts
 
 
@@ -61,7 +62,7 @@ def _to(kw, device):
 def test_kernel_equals_eager(problem):
     x, k, kw, opts = problem
     x, kw = x.to(DEVICE), _to(kw, DEVICE)
-    values, indices = masked_topk_triton(x, k, **kw, **opts, block=BLOCK)
+    values, indices = masked_topk_triton(x, k, **kw, **opts)
     masked = masked_logits(x, **{n: v for n, v in kw.items()}, fill=opts["fill"])
     why = topk_mismatch(masked, k, values, indices, opts["sorted"], opts["need_values"])
     assert why is None, why
@@ -74,7 +75,7 @@ def test_kernel_batch_dims_and_broadcast_mask(batch):
     n, k = 70, 9
     x = torch.randn(*batch, n, generator=g).to(DEVICE)
     mask = (torch.rand(n, generator=g) > 0.3).to(DEVICE)  # broadcast over every row
-    values, indices = masked_topk_triton(x, k, mask=mask, block=BLOCK)
+    values, indices = masked_topk_triton(x, k, mask=mask, block_max=BLOCK_MAX[-1])
     assert topk_mismatch(masked_logits(x, mask=mask), k, values, indices) is None
 
 
@@ -82,7 +83,7 @@ def test_kernel_non_contiguous_logits():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(40, 6, generator=g).to(DEVICE).t()  # [6, 40], last-dim stride 6
     ends = torch.tensor([0, 1, 5, 17, 40, 33], device=DEVICE)
-    values, indices = masked_topk_triton(x, 8, row_ends=ends, block=BLOCK)
+    values, indices = masked_topk_triton(x, 8, row_ends=ends, block_max=BLOCK_MAX[-1])
     assert topk_mismatch(masked_logits(x, row_ends=ends), 8, values, indices) is None
 
 

@@ -86,7 +86,7 @@ def test_uuid_sensitive_to_kernel_source(tmp_path):
     shutil.copytree(pkg, copy, ignore=shutil.ignore_patterns("__pycache__"))
     assert source_hash(copy) == source_hash(pkg) == package_source_hash()
     kernel = copy / "lowerings" / "masked_topk.py"
-    kernel.write_text(kernel.read_text().replace("BLOCK = 4096", "BLOCK = 2048"))
+    kernel.write_text(kernel.read_text().replace("BLOCK_MAX = 16384", "BLOCK_MAX = 8192"))
     assert source_hash(copy) != package_source_hash()
 
 

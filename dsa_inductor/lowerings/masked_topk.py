@@ -43,8 +43,7 @@ except ImportError:  # pragma: no cover - exercised only without triton
 OP_NAME = "dsa_inductor::masked_topk"
 VERIFY = False  # set by register_dsa_passes(verify=True): check each CUDA call against eager
 SORT_MAX = 4096  # largest k sorted in-kernel; larger k is ordered with torch.sort after the kernel
-BLOCK = 4096  # positions per tile
-DIGIT_BITS = 8  # radix digit width
+BLOCK_MAX = 16384  # most positions (or candidates) one program holds in registers
 
 
 def _check_args(logits, k, row_starts, row_ends, mask, bias, index_dtype):
@@ -221,21 +220,66 @@ if triton is not None:
             x = (x + bb).to(OUT_DTYPE).to(tl.float32)
         return tl.where(keep, _sortable_key(x), fill_key)
 
-    @triton.jit(do_not_specialize=["S", "N", "K"])
+    @triton.jit
+    def _radix_threshold(key, exist, K, NPASS: tl.constexpr):
+        """Top-K of ``key[exist]`` held in registers: MSB-first radix select with 4-bit digits.
+
+        Per pass the 16-bin histogram is four sums of int64 words holding four 16-bit counters each
+        (a block holds < 65536 keys), which is much cheaper than ``tl.histogram`` per element.
+        Returns (prefix, pmask, remaining): keys with ``key & pmask > prefix`` are all selected, plus the
+        first ``remaining`` keys with ``key & pmask == prefix``.
+        """
+        bins = tl.arange(0, 16)
+        zero = (key * 0).to(tl.uint32)
+        zero_s = tl.max(zero, 0)
+        prefix = zero_s
+        pmask = zero_s
+        remaining = (K * 0 + K).to(tl.int32)
+        p = remaining * 0
+        done = remaining * 0
+        one = zero.to(tl.int64) + 1
+        while (p < NPASS) & (done == 0):
+            shift = 28 - 4 * p
+            d = ((key >> shift) & 15).to(tl.int32)
+            sel = exist & ((key & pmask) == prefix)
+            word = d >> 2
+            unit = one << ((d & 3) * 16).to(tl.int64)
+            w0 = tl.sum(tl.where(sel & (word == 0), unit, 0), 0)
+            w1 = tl.sum(tl.where(sel & (word == 1), unit, 0), 0)
+            w2 = tl.sum(tl.where(sel & (word == 2), unit, 0), 0)
+            w3 = tl.sum(tl.where(sel & (word == 3), unit, 0), 0)
+            bw = bins >> 2
+            words = tl.where(bw == 0, w0, tl.where(bw == 1, w1, tl.where(bw == 2, w2, w3)))
+            hist = ((words >> ((bins & 3) * 16).to(tl.int64)) & 0xFFFF).to(tl.int32)
+            at_least = tl.cumsum(hist, 0, reverse=True)
+            dsel = tl.sum((at_least >= remaining).to(tl.int32), 0) - 1
+            count_d = tl.sum(tl.where(bins == dsel, hist, 0), 0)
+            above_d = tl.sum(tl.where(bins == dsel, at_least, 0), 0) - count_d
+            remaining = remaining - above_d
+            prefix = prefix | (dsel.to(tl.uint32) << shift)
+            pmask = pmask | ((zero_s + 15) << shift)
+            done = (count_d == remaining).to(tl.int32)
+            p += 1
+        return prefix, pmask, remaining
+
+    @triton.jit(do_not_specialize=["S", "N", "K", "C", "CHUNK"])
     def _masked_topk_kernel(
         x_ptr, xs0, xs1, xs2,
         st_ptr, sts0, sts1, en_ptr, ens0, ens1,
         m_ptr, ms0, ms1, ms2,
         b_ptr, bs0, bs1, bs2,
-        val_ptr, idx_ptr,
-        S, N, K, fill,
+        ck_ptr, ci_ptr,  # candidates in (merge stage): [R, C*K] keys (uint32 as int32) and indices
+        ok_ptr, oi_ptr, val_ptr, idx_ptr,  # candidates out (chunk stage) / final outputs
+        S, N, K, C, CHUNK, fill,
         HAS_STARTS: tl.constexpr, HAS_ENDS: tl.constexpr, MASK_MODE: tl.constexpr,
-        HAS_BIAS: tl.constexpr, SHORT_CIRCUIT: tl.constexpr, WRITE_VALUES: tl.constexpr,
-        SORTED: tl.constexpr, NPASS: tl.constexpr, DIGIT_BITS: tl.constexpr, BLOCK: tl.constexpr,
-        SORT_BLOCK: tl.constexpr,
-        OUT_DTYPE: tl.constexpr,
+        HAS_BIAS: tl.constexpr, SHORT_CIRCUIT: tl.constexpr, FROM_CANDIDATES: tl.constexpr,
+        FINAL: tl.constexpr, WRITE_VALUES: tl.constexpr, SORTED: tl.constexpr, NPASS: tl.constexpr,
+        BLOCK: tl.constexpr, SORT_BLOCK: tl.constexpr, OUT_DTYPE: tl.constexpr,
     ):
+        """One program per (row, chunk).  Chunk stage: the chunk's top-K candidates (key, index).
+        Merge stage (FROM_CANDIDATES): top-K of a row's C*K candidates.  FINAL writes the outputs."""
         row = tl.program_id(0).to(tl.int64)
+        chunk = tl.program_id(1).to(tl.int64)
         a = row // S
         s = row % S
         N = N.to(tl.int64)
@@ -245,112 +289,70 @@ if triton is not None:
             lo = tl.minimum(tl.maximum(tl.load(st_ptr + a * sts0 + s * sts1).to(tl.int64), 0), N)
         if HAS_ENDS:
             hi = tl.minimum(tl.maximum(tl.load(en_ptr + a * ens0 + s * ens1).to(tl.int64), lo), N)
-        out = row * K
+        n_keep = hi - lo
         lane = tl.arange(0, BLOCK)
         fill = tl.cast(fill, tl.float32)  # already rounded to OUT_DTYPE by the caller
         fill_key = _sortable_key(fill)
-        # Tiles cover [span_lo, span_hi); positions outside hold `fill` and are counted, never loaded.
-        span_lo = (lo // BLOCK) * BLOCK
-        span_hi = tl.minimum(span_lo + tl.cdiv(hi - span_lo, BLOCK) * BLOCK, N)
-        n_out = N - (span_hi - span_lo)
-        n_keep = hi - lo
+        out = row * K
 
         short = n_keep < 0
         if SHORT_CIRCUIT:
             short = n_keep <= K
         if short:
-            # Every in-range position is selected; pad with the first masked positions (value fill).
-            for start in range(lo, hi, BLOCK):
-                cols = start + lane
-                ok = cols < hi
-                tl.store(idx_ptr + out + (cols - lo), cols, mask=ok)
-                if WRITE_VALUES and not SORTED:
-                    x = tl.load(x_ptr + a * xs0 + s * xs1 + cols * xs2, mask=ok, other=0.0)
-                    tl.store(val_ptr + out + (cols - lo), x.to(OUT_DTYPE), mask=ok)
-            for start in range(0, K - n_keep, BLOCK):
-                j = start + lane
-                ok = j < K - n_keep
-                cols = tl.where(j < lo, j, j + n_keep)
-                tl.store(idx_ptr + out + n_keep + j, cols, mask=ok)
-                if WRITE_VALUES and not SORTED:
-                    tl.store(val_ptr + out + n_keep + j, tl.zeros_like(j).to(OUT_DTYPE) + fill.to(OUT_DTYPE),
-                             mask=ok)
-        else:
-            # MSB-first radix select of the K-th largest key (DIGIT_BITS-bit digits, one tl.histogram per
-            # tile and pass): `prefix` holds the decided high digits,
-            # `remaining` how many of the keys sharing that prefix still belong to the top K.
-            NBINS: tl.constexpr = 1 << DIGIT_BITS
-            bins = tl.arange(0, NBINS)
-            prefix = fill_key * 0
-            pmask = fill_key * 0
-            digit_mask = pmask + (NBINS - 1)
-            remaining = (K * 0 + K).to(tl.int32)
-            p = remaining * 0
-            done = remaining * 0
-            while (p < NPASS) & (done == 0):
-                shift = 32 - DIGIT_BITS * (p + 1)
-                hist = tl.zeros([NBINS], dtype=tl.int32)
-                for start in range(span_lo, span_hi, BLOCK):
+            # Every in-range position is selected, then the first masked positions as padding (value
+            # fill).  Only the last stage writes it; earlier stages have nothing to do for this row.
+            if FINAL:
+                for start in range(lo, hi, BLOCK):
                     cols = start + lane
-                    key = _keys_at(cols, a, s, lo, hi, fill_key, x_ptr, xs0, xs1, xs2, m_ptr, ms0, ms1, ms2,
-                                   b_ptr, bs0, bs1, bs2, MASK_MODE, HAS_BIAS, OUT_DTYPE)
-                    sel = (cols < N) & ((key & pmask) == prefix)
-                    digit = tl.where(sel, ((key >> shift) & digit_mask).to(tl.int32), 0)
-                    h = tl.histogram(digit, NBINS)
-                    # Unselected lanes were counted in bin 0: take them back out.
-                    hist += h - tl.where(bins == 0, BLOCK - tl.sum(sel.to(tl.int32), 0), 0)
-                if (n_out > 0) & ((fill_key & pmask) == prefix):
-                    fill_digit = ((fill_key >> shift) & digit_mask).to(tl.int32)
-                    hist += tl.where(bins == fill_digit, n_out.to(tl.int32), 0)
-                at_least = tl.cumsum(hist, 0, reverse=True)
-                d = tl.sum((at_least >= remaining).to(tl.int32), 0) - 1
-                count_d = tl.sum(tl.where(bins == d, hist, 0), 0)
-                above_d = tl.sum(tl.where(bins == d, at_least, 0), 0) - count_d
-                remaining = remaining - above_d
-                prefix = prefix | (d.to(tl.uint32) << shift)
-                pmask = pmask | (digit_mask << shift)
-                done = (count_d == remaining).to(tl.int32)
-                p += 1
-
-            # Emit: keys above the prefix, then the first `remaining` keys equal to it (index order).
-            written = remaining * 0
-            ties = remaining * 0
-            for start in range(span_lo, span_hi, BLOCK):
-                cols = start + lane
+                    ok = cols < hi
+                    tl.store(idx_ptr + out + (cols - lo), cols, mask=ok)
+                    if WRITE_VALUES:
+                        x = tl.load(x_ptr + a * xs0 + s * xs1 + cols * xs2, mask=ok, other=0.0)
+                        tl.store(val_ptr + out + (cols - lo), x.to(OUT_DTYPE), mask=ok)
+                for start in range(0, K - n_keep, BLOCK):
+                    j = start + lane
+                    ok = j < K - n_keep
+                    tl.store(idx_ptr + out + n_keep + j, tl.where(j < lo, j, j + n_keep), mask=ok)
+                    if WRITE_VALUES:
+                        tl.store(val_ptr + out + n_keep + j, tl.zeros_like(j).to(OUT_DTYPE) + fill.to(OUT_DTYPE),
+                                 mask=ok)
+        else:
+            start = chunk * CHUNK
+            if FROM_CANDIDATES:
+                # C = candidates per row; this program takes candidates [start, start + CHUNK).
+                j = start + lane.to(tl.int64)
+                exist = (lane < CHUNK) & (j < C)
+                cols = tl.load(ci_ptr + row * C + j, mask=exist, other=-1).to(tl.int64)
+                exist = exist & (cols >= 0)
+                key = tl.load(ck_ptr + row * C + j, mask=exist, other=0).to(tl.uint32, bitcast=True)
+            else:
+                cols = start + lane.to(tl.int64)
+                exist = (cols < N) & (lane < CHUNK)
                 key = _keys_at(cols, a, s, lo, hi, fill_key, x_ptr, xs0, xs1, xs2, m_ptr, ms0, ms1, ms2,
                                b_ptr, bs0, bs1, bs2, MASK_MODE, HAS_BIAS, OUT_DTYPE)
-                inrow = cols < N
-                above = inrow & ((key & pmask) > prefix)
-                equal = inrow & ((key & pmask) == prefix)
-                tie_rank = ties + tl.cumsum(equal.to(tl.int32), 0) - 1
-                take = above | (equal & (tie_rank < remaining))
-                pos = written + tl.cumsum(take.to(tl.int32), 0) - 1
+            k_here = tl.minimum(K, tl.sum(exist.to(tl.int32), 0))
+            prefix, pmask, remaining = _radix_threshold(key, exist, k_here, NPASS)
+            above = exist & ((key & pmask) > prefix)
+            equal = exist & ((key & pmask) == prefix)
+            # One scan gives both ranks: the above-count in the low 16 bits, the equal-count above them.
+            packed = above.to(tl.int32) + (equal.to(tl.int32) << 16)
+            ranks = tl.cumsum(packed, 0) - packed
+            n_above = k_here - remaining
+            eq_rank = ranks >> 16
+            take = above | (equal & (eq_rank < remaining))
+            pos = tl.where(above, ranks & 0xFFFF, n_above + eq_rank)
+            if FINAL:
                 tl.store(idx_ptr + out + pos, cols, mask=take)
                 if WRITE_VALUES and not SORTED:
                     tl.store(val_ptr + out + pos, _key_to_value(key).to(OUT_DTYPE), mask=take)
-                written += tl.sum(take.to(tl.int32), 0)
-                ties += tl.sum(equal.to(tl.int32), 0)
-            if written < K:
-                # The rest are masked positions outside the tiles: all hold fill_key.
-                fill_block = (lane * 0).to(tl.uint32) + (fill_key & pmask)
-                fill_above = fill_block > prefix
-                fill_equal = fill_block == prefix
-                for start in range(0, N - (span_hi - span_lo), BLOCK):
-                    j = start + lane
-                    cols = tl.where(j < span_lo, j, j + (span_hi - span_lo))
-                    inrow = j < n_out
-                    equal = inrow & fill_equal
-                    tie_rank = ties + tl.cumsum(equal.to(tl.int32), 0) - 1
-                    take = (inrow & fill_above) | (equal & (tie_rank < remaining))
-                    pos = written + tl.cumsum(take.to(tl.int32), 0) - 1
-                    tl.store(idx_ptr + out + pos, cols, mask=take)
-                    if WRITE_VALUES and not SORTED:
-                        tl.store(val_ptr + out + pos, tl.zeros_like(j).to(OUT_DTYPE) + fill.to(OUT_DTYPE),
-                                 mask=take)
-                    written += tl.sum(take.to(tl.int32), 0)
-                    ties += tl.sum(equal.to(tl.int32), 0)
+            else:
+                cand = (row * tl.num_programs(1) + chunk) * K
+                tl.store(ok_ptr + cand + pos, key.to(tl.int32, bitcast=True), mask=take)
+                tl.store(oi_ptr + cand + pos, cols.to(tl.int32), mask=take)
+                pad = (lane >= k_here) & (lane < K)
+                tl.store(oi_ptr + cand + lane, tl.zeros_like(lane) - 1, mask=pad)
 
-        if SORTED:
+        if FINAL and SORTED:
             # Order the K winners by value: bitonic sort of (key << 32 | index), descending.
             tl.debug_barrier()
             j = tl.arange(0, SORT_BLOCK)
@@ -374,11 +376,13 @@ if triton is not None:
 
 def masked_topk_triton(logits, k, row_starts=None, row_ends=None, mask=None, mask_keeps=True, bias=None,
                        fill=float("-inf"), sorted=True, index_dtype=torch.int64, need_values=True,
-                       launch=None, block=BLOCK, num_warps=8, digit_bits=DIGIT_BITS):
-    """Run the Triton kernel. ``launch`` wraps the jitted kernel (``wrap_triton`` under the op).
+                       launch=None, block_max=BLOCK_MAX, num_warps=None):
+    """Run the Triton kernels. ``launch`` wraps the jitted kernel (``wrap_triton`` under the op).
 
-    ``block`` (positions per tile, a power of two) and ``num_warps`` are tuning knobs; tests shrink
-    ``block`` to exercise the multi-tile paths at small sizes under ``TRITON_INTERPRET=1``.
+    A row of at most ``block_max`` positions is one program with the row in registers.  A longer row
+    is cut into chunks of ``block_max``: each chunk keeps its top-k candidates, and merge stages select
+    among them (repeated while a row has more than ``block_max`` candidates).  Tests shrink
+    ``block_max`` to run the chunk and merge paths at small sizes under ``TRITON_INTERPRET=1``.
     """
     if triton is None:
         raise RuntimeError("masked_topk: triton is not installed")
@@ -393,37 +397,60 @@ def masked_topk_triton(logits, k, row_starts=None, row_ends=None, mask=None, mas
     indices = logits.new_empty(*batch, k, dtype=index_dtype)
     if rows == 0 or k == 0:
         return values, indices
+    if k > block_max or (n > block_max and 2 * k > block_max):
+        # Beyond the register budget of one program (k is then a large part of the row anyway).
+        v, i = masked_topk_reference(logits, k, row_starts, row_ends, mask, mask_keeps, bias, fill, sorted,
+                                     index_dtype, True)
+        return (v if need_values else values), i
     sort_in_kernel = sorted and k <= SORT_MAX
     write_values = need_values or (sorted and not sort_in_kernel)
     vbuf = values if values.shape[-1] == k else logits.new_empty(*batch, k, dtype=out_dtype)
     x3 = _rows3(logits, batch, n)
-    dummy = x3
-    st3 = _rows3(row_starts.unsqueeze(-1), batch, 1) if row_starts is not None else None
-    en3 = _rows3(row_ends.unsqueeze(-1), batch, 1) if row_ends is not None else None
-    m3 = _rows3(mask, batch, n) if mask is not None else None
-    b3 = _rows3(bias, batch, n) if bias is not None else None
-    kernel = _masked_topk_kernel if launch is None else launch(_masked_topk_kernel)
+    st3 = _rows3(row_starts.unsqueeze(-1), batch, 1) if row_starts is not None else x3
+    en3 = _rows3(row_ends.unsqueeze(-1), batch, 1) if row_ends is not None else x3
+    m3 = _rows3(mask, batch, n) if mask is not None else x3
+    b3 = _rows3(bias, batch, n) if bias is not None else x3
     fill = _round_to(fill, out_dtype)
-    kernel[(rows,)](
-        x3, *x3.stride(),
-        st3 if st3 is not None else dummy, *(st3.stride()[:2] if st3 is not None else (0, 0)),
-        en3 if en3 is not None else dummy, *(en3.stride()[:2] if en3 is not None else (0, 0)),
-        m3 if m3 is not None else dummy, *(m3.stride() if m3 is not None else (0, 0, 0)),
-        b3 if b3 is not None else dummy, *(b3.stride() if b3 is not None else (0, 0, 0)),
-        vbuf, indices,
-        batch[-1] if len(batch) else 1, n, k, fill,
+    kernel = _masked_topk_kernel if launch is None else launch(_masked_topk_kernel)
+    common = dict(
         HAS_STARTS=row_starts is not None, HAS_ENDS=row_ends is not None,
-        MASK_MODE=0 if mask is None else (1 if mask_keeps else 2),
-        HAS_BIAS=bias is not None,
+        MASK_MODE=0 if mask is None else (1 if mask_keeps else 2), HAS_BIAS=bias is not None,
         SHORT_CIRCUIT=(mask is None and bias is None and fill == float("-inf")),
         WRITE_VALUES=write_values, SORTED=sort_in_kernel,
-        # Only the top bits of the fp32 key can be nonzero: 16 for bf16, 19 for fp16, 32 for fp32.
-        NPASS=-(-{torch.bfloat16: 16, torch.float16: 19, torch.float32: 32}[out_dtype] // digit_bits),
-        DIGIT_BITS=digit_bits,
-        BLOCK=block, SORT_BLOCK=max(16, triton.next_power_of_2(k)) if sort_in_kernel else 16,
+        # 4-bit digits of the fp32 key that can be nonzero: 16 bits for bf16, 19 for fp16, 32 for fp32.
+        NPASS=-(-{torch.bfloat16: 16, torch.float16: 19, torch.float32: 32}[out_dtype] // 4),
+        SORT_BLOCK=max(16, triton.next_power_of_2(k)) if sort_in_kernel else 16,
         OUT_DTYPE=_TL_DTYPES[out_dtype],
-        num_warps=num_warps,
     )
+
+    def launch_stage(grid, cand_in, cand_out, width, chunk, final, block):
+        ck, ci = cand_in if cand_in is not None else (x3, x3)
+        ok_, oi_ = cand_out if cand_out is not None else (x3, x3)
+        kernel[grid](
+            x3, *x3.stride(), st3, *st3.stride()[:2], en3, *en3.stride()[:2], m3, *m3.stride(), b3, *b3.stride(),
+            ck, ci, ok_, oi_, vbuf, indices,
+            batch[-1] if len(batch) else 1, n, k, width, chunk, fill,
+            FROM_CANDIDATES=cand_in is not None, FINAL=final, BLOCK=block,
+            num_warps=num_warps or (4 if block <= 2048 else 8 if block <= 8192 else 16), **common)
+
+    def candidates(width):
+        return (torch.empty(rows, width, dtype=torch.int32, device=logits.device),
+                torch.empty(rows, width, dtype=torch.int32, device=logits.device))
+
+    if n <= block_max:
+        launch_stage((rows, 1), None, None, 0, n, True, max(16, triton.next_power_of_2(n)))
+    else:
+        n_chunks = triton.cdiv(n, block_max)
+        cand = candidates(n_chunks * k)
+        launch_stage((rows, n_chunks), None, cand, 0, block_max, False, block_max)
+        width = n_chunks * k
+        while width > block_max:  # merge groups of candidates until one program can take a row
+            per_program = (block_max // k) * k
+            groups = triton.cdiv(width, per_program)
+            nxt = candidates(groups * k)
+            launch_stage((rows, groups), cand, nxt, width, per_program, False, block_max)
+            cand, width = nxt, groups * k
+        launch_stage((rows, 1), cand, None, width, width, True, max(16, triton.next_power_of_2(width)))
     if sorted and not sort_in_kernel:
         vbuf, order = vbuf.sort(dim=-1, descending=True)
         indices = indices.gather(-1, order)
