@@ -197,15 +197,20 @@ if triton is not None:
         return tl.where((b >> 31) != 0, ~b, b | 0x80000000)
 
     @triton.jit
-    def _key_to_value(key):
+    def _key_to_value(key, LOW_BIT: tl.constexpr):
         b = tl.where((key >> 31) != 0, key & 0x7FFFFFFF, ~key)
+        if LOW_BIT > 0:
+            b = (b >> LOW_BIT) << LOW_BIT
         return b.to(tl.float32, bitcast=True)
 
     @triton.jit
     def _keys_at(cols, a, s, lo, hi, fill_key,
                  x_ptr, xs0, xs1, xs2, m_ptr, ms0, ms1, ms2, b_ptr, bs0, bs1, bs2,
-                 MASK_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_DTYPE: tl.constexpr):
-        """Keys of the (masked, biased) logits at positions ``cols`` of row (a, s); loads only kept ones."""
+                 MASK_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_DTYPE: tl.constexpr, LOW_BIT: tl.constexpr):
+        """Keys of the (masked, biased) logits at positions ``cols`` of row (a, s); loads only kept ones.
+
+        Bits below LOW_BIT are cleared: for bf16/fp16 values they carry no information (for negative
+        values the complement made them all ones), and the bisection never decides them."""
         cols = cols.to(tl.int64)
         keep = (cols >= lo) & (cols < hi)
         if MASK_MODE != 0:
@@ -218,49 +223,36 @@ if triton is not None:
         if HAS_BIAS:
             bb = tl.load(b_ptr + a * bs0 + s * bs1 + cols * bs2, mask=keep, other=0.0).to(tl.float32)
             x = (x + bb).to(OUT_DTYPE).to(tl.float32)
-        return tl.where(keep, _sortable_key(x), fill_key)
+        key = tl.where(keep, _sortable_key(x), fill_key)
+        if LOW_BIT > 0:
+            key = (key >> LOW_BIT) << LOW_BIT
+        return key
 
     @triton.jit
-    def _radix_threshold(key, exist, K, NPASS: tl.constexpr):
-        """Top-K of ``key[exist]`` held in registers: MSB-first radix select with 4-bit digits.
+    def _kth_key(key, K, LOW_BIT: tl.constexpr):
+        """Bitwise bisection for the K-th largest of ``key`` (held in registers; 0 marks no element).
 
-        Per pass the 16-bin histogram is four sums of int64 words holding four 16-bit counters each
-        (a block holds < 65536 keys), which is much cheaper than ``tl.histogram`` per element.
-        Returns (prefix, pmask, remaining): keys with ``key & pmask > prefix`` are all selected, plus the
-        first ``remaining`` keys with ``key & pmask == prefix``.
+        Decides one bit of the threshold per step with one count ``sum(key >= candidate)``, from bit 31
+        down to ``LOW_BIT`` (keys of bf16/fp16 values have zero low bits), and stops early once exactly
+        K keys reach the candidate.  Returns ``(t_above, t_equal, remaining)``: every key >= t_above is
+        selected, plus the first ``remaining`` keys equal to ``t_equal``.
         """
-        bins = tl.arange(0, 16)
-        zero = (key * 0).to(tl.uint32)
-        zero_s = tl.max(zero, 0)
-        prefix = zero_s
-        pmask = zero_s
-        remaining = (K * 0 + K).to(tl.int32)
-        p = remaining * 0
-        done = remaining * 0
-        one = zero.to(tl.int64) + 1
-        while (p < NPASS) & (done == 0):
-            shift = 28 - 4 * p
-            d = ((key >> shift) & 15).to(tl.int32)
-            sel = exist & ((key & pmask) == prefix)
-            word = d >> 2
-            unit = one << ((d & 3) * 16).to(tl.int64)
-            w0 = tl.sum(tl.where(sel & (word == 0), unit, 0), 0)
-            w1 = tl.sum(tl.where(sel & (word == 1), unit, 0), 0)
-            w2 = tl.sum(tl.where(sel & (word == 2), unit, 0), 0)
-            w3 = tl.sum(tl.where(sel & (word == 3), unit, 0), 0)
-            bw = bins >> 2
-            words = tl.where(bw == 0, w0, tl.where(bw == 1, w1, tl.where(bw == 2, w2, w3)))
-            hist = ((words >> ((bins & 3) * 16).to(tl.int64)) & 0xFFFF).to(tl.int32)
-            at_least = tl.cumsum(hist, 0, reverse=True)
-            dsel = tl.sum((at_least >= remaining).to(tl.int32), 0) - 1
-            count_d = tl.sum(tl.where(bins == dsel, hist, 0), 0)
-            above_d = tl.sum(tl.where(bins == dsel, at_least, 0), 0) - count_d
-            remaining = remaining - above_d
-            prefix = prefix | (dsel.to(tl.uint32) << shift)
-            pmask = pmask | ((zero_s + 15) << shift)
-            done = (count_d == remaining).to(tl.int32)
-            p += 1
-        return prefix, pmask, remaining
+        t = tl.max(key, 0) * 0  # uint32 scalar 0
+        bit = K * 0 + 31
+        done = K * 0
+        while (bit >= LOW_BIT) & (done == 0):
+            cand = t | (t * 0 + 1) << bit.to(tl.uint32)
+            c = tl.sum((key >= cand).to(tl.int32), 0)
+            t = tl.where(c >= K, cand, t)
+            done = (c == K).to(tl.int32)
+            bit -= 1
+        if done != 0:
+            t_above = t
+            remaining = K * 0
+        else:
+            t_above = t + 1
+            remaining = K - tl.sum((key > t).to(tl.int32), 0)
+        return t_above, t, remaining
 
     @triton.jit(do_not_specialize=["S", "N", "K", "C", "CHUNK"])
     def _masked_topk_kernel(
@@ -273,7 +265,7 @@ if triton is not None:
         S, N, K, C, CHUNK, fill,
         HAS_STARTS: tl.constexpr, HAS_ENDS: tl.constexpr, MASK_MODE: tl.constexpr,
         HAS_BIAS: tl.constexpr, SHORT_CIRCUIT: tl.constexpr, FROM_CANDIDATES: tl.constexpr,
-        FINAL: tl.constexpr, WRITE_VALUES: tl.constexpr, SORTED: tl.constexpr, NPASS: tl.constexpr,
+        FINAL: tl.constexpr, WRITE_VALUES: tl.constexpr, SORTED: tl.constexpr, LOW_BIT: tl.constexpr,
         BLOCK: tl.constexpr, SORT_BLOCK: tl.constexpr, OUT_DTYPE: tl.constexpr,
     ):
         """One program per (row, chunk).  Chunk stage: the chunk's top-K candidates (key, index).
@@ -293,6 +285,8 @@ if triton is not None:
         lane = tl.arange(0, BLOCK)
         fill = tl.cast(fill, tl.float32)  # already rounded to OUT_DTYPE by the caller
         fill_key = _sortable_key(fill)
+        if LOW_BIT > 0:
+            fill_key = (fill_key >> LOW_BIT) << LOW_BIT
         out = row * K
 
         short = n_keep < 0
@@ -322,18 +316,18 @@ if triton is not None:
                 # C = candidates per row; this program takes candidates [start, start + CHUNK).
                 j = start + lane.to(tl.int64)
                 exist = (lane < CHUNK) & (j < C)
-                cols = tl.load(ci_ptr + row * C + j, mask=exist, other=-1).to(tl.int64)
-                exist = exist & (cols >= 0)
+                exist = exist & (tl.load(ci_ptr + row * C + j, mask=exist, other=-1) >= 0)
                 key = tl.load(ck_ptr + row * C + j, mask=exist, other=0).to(tl.uint32, bitcast=True)
             else:
                 cols = start + lane.to(tl.int64)
                 exist = (cols < N) & (lane < CHUNK)
                 key = _keys_at(cols, a, s, lo, hi, fill_key, x_ptr, xs0, xs1, xs2, m_ptr, ms0, ms1, ms2,
-                               b_ptr, bs0, bs1, bs2, MASK_MODE, HAS_BIAS, OUT_DTYPE)
+                               b_ptr, bs0, bs1, bs2, MASK_MODE, HAS_BIAS, OUT_DTYPE, LOW_BIT)
             k_here = tl.minimum(K, tl.sum(exist.to(tl.int32), 0))
-            prefix, pmask, remaining = _radix_threshold(key, exist, k_here, NPASS)
-            above = exist & ((key & pmask) > prefix)
-            equal = exist & ((key & pmask) == prefix)
+            key = tl.where(exist, key, 0)  # 0 is no element: real keys are >= key(-inf) > 0
+            t_above, t_equal, remaining = _kth_key(key, k_here, LOW_BIT)
+            above = key >= t_above
+            equal = key == t_equal
             # One scan gives both ranks: the above-count in the low 16 bits, the equal-count above them.
             packed = above.to(tl.int32) + (equal.to(tl.int32) << 16)
             ranks = tl.cumsum(packed, 0) - packed
@@ -341,10 +335,15 @@ if triton is not None:
             eq_rank = ranks >> 16
             take = above | (equal & (eq_rank < remaining))
             pos = tl.where(above, ranks & 0xFFFF, n_above + eq_rank)
+            # Positions are re-derived here rather than kept live through the search (register budget).
+            if FROM_CANDIDATES:
+                cols = tl.load(ci_ptr + row * C + start + lane, mask=take, other=0).to(tl.int64)
+            else:
+                cols = start + lane.to(tl.int64)
             if FINAL:
                 tl.store(idx_ptr + out + pos, cols, mask=take)
                 if WRITE_VALUES and not SORTED:
-                    tl.store(val_ptr + out + pos, _key_to_value(key).to(OUT_DTYPE), mask=take)
+                    tl.store(val_ptr + out + pos, _key_to_value(key, LOW_BIT).to(OUT_DTYPE), mask=take)
             else:
                 cand = (row * tl.num_programs(1) + chunk) * K
                 tl.store(ok_ptr + cand + pos, key.to(tl.int32, bitcast=True), mask=take)
@@ -359,14 +358,14 @@ if triton is not None:
             ok = j < K
             cols = tl.load(idx_ptr + out + j, mask=ok, other=0).to(tl.int64)
             key = _keys_at(cols, a, s, lo, hi, fill_key, x_ptr, xs0, xs1, xs2, m_ptr, ms0, ms1, ms2,
-                           b_ptr, bs0, bs1, bs2, MASK_MODE, HAS_BIAS, OUT_DTYPE)
+                           b_ptr, bs0, bs1, bs2, MASK_MODE, HAS_BIAS, OUT_DTYPE, LOW_BIT)
             packed = (key.to(tl.uint64) << 32) | cols.to(tl.uint64)
             packed = tl.where(ok, packed, 0)
             packed = tl.sort(packed, descending=True)
             tl.debug_barrier()
             tl.store(idx_ptr + out + j, (packed & 0xFFFFFFFF).to(tl.int64), mask=ok)
             if WRITE_VALUES:
-                tl.store(val_ptr + out + j, _key_to_value((packed >> 32).to(tl.uint32)).to(OUT_DTYPE), mask=ok)
+                tl.store(val_ptr + out + j, _key_to_value((packed >> 32).to(tl.uint32), LOW_BIT).to(OUT_DTYPE), mask=ok)
 
 
 _TL_DTYPES = {}
@@ -417,8 +416,8 @@ def masked_topk_triton(logits, k, row_starts=None, row_ends=None, mask=None, mas
         MASK_MODE=0 if mask is None else (1 if mask_keeps else 2), HAS_BIAS=bias is not None,
         SHORT_CIRCUIT=(mask is None and bias is None and fill == float("-inf")),
         WRITE_VALUES=write_values, SORTED=sort_in_kernel,
-        # 4-bit digits of the fp32 key that can be nonzero: 16 bits for bf16, 19 for fp16, 32 for fp32.
-        NPASS=-(-{torch.bfloat16: 16, torch.float16: 19, torch.float32: 32}[out_dtype] // 4),
+        # Lowest bit of the fp32 key that can be nonzero: bf16 values use the top 16 bits, fp16 the top 19.
+        LOW_BIT={torch.bfloat16: 16, torch.float16: 13, torch.float32: 0}[out_dtype],
         SORT_BLOCK=max(16, triton.next_power_of_2(k)) if sort_in_kernel else 16,
         OUT_DTYPE=_TL_DTYPES[out_dtype],
     )
