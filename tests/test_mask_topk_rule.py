@@ -214,3 +214,28 @@ def test_near_miss_not_rewritten(fresh, fn):
     from dsa_inductor.report import _STATS
 
     assert sum(_STATS["mask_topk"].rejections.values()) >= 1  # seen, and the reason recorded
+
+
+def scatter_selection(index_scores, attention_mask):
+    # transformers DeepseekV32Attention: indexer top-k turned into a mask with scatter(False)
+    topk = index_scores.masked_fill(~attention_mask, NEG_INF).topk(min(K, index_scores.shape[-1])).indices
+    topk = topk.to(torch.int32)
+    return torch.ones_like(attention_mask).scatter(-1, topk.long(), False)
+
+
+def scatter_but_order_returned(index_scores, attention_mask):
+    topk = index_scores.masked_fill(~attention_mask, NEG_INF).topk(min(K, index_scores.shape[-1])).indices
+    return torch.ones_like(attention_mask).scatter(-1, topk, False), topk  # order observable
+
+
+@pytest.mark.parametrize("fn,relaxed", [(scatter_selection, True), (scatter_but_order_returned, False)])
+def test_sorted_relaxed_only_when_order_unobservable(fresh, fn, relaxed):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 6, 30, generator=g)
+    m = torch.rand(2, 6, 30, generator=g) > 0.3
+    _, code = run_and_get_code(torch.compile(fn), x, m)
+    with torch.no_grad():
+        out, ref = torch.compile(fn)(x, m), fn(x, m)
+    torch.testing.assert_close(out, ref)
+    assert any(v.startswith("keep_mask:sorted") for v in matches())
+    assert any("sorted -> unsorted" in v for v in matches()) == relaxed

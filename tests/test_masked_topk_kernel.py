@@ -113,3 +113,22 @@ def test_bad_input_names_the_argument(bad, err):
     with pytest.raises((ValueError, TypeError, RuntimeError), match=err):
         torch.ops.dsa_inductor.masked_topk(x, k, kw.get("row_starts"), kw.get("row_ends"), kw.get("mask"), True,
                                            None, float("-inf"), True, kw.get("index_dtype", torch.int64), True)
+
+
+@pytest.mark.skipif(not CUDA, reason="verify mode checks the CUDA kernel against eager")
+def test_verify_mode_names_rule_and_element(monkeypatch):
+    from dsa_inductor.lowerings import masked_topk as mod
+
+    x = torch.randn(4, 64, device="cuda")
+    mask = torch.rand(4, 64, device="cuda") > 0.5
+    monkeypatch.setattr(mod, "VERIFY", True)
+    torch.ops.dsa_inductor.masked_topk(x, 5, None, None, mask, True, None, float("-inf"), True, torch.int64, True)
+    real = mod.masked_topk_triton
+
+    def broken(*args, **kwargs):
+        v, i = real(*args, **kwargs)
+        return v, torch.zeros_like(i)  # every slot picks position 0
+
+    monkeypatch.setattr(mod, "masked_topk_triton", broken)
+    with pytest.raises(AssertionError, match=r"rule mask_topk .* row 0"):
+        torch.ops.dsa_inductor.masked_topk(x, 5, None, None, mask, True, None, float("-inf"), True, torch.int64, True)

@@ -42,7 +42,7 @@ except ImportError:  # pragma: no cover - exercised only without triton
 
 OP_NAME = "dsa_inductor::masked_topk"
 VERIFY = False  # set by register_dsa_passes(verify=True): check each CUDA call against eager
-SORT_MAX = 4096  # largest k sorted in-kernel; larger k is ordered with torch.sort after the kernel
+SORT_MAX = 256  # largest k sorted in-kernel (tl.sort); larger k is ordered with torch.sort after the kernel
 BLOCK_MAX = 16384  # most positions (or candidates) one program holds in registers
 
 
@@ -373,6 +373,13 @@ if triton is not None:
     _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
+def _default_warps(grid, block):
+    """4 warps for register blocks up to 8192 when there are programs enough to fill the GPU (measured
+    best on H100 for 8192 x 8192 rows); 16 when a block is larger or programs are few (decode rows)."""
+    programs = grid[0] * grid[1]
+    return 4 if block <= 8192 and programs >= 1024 else 16
+
+
 def masked_topk_triton(logits, k, row_starts=None, row_ends=None, mask=None, mask_keeps=True, bias=None,
                        fill=float("-inf"), sorted=True, index_dtype=torch.int64, need_values=True,
                        launch=None, block_max=BLOCK_MAX, num_warps=None):
@@ -430,7 +437,7 @@ def masked_topk_triton(logits, k, row_starts=None, row_ends=None, mask=None, mas
             ck, ci, ok_, oi_, vbuf, indices,
             batch[-1] if len(batch) else 1, n, k, width, chunk, fill,
             FROM_CANDIDATES=cand_in is not None, FINAL=final, BLOCK=block,
-            num_warps=num_warps or (4 if block <= 2048 else 8 if block <= 8192 else 16), **common)
+            num_warps=num_warps or _default_warps(grid, block), **common)
 
     def candidates(width):
         return (torch.empty(rows, width, dtype=torch.int32, device=logits.device),

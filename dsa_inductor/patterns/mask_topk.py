@@ -32,6 +32,7 @@ import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..lowerings import masked_topk as _op_module  # noqa: F401  (defines the op)
+from ..report import stats_for
 from .common import Rule, Variant, tensor_meta
 
 aten = torch.ops.aten
@@ -223,6 +224,50 @@ def _check(match) -> Optional[str]:
     return None
 
 
+_INDEX_CASTS = (torch.int32, torch.int64)  # indices < 2**31 survive these casts unchanged
+
+
+def _order_unobservable(node: torch.fx.Node) -> bool:
+    """Do all uses of ``node`` (top-k indices) ignore their order along the last dim?
+
+    True when every path goes through index-preserving casts into ``scatter(x, -1, indices, value)`` with
+    a scalar value: writing one value at a set of distinct positions does not depend on their order.
+    This is how transformers' ``DeepseekV32Attention`` turns the indexer's selection into a mask.
+    """
+    if not node.users:
+        return False
+    for user in node.users:
+        if user.target is torch.ops.prims.convert_element_type.default and user.args[1] in _INDEX_CASTS:
+            if not _order_unobservable(user):
+                return False
+        elif user.target is aten.scatter.value and user.args[2] is node and not isinstance(user.args[3],
+                                                                                               torch.fx.Node):
+            val = node.meta.get("val")
+            if val is None or user.args[1] not in (-1, val.dim() - 1):
+                return False
+        else:
+            return False
+    return True
+
+
+def relax_unobservable_order(graph: torch.fx.Graph, stats) -> int:
+    """``sorted=True`` -> ``sorted=False`` on fused top-k nodes whose order no consumer can observe."""
+    relaxed = 0
+    for node in graph.nodes:
+        if node.target is not torch.ops.dsa_inductor.masked_topk.default or node.args[8] is not True:
+            continue
+        if node.args[10] is not False:  # values are produced: their order is observable
+            continue
+        index_users = [u for u in node.users if u.target is operator.getitem and u.args[1] == 1]
+        if len(index_users) == len(node.users) and all(_order_unobservable(u) for u in index_users):
+            args = list(node.args)
+            args[8] = False
+            node.args = tuple(args)
+            relaxed += 1
+            stats.matches["(sorted -> unsorted: indices only scattered, order unobservable)"] += 1
+    return relaxed
+
+
 class MaskTopkRule(Rule):
     name = "mask_topk"
     op = "dsa_inductor::masked_topk"
@@ -231,6 +276,12 @@ class MaskTopkRule(Rule):
     def variants(self):
         for form, sorted_, output in itertools.product(MASK_FORMS, (True, False), OUTPUTS):
             yield _make_variant(form, sorted_, output)
+
+    def apply(self, graph: torch.fx.Graph) -> int:
+        matched = super().apply(graph)
+        if matched:
+            relax_unobservable_order(graph, stats_for(self.name, self.op))
+        return matched
 
     def diagnose(self, node: torch.fx.Node) -> str:
         x = node.args[0]
