@@ -30,7 +30,7 @@ def small_config(large: bool) -> DeepseekV32Config:
     if large:
         return DeepseekV32Config(
             vocab_size=4096, hidden_size=1024, intermediate_size=2048, moe_intermediate_size=256,
-            num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=16, n_shared_experts=1,
+            num_hidden_layers=2, num_attention_heads=16, num_key_value_heads=16, n_shared_experts=1,
             n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1, kv_lora_rank=256,
             q_lora_rank=384, qk_rope_head_dim=64, v_head_dim=128, qk_nope_head_dim=128,
             index_topk=512, index_head_dim=128, index_n_heads=16, first_k_dense_replace=1,
