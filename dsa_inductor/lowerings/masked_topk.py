@@ -511,3 +511,14 @@ def masked_topk(
         if why is not None:
             raise AssertionError(f"dsa_inductor verify: rule mask_topk ({OP_NAME}) differs from eager: {why}")
     return values, indices
+
+
+@masked_topk.register_fake
+def _masked_topk_fake(logits, k, row_starts, row_ends, mask, mask_keeps, bias, fill, sorted, index_dtype,
+                      need_values):
+    # Shapes only.  (The op body would also trace, but its launch arithmetic on sizes, such as
+    # next_power_of_2(N), would specialize dynamic shapes and recompile per size.)
+    _check_args(logits, k, row_starts, row_ends, mask, bias, index_dtype)
+    batch = _batch_shape(logits, row_starts, row_ends, mask, bias)
+    values = logits.new_empty(*batch, k if need_values else 0, dtype=_result_dtype(logits, bias))
+    return values, logits.new_empty(*batch, k, dtype=index_dtype)
