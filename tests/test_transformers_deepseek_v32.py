@@ -16,7 +16,10 @@ _spec.loader.exec_module(example)
 @pytest.mark.parametrize("attn,variant", [("sdpa", "keep_mask:sorted:indices_int32"),
                                           ("eager", "additive:sorted:indices_int32")])
 def test_indexer_rule_fires_and_logits_match(fresh, attn, variant):
-    model, ids = example.build(seq=48, batch=2, attn_implementation=attn)
+    import torch
+
+    # fp32: bf16 rounding differences between compiled and eager scores would flip near-tied selections
+    model, ids = example.build(seq=48, batch=2, attn_implementation=attn, dtype=torch.float32)
     res = example.compare(model, ids, with_stock=False)  # asserts logits == eager within tolerance
     report = res["report"]
     assert "modeling_deepseek_v32.py" in report, report
