@@ -411,6 +411,10 @@ def masked_topk_triton(logits, k, row_starts=None, row_ends=None, mask=None, mas
     sort_in_kernel = sorted and k <= SORT_MAX
     write_values = need_values or (sorted and not sort_in_kernel)
     vbuf = values if values.shape[-1] == k else logits.new_empty(*batch, k, dtype=out_dtype)
+    # Bounds go in as int32 (clamped to [0, N] first, which keeps every row's range): Triton 3.6's LLVM
+    # hit an SLPVectorizer assertion compiling the chunked kernel with int64 bounds and value stores.
+    row_starts, row_ends = (None if t is None else t if t.dtype == torch.int32 else t.clamp(0, n).to(torch.int32)
+                            for t in (row_starts, row_ends))
     x3 = _rows3(logits, batch, n)
     st3 = _rows3(row_starts.unsqueeze(-1), batch, 1) if row_starts is not None else x3
     en3 = _rows3(row_ends.unsqueeze(-1), batch, 1) if row_ends is not None else x3
