@@ -28,6 +28,7 @@ CPU path: plain torch (what eager computes), which Inductor can compile to C++ w
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -168,6 +169,7 @@ def topk_mismatch(masked, k, values, indices, sorted=True, need_values=True) -> 
     return None
 
 
+@functools.lru_cache(maxsize=64)
 def _round_to(fill: float, dtype: torch.dtype) -> float:
     """``fill`` as ``masked_fill`` / ``full(dtype=dtype)`` store it (host-side, outside any tracing mode)."""
     with torch._C._DisableTorchDispatch():
@@ -374,10 +376,11 @@ if triton is not None:
 
 
 def _default_warps(grid, block):
-    """4 warps for register blocks up to 8192 when there are programs enough to fill the GPU (measured
-    best on H100 for 8192 x 8192 rows); 16 when a block is larger or programs are few (decode rows)."""
+    """4 warps when there are programs enough to fill the GPU (measured best on H100 for 8192 x 8192
+    rows), 8 when programs are few (decode rows).  Not 16: Triton 3.6's LLVM hit an SLPVectorizer
+    assertion compiling the value-writing merge stage with 16 warps."""
     programs = grid[0] * grid[1]
-    return 4 if block <= 8192 and programs >= 1024 else 16
+    return 4 if programs >= 1024 else 8
 
 
 def masked_topk_triton(logits, k, row_starts=None, row_ends=None, mask=None, mask_keeps=True, bias=None,
@@ -411,16 +414,12 @@ def masked_topk_triton(logits, k, row_starts=None, row_ends=None, mask=None, mas
     sort_in_kernel = sorted and k <= SORT_MAX
     write_values = need_values or (sorted and not sort_in_kernel)
     vbuf = values if values.shape[-1] == k else logits.new_empty(*batch, k, dtype=out_dtype)
-    # Bounds go in as int32 (clamped to [0, N] first, which keeps every row's range): Triton 3.6's LLVM
-    # hit an SLPVectorizer assertion compiling the chunked kernel with int64 bounds and value stores.
-    row_starts, row_ends = (None if t is None else t if t.dtype == torch.int32 else t.clamp(0, n).to(torch.int32)
-                            for t in (row_starts, row_ends))
     x3 = _rows3(logits, batch, n)
     st3 = _rows3(row_starts.unsqueeze(-1), batch, 1) if row_starts is not None else x3
     en3 = _rows3(row_ends.unsqueeze(-1), batch, 1) if row_ends is not None else x3
     m3 = _rows3(mask, batch, n) if mask is not None else x3
     b3 = _rows3(bias, batch, n) if bias is not None else x3
-    fill = _round_to(fill, out_dtype)
+    fill = _round_to(float(fill), out_dtype)
     kernel = _masked_topk_kernel if launch is None else launch(_masked_topk_kernel)
     common = dict(
         HAS_STARTS=row_starts is not None, HAS_ENDS=row_ends is not None,
