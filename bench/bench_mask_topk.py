@@ -24,6 +24,17 @@ def indexer_bool_mask_topk(index_scores, attention_mask, k: int):
     return index_scores.topk(min(k, index_scores.shape[-1]), dim=-1).indices.to(torch.int32)
 
 
+def indexer_topk_to_mask(index_scores, attention_mask, k: int):
+    # transformers DeepseekV32Attention: the indexer's selection becomes a boolean mask by scatter, so the
+    # order of the indices is unobservable and dsa_inductor drops the sort.
+    topk = indexer_bool_mask_topk(index_scores, attention_mask, k)
+    return torch.ones_like(attention_mask).scatter(-1, topk.long(), False)
+
+
+def _check_scatter(args, eager, ours):
+    return None if torch.equal(eager, ours) else "selection mask differs from eager"
+
+
 def _check_range(args, eager, ours):
     logits, starts, ends, k = args
     pos = torch.arange(logits.shape[-1], device=logits.device)
@@ -66,4 +77,6 @@ def cases(device="cuda"):
              min_bytes=rows * n * 0.75 * 4 + rows * k * 4, check=_check_range),
         Case("mask_topk (bool mask, transformers)", f"scores 1x{t}x{t} fp32, k={k}", indexer_bool_mask_topk,
              bool_inputs, min_bytes=causal_bytes + t * t, check=_check_mask),
+        Case("mask_topk -> scatter mask (transformers)", f"scores 1x{t}x{t} fp32, k={k}", indexer_topk_to_mask,
+             bool_inputs, min_bytes=causal_bytes + 2 * t * t, check=_check_scatter),
     ]
