@@ -4,7 +4,8 @@ Every rule records, for the graphs its pass examined:
 
 * candidates: anchor nodes seen (e.g. every ``aten.topk``);
 * matches, by search variant, and where in the user's source each matched node came from;
-* rejections, by reason (a failed check, or the diagnosis of a candidate left alone).
+* rejections, by reason (a failed check, or the diagnosis of a candidate left alone);
+* follow-up rewrites of the fused ops it inserted (e.g. a sort dropped where order is unobservable).
 
 The FX graph cache serves a compiled graph without running any post-grad pass, so a graph served from it
 is never re-examined; ``report()`` says so in a plain line, from Inductor's own cache counters.
@@ -26,6 +27,7 @@ class RuleStats:
     matches: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     rejections: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     locations: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    notes: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # follow-up rewrites
 
 
 _STATS: dict[str, RuleStats] = {}
@@ -74,7 +76,12 @@ def reset() -> None:
 
 
 def report() -> str:
-    """A plain-text table: per rule, candidates, matches, rejections with reasons, the fused op."""
+    """The rewrite report since the last ``reset_report()``, as plain text.
+
+    Per rule: candidates seen, matches by search variant and by source location (``file:line in fn`` of
+    the user's code), rejections with their reason, follow-up rewrites, and the fused op inserted.  A line
+    says how many graphs the FX graph cache served, since those were not re-examined.
+    """
     lines = [f"dsa_inductor report: {_GRAPHS['examined']} graph(s) examined by the post-grad pass"]
     cache = _cache_counters()
     hits = cache["fxgraph_cache_hit"] - _CACHE_BASELINE.get("fxgraph_cache_hit", 0)
@@ -94,4 +101,6 @@ def report() -> str:
             lines.append(f"    matched {n}x  at {loc}")
         for reason, n in sorted(st.rejections.items()):
             lines.append(f"    rejected {n}x: {reason}")
+        for note, n in sorted(st.notes.items()):
+            lines.append(f"    then {n}x: {note}")
     return "\n".join(lines)

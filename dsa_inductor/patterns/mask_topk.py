@@ -264,7 +264,7 @@ def relax_unobservable_order(graph: torch.fx.Graph, stats) -> int:
             args[8] = False
             node.args = tuple(args)
             relaxed += 1
-            stats.matches["(sorted -> unsorted: indices only scattered, order unobservable)"] += 1
+            stats.notes["sorted -> unsorted: the indices are only scattered, their order is unobservable"] += 1
     return relaxed
 
 
