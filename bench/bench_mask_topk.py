@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from dsa_inductor.lowerings.masked_topk import topk_mismatch
+from dsa_inductor.lowerings.masked_topk import masked_logits, topk_mismatch
 from harness import Case
 
 
@@ -37,14 +37,13 @@ def _check_scatter(args, eager, ours):
 
 def _check_range(args, eager, ours):
     logits, starts, ends, k = args
-    pos = torch.arange(logits.shape[-1], device=logits.device)
-    masked = logits.masked_fill(~((pos >= starts[:, None]) & (pos < ends[:, None])), float("-inf"))
+    masked = masked_logits(logits, row_starts=starts, row_ends=ends)
     return topk_mismatch(masked, ours.shape[-1], None, ours, sorted=True, need_values=False)
 
 
 def _check_mask(args, eager, ours):
     scores, mask, k = args
-    return topk_mismatch(scores.masked_fill(~mask, float("-inf")), ours.shape[-1], None, ours, True, False)
+    return topk_mismatch(masked_logits(scores, mask=mask), ours.shape[-1], None, ours, True, False)
 
 
 def cases(device="cuda"):
