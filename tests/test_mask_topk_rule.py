@@ -242,3 +242,38 @@ def test_sorted_relaxed_only_when_order_unobservable(fresh, fn, relaxed):
 
     assert bool(_STATS["mask_topk"].notes) == relaxed, _STATS["mask_topk"].notes
     assert ("sorted -> unsorted" in fresh.report()) == relaxed
+
+
+def iota_causal_mask(index_scores, past):
+    # transformers' sdpa mask: kv_idx <= q_idx (+ past), expanded over batch and heads, head 0 selected
+    b, s, t = index_scores.shape
+    q_idx = torch.arange(s, device=index_scores.device) + past
+    kv_idx = torch.arange(t, device=index_scores.device)
+    mask = (kv_idx[None, None, None, :] <= q_idx[None, None, :, None]).expand(b, 1, s, t)[:, 0]
+    return index_scores.masked_fill(~mask, NEG_INF).topk(min(K, t)).indices
+
+
+def iota_causal_strict_ge(index_scores, past):
+    b, s, t = index_scores.shape
+    q_idx = torch.arange(s, device=index_scores.device) + past
+    kv_idx = torch.arange(t, device=index_scores.device) + 1
+    mask = q_idx[:, None] > kv_idx[None, :]  # kv + 1 < q + past  (strict, offset arange)
+    return torch.where(mask, index_scores, NEG_INF).topk(min(K, t), sorted=False).indices
+
+
+@pytest.mark.parametrize("fn", [iota_causal_mask, iota_causal_strict_ge], ids=lambda f: f.__name__)
+def test_arange_comparison_mask_becomes_row_ends(fresh, fn):
+    from dsa_inductor.report import _STATS
+
+    compiled = torch.compile(fn, dynamic=True)
+    for s, t, past in [(5, 9, 4), (12, 12, 0), (7, 30, 23), (16, 20, 4)]:
+        x = torch.randn(2, s, t)
+        x[:, :, ::3] = 0.0  # ties
+        with torch.no_grad():
+            out = compiled(x, past)
+        q = torch.arange(s)[:, None] + past
+        kv = torch.arange(t)[None, :]
+        keep = kv <= q if fn is iota_causal_mask else kv + 1 < q
+        masked = x.masked_fill(~keep, NEG_INF)
+        assert topk_mismatch(masked, min(K, t), None, out, fn is iota_causal_mask, False) is None
+    assert any("row_ends" in n for n in _STATS["mask_topk"].notes), _STATS["mask_topk"].notes

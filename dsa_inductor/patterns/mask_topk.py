@@ -268,6 +268,120 @@ def relax_unobservable_order(graph: torch.fx.Graph, stats) -> int:
     return relaxed
 
 
+_SIDE_OPS = (aten.unsqueeze.default, aten.expand.default)
+
+
+def _iota_offset(node, n):
+    """If ``node`` is ``arange(n) + c`` laid along the last dim (all other dims 1), return c; else None."""
+    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    if val is None or any(not statically_known_true(d == 1) for d in val.shape[:-1]):
+        return None
+    offset = 0
+    while isinstance(node, torch.fx.Node):
+        if node.target is aten.unsqueeze.default:
+            node = node.args[0]
+        elif node.target in (aten.add.Tensor, aten.sub.Tensor) and isinstance(node.args[1], int) and \
+                len(node.kwargs) == 0:
+            offset += node.args[1] if node.target is aten.add.Tensor else -node.args[1]
+            node = node.args[0]
+        elif node.target is torch.ops.prims.iota.default:
+            kw = node.kwargs
+            ok = (kw.get("start") == 0 and kw.get("step") == 1 and
+                  statically_known_true(node.meta["val"].shape[0] == n))
+            return offset if ok else None
+        else:
+            return None
+    return None
+
+
+def _mask_as_row_ends(mask):
+    """Recognize ``mask = view-ops(arange(T) + c <= per_row)`` (or <, >=, >) and say how to compute row_ends.
+
+    transformers builds its causal mask as ``kv_idx <= q_idx`` from aranges, expands it over the batch
+    and selects the head dim.  Returns ``(per_row_node, peels, delta)`` with
+    ``row_ends = peels(per_row).squeeze(-1) + delta``, or None.
+    """
+    peels = []
+    node = mask
+    while isinstance(node, torch.fx.Node) and node.target in (aten.select.int, aten.expand.default):
+        val = node.args[0].meta.get("val")
+        if val is None:
+            return None
+        if node.target is aten.select.int:
+            dim = node.args[1] % val.dim()
+            if dim == val.dim() - 1:
+                return None
+        else:
+            last = node.args[1][-1]
+            last = last.meta.get("val") if isinstance(last, torch.fx.Node) else last
+            if len(node.args[1]) != val.dim() or not (last == -1 or statically_known_true(last == val.shape[-1])):
+                return None
+        peels.append(node)
+        node = node.args[0]
+    if not isinstance(node, torch.fx.Node) or node.target not in _COMPARISONS:
+        return None
+    n = mask.meta["val"].shape[-1]
+    a, b = node.args[:2]
+    if node.target in (aten.ge.Tensor, aten.gt.Tensor):  # per_row >= t  <=>  t <= per_row
+        a, b = b, a
+        strict = node.target is aten.gt.Tensor
+    else:
+        strict = node.target is aten.lt.Tensor
+    offset = _iota_offset(a, n)
+    row_val = b.meta.get("val") if isinstance(b, torch.fx.Node) else None
+    if offset is None or row_val is None or row_val.dtype not in (torch.int32, torch.int64) or \
+            not statically_known_true(row_val.shape[-1] == 1) or _iota_offset(b, n) is not None:
+        return None
+    # t + offset <= r  <=>  t < r - offset + 1 ;  t + offset < r  <=>  t < r - offset
+    return b, list(reversed(peels)), (0 if strict else 1) - offset
+
+
+def mask_to_row_ends(graph: torch.fx.Graph, stats) -> int:
+    """Replace a fused top-k's bool mask by ``row_ends`` when the mask is an arange comparison.
+
+    The op then reads no mask, and rows with at most k kept positions take the short-circuit.  The mask
+    itself stays for its other users (transformers also feeds it to attention).
+    """
+    done = 0
+    for node in list(graph.nodes):
+        if node.target is not torch.ops.dsa_inductor.masked_topk.default:
+            continue
+        logits, k, starts, ends, mask, keeps, bias = node.args[:7]
+        if mask is None or not keeps or starts is not None or ends is not None or bias is not None:
+            continue
+        found = _mask_as_row_ends(mask)
+        if found is None:
+            continue
+        row, peels, delta = found
+        fake_mode = row.meta["val"].fake_mode
+        with graph.inserting_before(node), fake_mode:
+            cur = row
+            for peel in peels:
+                args = list(peel.args)
+                args[0] = cur
+                if peel.target is aten.expand.default:
+                    args[1] = [*args[1][:-1], -1]
+                cur = _new_node(graph, peel.target, tuple(args))
+            cur = _new_node(graph, aten.squeeze.dim, (cur, -1))
+            if delta:
+                cur = _new_node(graph, aten.add.Tensor, (cur, delta))
+        args = list(node.args)
+        args[3], args[4] = cur, None
+        node.args = tuple(args)
+        done += 1
+        stats.notes["bool mask -> row_ends: the mask is an arange comparison, no mask read"] += 1
+    if done:
+        graph.eliminate_dead_code()
+    return done
+
+
+def _new_node(graph, target, args):
+    vals = torch.fx.node.map_arg(args, lambda a: a.meta["val"])
+    new = graph.call_function(target, args)
+    new.meta["val"] = target(*vals)
+    return new
+
+
 class MaskTopkRule(Rule):
     name = "mask_topk"
     op = "dsa_inductor::masked_topk"
@@ -280,6 +394,7 @@ class MaskTopkRule(Rule):
     def apply(self, graph: torch.fx.Graph) -> int:
         matched = super().apply(graph)
         if matched:
+            mask_to_row_ends(graph, stats_for(self.name, self.op))
             relax_unobservable_order(graph, stats_for(self.name, self.op))
         return matched
 
