@@ -277,3 +277,45 @@ def test_arange_comparison_mask_becomes_row_ends(fresh, fn):
         masked = x.masked_fill(~keep, NEG_INF)
         assert topk_mismatch(masked, min(K, t), None, out, fn is iota_causal_mask, False) is None
     assert any("row_ends" in n for n in _STATS["mask_topk"].notes), _STATS["mask_topk"].notes
+
+
+def _comparison_mask_fn(op_name, kv_left, kv_offset):
+    """keep[b, s, t] = (t + kv_offset) OP (s + past), spelled with the kv side left or right."""
+    op = getattr(torch, op_name)
+
+    def fn(index_scores, past):
+        b, s, t = index_scores.shape
+        q = (torch.arange(s, device=index_scores.device) + past)[:, None]
+        kv = (torch.arange(t, device=index_scores.device) + kv_offset)[None, :]
+        keep = op(kv, q) if kv_left else op(q, kv)
+        return index_scores.masked_fill(~keep, NEG_INF).topk(min(K, t), sorted=False).indices
+
+    fn.__name__ = f"{op_name}_{'kv_left' if kv_left else 'kv_right'}_{kv_offset}"
+    return fn
+
+
+@pytest.mark.parametrize("op_name,kv_left", [("le", True), ("lt", True), ("ge", False), ("gt", False),
+                                             ("ge", True), ("lt", False)])
+def test_comparison_masks_equal_eager(fresh, op_name, kv_left):
+    """Every arange comparison form, converted to row_ends or left as a mask, gives eager's selection."""
+    fn = _comparison_mask_fn(op_name, kv_left, kv_offset=1)
+    compiled = torch.compile(fn, dynamic=True)
+
+    @settings(max_examples=25)
+    @given(st.integers(2, 12), st.integers(2, 40), st.integers(0, 30), st.integers(0, 2**31 - 1))
+    def check(s, t, past, seed):
+        x = torch.randn(2, s, t, generator=torch.Generator().manual_seed(seed)).round()  # ties
+        with torch.no_grad():
+            out = compiled(x, past)
+        q = torch.arange(s)[:, None] + past
+        kv = torch.arange(t)[None, :] + 1
+        keep = getattr(torch, op_name)(kv, q) if kv_left else getattr(torch, op_name)(q, kv)
+        assert topk_mismatch(x.masked_fill(~keep, NEG_INF), min(K, t), None, out, False, False) is None
+
+    check()
+    from dsa_inductor.report import _STATS
+
+    converted = any("row_ends" in n for n in _STATS["mask_topk"].notes)
+    # t <= r, t < r, r >= t, r > t are upper bounds on t: row_ends.  t >= r and r < t are lower bounds:
+    # left as a mask (no row_starts conversion yet).
+    assert converted == ((op_name, kv_left) in {("le", True), ("lt", True), ("ge", False), ("gt", False)})

@@ -272,23 +272,27 @@ _SIDE_OPS = (aten.unsqueeze.default, aten.expand.default)
 
 
 def _iota_offset(node, n):
-    """If ``node`` is ``arange(n) + c`` laid along the last dim (all other dims 1), return c; else None."""
+    """If ``node`` is ``arange(n) + c`` laid along the last dim (all other dims 1), return the terms of c.
+
+    ``c`` is a sum of ints and SymInt nodes (Dynamo makes ints dynamic): a list of ``(sign, term)``.
+    """
     val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
     if val is None or any(not statically_known_true(d == 1) for d in val.shape[:-1]):
         return None
-    offset = 0
+    terms = []
     while isinstance(node, torch.fx.Node):
         if node.target is aten.unsqueeze.default:
             node = node.args[0]
-        elif node.target in (aten.add.Tensor, aten.sub.Tensor) and isinstance(node.args[1], int) and \
-                len(node.kwargs) == 0:
-            offset += node.args[1] if node.target is aten.add.Tensor else -node.args[1]
+        elif node.target in (aten.add.Tensor, aten.sub.Tensor) and not node.kwargs and (
+                isinstance(node.args[1], int) or (isinstance(node.args[1], torch.fx.Node) and isinstance(
+                    node.args[1].meta.get("val"), (int, torch.SymInt)))):
+            terms.append((1 if node.target is aten.add.Tensor else -1, node.args[1]))
             node = node.args[0]
         elif node.target is torch.ops.prims.iota.default:
             kw = node.kwargs
             ok = (kw.get("start") == 0 and kw.get("step") == 1 and
                   statically_known_true(node.meta["val"].shape[0] == n))
-            return offset if ok else None
+            return terms if ok else None
         else:
             return None
     return None
@@ -329,11 +333,11 @@ def _mask_as_row_ends(mask):
         strict = node.target is aten.lt.Tensor
     offset = _iota_offset(a, n)
     row_val = b.meta.get("val") if isinstance(b, torch.fx.Node) else None
-    if offset is None or row_val is None or row_val.dtype not in (torch.int32, torch.int64) or \
+    if offset is None or not isinstance(row_val, torch.Tensor) or row_val.dtype not in (torch.int32, torch.int64) or \
             not statically_known_true(row_val.shape[-1] == 1) or _iota_offset(b, n) is not None:
         return None
     # t + offset <= r  <=>  t < r - offset + 1 ;  t + offset < r  <=>  t < r - offset
-    return b, list(reversed(peels)), (0 if strict else 1) - offset
+    return b, list(reversed(peels)), [(1, 0 if strict else 1)] + [(-sign, term) for sign, term in offset]
 
 
 def mask_to_row_ends(graph: torch.fx.Graph, stats) -> int:
@@ -352,7 +356,7 @@ def mask_to_row_ends(graph: torch.fx.Graph, stats) -> int:
         found = _mask_as_row_ends(mask)
         if found is None:
             continue
-        row, peels, delta = found
+        row, peels, terms = found
         fake_mode = row.meta["val"].fake_mode
         with graph.inserting_before(node), fake_mode:
             cur = row
@@ -363,8 +367,12 @@ def mask_to_row_ends(graph: torch.fx.Graph, stats) -> int:
                     args[1] = [*args[1][:-1], -1]
                 cur = _new_node(graph, peel.target, tuple(args))
             cur = _new_node(graph, aten.squeeze.dim, (cur, -1))
-            if delta:
-                cur = _new_node(graph, aten.add.Tensor, (cur, delta))
+            const = sum(sign * term for sign, term in terms if isinstance(term, int))
+            if const:
+                cur = _new_node(graph, aten.add.Tensor, (cur, const))
+            for sign, term in terms:
+                if isinstance(term, torch.fx.Node):
+                    cur = _new_node(graph, aten.add.Tensor if sign > 0 else aten.sub.Tensor, (cur, term))
         args = list(node.args)
         args[3], args[4] = cur, None
         node.args = tuple(args)
