@@ -315,7 +315,30 @@ def test_comparison_masks_equal_eager(fresh, op_name, kv_left):
     check()
     from dsa_inductor.report import _STATS
 
-    converted = any("row_ends" in n for n in _STATS["mask_topk"].notes)
-    # t <= r, t < r, r >= t, r > t are upper bounds on t: row_ends.  t >= r and r < t are lower bounds:
-    # left as a mask (no row_starts conversion yet).
-    assert converted == ((op_name, kv_left) in {("le", True), ("lt", True), ("ge", False), ("gt", False)})
+    upper = (op_name, kv_left) in {("le", True), ("lt", True), ("ge", False), ("gt", False)}
+    notes = " ".join(_STATS["mask_topk"].notes)
+    assert ("bool mask -> row_ends" in notes) == upper and ("bool mask -> row_starts" in notes) != upper, notes
+
+
+def window_mask(index_scores, past, window: int = 3):
+    # a sliding window of `window` keys ending at the query's position: (kv > q - window) & (kv <= q)
+    b, s, t = index_scores.shape
+    q = (torch.arange(s) + past)[:, None]
+    kv = torch.arange(t)[None, :]
+    keep = (kv > q - window) & (kv <= q)
+    return index_scores.masked_fill(~keep, NEG_INF).topk(min(K, t)).indices
+
+
+def test_window_mask_becomes_row_starts_and_ends(fresh):
+    from dsa_inductor.report import _STATS
+
+    compiled = torch.compile(window_mask, dynamic=True)
+    for s, t, past in [(4, 9, 2), (10, 30, 15), (6, 6, 0)]:
+        x = torch.randn(2, s, t)
+        with torch.no_grad():
+            out = compiled(x, past)
+        q = torch.arange(s)[:, None] + past
+        kv = torch.arange(t)[None, :]
+        masked = x.masked_fill(~((kv > q - 3) & (kv <= q)), NEG_INF)
+        assert topk_mismatch(masked, min(K, t), None, out, True, False) is None
+    assert any("row_ends and row_starts" in n for n in _STATS["mask_topk"].notes), _STATS["mask_topk"].notes

@@ -268,9 +268,6 @@ def relax_unobservable_order(graph: torch.fx.Graph, stats) -> int:
     return relaxed
 
 
-_SIDE_OPS = (aten.unsqueeze.default, aten.expand.default)
-
-
 def _iota_offset(node, n):
     """If ``node`` is ``arange(n) + c`` laid along the last dim (all other dims 1), return the terms of c.
 
@@ -298,12 +295,36 @@ def _iota_offset(node, n):
     return None
 
 
-def _mask_as_row_ends(mask):
-    """Recognize ``mask = view-ops(arange(T) + c <= per_row)`` (or <, >=, >) and say how to compute row_ends.
+# For ``kv OP r`` with kv = arange + c along the last dim: (bound kind, what to add to r - c).
+_BOUND_OF = {aten.le.Tensor: ("ends", 1), aten.lt.Tensor: ("ends", 0),
+             aten.ge.Tensor: ("starts", 0), aten.gt.Tensor: ("starts", 1)}
+_MIRROR = {aten.le.Tensor: aten.ge.Tensor, aten.lt.Tensor: aten.gt.Tensor,
+           aten.ge.Tensor: aten.le.Tensor, aten.gt.Tensor: aten.lt.Tensor}
+
+
+def _comparison_bound(node, n):
+    """``kv OP r`` (either side) -> ``(kind, r, terms)`` with ``bound = r + sum(terms)``; else None."""
+    if not isinstance(node, torch.fx.Node) or node.target not in _BOUND_OF:
+        return None
+    for op, kv, r in ((node.target, *node.args[:2]), (_MIRROR[node.target], *reversed(node.args[:2]))):
+        offset = _iota_offset(kv, n)
+        r_val = r.meta.get("val") if isinstance(r, torch.fx.Node) else None
+        if offset is None or not isinstance(r_val, torch.Tensor) or _iota_offset(r, n) is not None:
+            continue
+        if r_val.dtype not in (torch.int32, torch.int64) or not statically_known_true(r_val.shape[-1] == 1):
+            continue
+        kind, plus = _BOUND_OF[op]
+        # t + c <= r <=> t < r - c + 1;  t + c < r <=> t < r - c;  t + c >= r <=> t >= r - c;  > : + 1
+        return kind, r, [(1, plus)] + [(-sign, term) for sign, term in offset]
+    return None
+
+
+def _mask_as_bounds(mask):
+    """Recognize ``mask = view-ops(bound comparisons of arange(T) + c)`` and say how to compute the bounds.
 
     transformers builds its causal mask as ``kv_idx <= q_idx`` from aranges, expands it over the batch
-    and selects the head dim.  Returns ``(per_row_node, peels, delta)`` with
-    ``row_ends = peels(per_row).squeeze(-1) + delta``, or None.
+    and selects the head dim; a windowed mask is ``(kv >= lo) & (kv < hi)``.  Returns
+    ``(peels, {"starts"|"ends": (r, terms)})`` with ``bound = peels(r).squeeze(-1) + sum(terms)``, or None.
     """
     peels = []
     node = mask
@@ -312,8 +333,7 @@ def _mask_as_row_ends(mask):
         if val is None:
             return None
         if node.target is aten.select.int:
-            dim = node.args[1] % val.dim()
-            if dim == val.dim() - 1:
+            if node.args[1] % val.dim() == val.dim() - 1:
                 return None
         else:
             last = node.args[1][-1]
@@ -322,26 +342,21 @@ def _mask_as_row_ends(mask):
                 return None
         peels.append(node)
         node = node.args[0]
-    if not isinstance(node, torch.fx.Node) or node.target not in _COMPARISONS:
+    if not isinstance(node, torch.fx.Node):
         return None
     n = mask.meta["val"].shape[-1]
-    a, b = node.args[:2]
-    if node.target in (aten.ge.Tensor, aten.gt.Tensor):  # per_row >= t  <=>  t <= per_row
-        a, b = b, a
-        strict = node.target is aten.gt.Tensor
-    else:
-        strict = node.target is aten.lt.Tensor
-    offset = _iota_offset(a, n)
-    row_val = b.meta.get("val") if isinstance(b, torch.fx.Node) else None
-    if offset is None or not isinstance(row_val, torch.Tensor) or row_val.dtype not in (torch.int32, torch.int64) or \
-            not statically_known_true(row_val.shape[-1] == 1) or _iota_offset(b, n) is not None:
-        return None
-    # t + offset <= r  <=>  t < r - offset + 1 ;  t + offset < r  <=>  t < r - offset
-    return b, list(reversed(peels)), [(1, 0 if strict else 1)] + [(-sign, term) for sign, term in offset]
+    parts = list(node.args[:2]) if node.target in (aten.bitwise_and.Tensor, aten.logical_and.default) else [node]
+    bounds = {}
+    for part in parts:
+        found = _comparison_bound(part, n)
+        if found is None or found[0] in bounds:
+            return None
+        bounds[found[0]] = found[1:]
+    return list(reversed(peels)), bounds
 
 
-def mask_to_row_ends(graph: torch.fx.Graph, stats) -> int:
-    """Replace a fused top-k's bool mask by ``row_ends`` when the mask is an arange comparison.
+def mask_to_row_bounds(graph: torch.fx.Graph, stats) -> int:
+    """Replace a fused top-k's bool mask by ``row_starts``/``row_ends`` when it is an arange comparison.
 
     The op then reads no mask, and rows with at most k kept positions take the short-circuit.  The mask
     itself stays for its other users (transformers also feeds it to attention).
@@ -353,34 +368,41 @@ def mask_to_row_ends(graph: torch.fx.Graph, stats) -> int:
         logits, k, starts, ends, mask, keeps, bias = node.args[:7]
         if mask is None or not keeps or starts is not None or ends is not None or bias is not None:
             continue
-        found = _mask_as_row_ends(mask)
+        found = _mask_as_bounds(mask)
         if found is None:
             continue
-        row, peels, terms = found
-        fake_mode = row.meta["val"].fake_mode
-        with graph.inserting_before(node), fake_mode:
-            cur = row
-            for peel in peels:
-                args = list(peel.args)
-                args[0] = cur
-                if peel.target is aten.expand.default:
-                    args[1] = [*args[1][:-1], -1]
-                cur = _new_node(graph, peel.target, tuple(args))
-            cur = _new_node(graph, aten.squeeze.dim, (cur, -1))
-            const = sum(sign * term for sign, term in terms if isinstance(term, int))
-            if const:
-                cur = _new_node(graph, aten.add.Tensor, (cur, const))
-            for sign, term in terms:
-                if isinstance(term, torch.fx.Node):
-                    cur = _new_node(graph, aten.add.Tensor if sign > 0 else aten.sub.Tensor, (cur, term))
+        peels, bounds = found
         args = list(node.args)
-        args[3], args[4] = cur, None
+        for kind, (row, terms) in bounds.items():
+            with graph.inserting_before(node), row.meta["val"].fake_mode:
+                args[2 if kind == "starts" else 3] = _bound_node(graph, row, peels, terms)
+        args[4] = None
         node.args = tuple(args)
         done += 1
-        stats.notes["bool mask -> row_ends: the mask is an arange comparison, no mask read"] += 1
+        stats.notes[f"bool mask -> {' and '.join(f'row_{b}' for b in sorted(bounds))}: the mask is an "
+                    "arange comparison, no mask read"] += 1
     if done:
         graph.eliminate_dead_code()
     return done
+
+
+def _bound_node(graph, row, peels, terms):
+    """``peels(row).squeeze(-1) + sum(terms)`` as new graph nodes."""
+    cur = row
+    for peel in peels:
+        args = list(peel.args)
+        args[0] = cur
+        if peel.target is aten.expand.default:
+            args[1] = [*args[1][:-1], -1]
+        cur = _new_node(graph, peel.target, tuple(args))
+    cur = _new_node(graph, aten.squeeze.dim, (cur, -1))
+    const = sum(sign * term for sign, term in terms if isinstance(term, int))
+    if const:
+        cur = _new_node(graph, aten.add.Tensor, (cur, const))
+    for sign, term in terms:
+        if isinstance(term, torch.fx.Node):
+            cur = _new_node(graph, aten.add.Tensor if sign > 0 else aten.sub.Tensor, (cur, term))
+    return cur
 
 
 def _new_node(graph, target, args):
@@ -402,7 +424,7 @@ class MaskTopkRule(Rule):
     def apply(self, graph: torch.fx.Graph) -> int:
         matched = super().apply(graph)
         if matched:
-            mask_to_row_ends(graph, stats_for(self.name, self.op))
+            mask_to_row_bounds(graph, stats_for(self.name, self.op))
             relax_unobservable_order(graph, stats_for(self.name, self.op))
         return matched
 
