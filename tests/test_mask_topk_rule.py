@@ -342,3 +342,25 @@ def test_window_mask_becomes_row_starts_and_ends(fresh):
         masked = x.masked_fill(~((kv > q - 3) & (kv <= q)), NEG_INF)
         assert topk_mismatch(masked, min(K, t), None, out, True, False) is None
     assert any("row_ends and row_starts" in n for n in _STATS["mask_topk"].notes), _STATS["mask_topk"].notes
+
+
+def low_rank_bound(index_scores, past):
+    # the comparison's result is [1, S, T] but its per-row side only [S, 1]; a select then drops dim 0
+    s, t = index_scores.shape
+    q = (torch.arange(s) + past)[:, None]
+    kv = torch.arange(t)[None, None, :]
+    keep = (kv <= q)[0]
+    return index_scores.masked_fill(~keep, NEG_INF).topk(min(K, t), sorted=False).indices
+
+
+def test_bound_conversion_aligns_rank_of_per_row_side(fresh):
+    from dsa_inductor.report import _STATS
+
+    compiled = torch.compile(low_rank_bound, dynamic=True)
+    for s, t, past in [(6, 10, 2), (9, 30, 0)]:
+        x = torch.randn(s, t)
+        with torch.no_grad():
+            out = compiled(x, past)
+        keep = torch.arange(t)[None, :] <= torch.arange(s)[:, None] + past
+        assert topk_mismatch(x.masked_fill(~keep, NEG_INF), min(K, t), None, out, False, False) is None
+    assert any("row_ends" in n for n in _STATS["mask_topk"].notes), _STATS["mask_topk"].notes

@@ -324,7 +324,8 @@ def _mask_as_bounds(mask):
 
     transformers builds its causal mask as ``kv_idx <= q_idx`` from aranges, expands it over the batch
     and selects the head dim; a windowed mask is ``(kv >= lo) & (kv < hi)``.  Returns
-    ``(peels, {"starts"|"ends": (r, terms)})`` with ``bound = peels(r).squeeze(-1) + sum(terms)``, or None.
+    ``(peels, {"starts"|"ends": (r, terms)}, rank)`` with
+    ``bound = peels(r unsqueezed to rank).squeeze(-1) + sum(terms)``, or None.
     """
     peels = []
     node = mask
@@ -352,7 +353,8 @@ def _mask_as_bounds(mask):
         if found is None or found[0] in bounds:
             return None
         bounds[found[0]] = found[1:]
-    return list(reversed(peels)), bounds
+    # The peels index dims of the comparison's result: the per-row side must have its rank to take them.
+    return list(reversed(peels)), bounds, node.meta["val"].dim()
 
 
 def mask_to_row_bounds(graph: torch.fx.Graph, stats) -> int:
@@ -371,11 +373,11 @@ def mask_to_row_bounds(graph: torch.fx.Graph, stats) -> int:
         found = _mask_as_bounds(mask)
         if found is None:
             continue
-        peels, bounds = found
+        peels, bounds, rank = found
         args = list(node.args)
         for kind, (row, terms) in bounds.items():
             with graph.inserting_before(node), row.meta["val"].fake_mode:
-                args[2 if kind == "starts" else 3] = _bound_node(graph, row, peels, terms)
+                args[2 if kind == "starts" else 3] = _bound_node(graph, row, peels, terms, rank)
         args[4] = None
         node.args = tuple(args)
         done += 1
@@ -386,9 +388,11 @@ def mask_to_row_bounds(graph: torch.fx.Graph, stats) -> int:
     return done
 
 
-def _bound_node(graph, row, peels, terms):
-    """``peels(row).squeeze(-1) + sum(terms)`` as new graph nodes."""
+def _bound_node(graph, row, peels, terms, rank):
+    """``peels(row unsqueezed to rank).squeeze(-1) + sum(terms)`` as new graph nodes."""
     cur = row
+    for _ in range(rank - row.meta["val"].dim()):
+        cur = _new_node(graph, aten.unsqueeze.default, (cur, 0))
     for peel in peels:
         args = list(peel.args)
         args[0] = cur
