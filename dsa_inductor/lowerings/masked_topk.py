@@ -398,8 +398,9 @@ def masked_topk_triton(logits, k, row_starts=None, row_ends=None, mask=None, mas
                                      index_dtype, True)
         return (v if need_values else values), i
     write_values = need_values or sorted  # sorted: the values order the winners (torch.sort below)
-    vbuf = values if values.shape[-1] == k else logits.new_empty(*batch, k, dtype=out_dtype)
     x3 = _rows3(logits, batch, n)
+    # The value buffer exists only when the kernel writes values (x3 stands in as an unused pointer).
+    vbuf = values if need_values else logits.new_empty(*batch, k, dtype=out_dtype) if sorted else x3
     st3 = _rows3(row_starts.unsqueeze(-1), batch, 1) if row_starts is not None else x3
     en3 = _rows3(row_ends.unsqueeze(-1), batch, 1) if row_ends is not None else x3
     m3 = _rows3(mask, batch, n) if mask is not None else x3
