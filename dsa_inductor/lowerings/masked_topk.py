@@ -122,6 +122,12 @@ def masked_topk_reference(logits, k, row_starts=None, row_ends=None, mask=None, 
     return values, indices.to(index_dtype)
 
 
+def _nan_top(x):
+    """NaN as +inf (topk ranks NaN first), leaving +-inf themselves alone (plain nan_to_num would turn
+    them into +-finfo.max, so -inf and -3.4e38 would compare equal)."""
+    return torch.where(x.isnan(), float("inf"), x)
+
+
 def topk_mismatch(masked, k, values, indices, sorted=True, need_values=True) -> Optional[str]:
     """Why ``(values, indices)`` is not a valid top-k of ``masked`` (None if it is).
 
@@ -156,14 +162,14 @@ def topk_mismatch(masked, k, values, indices, sorted=True, need_values=True) -> 
             r, j = diff.nonzero()[0].tolist()
             return f"value {got[r, j].item()} at row {r}, slot {j} != logits[{idx[r, j].item()}] = {picked[r, j].item()}"
     ref = torch.topk(rows_m.float(), k, dim=-1).values
-    mine = torch.sort(picked.nan_to_num(float("inf")), dim=-1, descending=True).values
-    ref_s = torch.sort(ref.nan_to_num(float("inf")), dim=-1, descending=True).values
+    mine = torch.sort(_nan_top(picked), dim=-1, descending=True).values
+    ref_s = torch.sort(_nan_top(ref), dim=-1, descending=True).values
     diff = mine != ref_s
     if diff.any():
         r, j = diff.nonzero()[0].tolist()
         return f"row {r}: {j}-th largest selected value is {mine[r, j].item()}, eager selects {ref_s[r, j].item()}"
     if sorted and k > 1:
-        p = picked.nan_to_num(float("inf"))
+        p = _nan_top(picked)
         up = p[:, 1:] > p[:, :-1]
         if up.any():
             r, j = up.nonzero()[0].tolist()
