@@ -54,7 +54,7 @@ def register_dsa_passes(patterns: Optional[Iterable[str]] = None, verify: bool =
     if unknown:
         raise ValueError(f"register_dsa_passes: unknown rule(s) in `patterns`: {unknown}; known: {list(RULES)}")
     rules = {n: _rule(n) for n in names}
-    lowerings.masked_topk.VERIFY = verify
+    lowerings.set_verify(verify)
     current = inductor_config.post_grad_custom_pre_pass
     if isinstance(current, DSAPassManager):
         current.configure(rules, verify)

@@ -1,5 +1,17 @@
-"""Fused ops: one module per op, each with its schema, CPU path and Triton kernels."""
+"""Fused ops: one module per op, each with its schema, CPU path and Triton kernels.
+
+Every op module has a module-level ``VERIFY`` flag (set by ``register_dsa_passes(verify=...)`` through
+``set_verify``): when true its CUDA path also runs the eager definition and raises on a difference.
+"""
 
 from . import masked_topk
 
-__all__ = ["masked_topk"]
+OPS = (masked_topk,)
+
+
+def set_verify(flag: bool) -> None:
+    for module in OPS:
+        module.VERIFY = bool(flag)
+
+
+__all__ = ["masked_topk", "OPS", "set_verify"]
