@@ -1,6 +1,9 @@
-"""Tuning sweep for the masked_topk kernel (direct calls, no compile): chunk size, warps, sort."""
+"""Tuning sweep for the masked_topk kernel (direct calls, no compile): band size, chunk, warps.
 
-import itertools
+Usage (GPU): ``python bench/tune_mask_topk.py [causal|decode|sort]`` prints one line per configuration
+with the do_bench median and a correctness check against eager.
+"""
+
 import sys
 
 import torch
@@ -9,31 +12,39 @@ import triton.testing
 from dsa_inductor.lowerings.masked_topk import masked_logits, masked_topk_triton, topk_mismatch
 
 
+def bench(x, ends, k, **kw):
+    fn = lambda: masked_topk_triton(x, k, row_ends=ends, need_values=False,  # noqa: E731
+                                    index_dtype=torch.int32, **kw)
+    _, idx = fn()
+    bad = topk_mismatch(masked_logits(x, row_ends=ends), k, None, idx, kw.get("sorted", True), False)
+    us = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e3
+    return f"{us:8.1f}us{' BAD ' + bad if bad else ''}"
+
+
 def main():
     t, k = 8192, 2048
-    x = torch.randn(t, t, device="cuda")
-    ends = torch.arange(1, t + 1, device="cuda", dtype=torch.int32)
-    dx = torch.randn(64, 65536, device="cuda")
-    dends = torch.randint(32768, 65537, (64,), device="cuda", dtype=torch.int32)
-    grid = itertools.product([8192, 16384], [4, 8], [False, True])
-    only = sys.argv[1:] and sys.argv[1]
-    for block, warps, srt in grid:
-        row = []
-        for name, (xx, ee) in {"causal": (x, ends), "decode": (dx, dends)}.items():
-            fn = lambda: masked_topk_triton(xx, k, row_ends=ee, sorted=srt, need_values=False,  # noqa: E731
-                                            index_dtype=torch.int32, block_max=block, num_warps=warps)
-            _, idx = fn()
-            bad = topk_mismatch(masked_logits(xx, row_ends=ee), k, None, idx, srt, False)
-            us = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e3
-            row.append(f"{name} {us:8.1f}us{' BAD ' + bad if bad else ''}")
-        print(f"block_max {block:5d} warps {warps:2d} sorted {int(srt)}: " + "  ".join(row), flush=True)
-    # what sorting the k winners costs outside the kernel, for comparison
-    v = torch.randn(t, k, device="cuda")
-    us = triton.testing.do_bench(lambda: v.sort(dim=-1, descending=True), warmup=10, rep=50, return_mode="median")
-    print(f"torch.sort [{t}, {k}] fp32 with indices: {us * 1e3:.1f}us")
-    p = torch.randint(0, 2**62, (t, k), device="cuda")
-    us = triton.testing.do_bench(lambda: p.sort(dim=-1, descending=True), warmup=10, rep=50, return_mode="median")
-    print(f"torch.sort [{t}, {k}] int64 with indices: {us * 1e3:.1f}us")
+    which = sys.argv[1:] or ["causal", "decode", "sort"]
+    if "causal" in which:
+        x = torch.randn(t, t, device="cuda")
+        ends = torch.arange(1, t + 1, device="cuda", dtype=torch.int32)
+        for small in (128, 256, 512):
+            for warps in (4, 8):
+                print(f"causal small {small:4d} warps {warps}: unsorted "
+                      f"{bench(x, ends, k, sorted=False, small=small, num_warps=warps)}", flush=True)
+        print(f"causal default: sorted {bench(x, ends, k, sorted=True)}", flush=True)
+    if "decode" in which:
+        dx = torch.randn(64, 65536, device="cuda")
+        dends = torch.randint(32768, 65537, (64,), device="cuda", dtype=torch.int32)
+        for chunk in (4096, 8192, 16384):
+            for warps in (4, 8):
+                print(f"decode chunk {chunk:5d} warps {warps}: unsorted "
+                      f"{bench(dx, dends, k, sorted=False, chunk=chunk, num_warps=warps)}", flush=True)
+        print(f"decode default: sorted {bench(dx, dends, k, sorted=True)}", flush=True)
+    if "sort" in which:  # what sorting the k winners costs outside the kernel, for comparison
+        v = torch.randn(t, k, device="cuda")
+        us = triton.testing.do_bench(lambda: v.sort(dim=-1, descending=True), warmup=10, rep=50,
+                                     return_mode="median")
+        print(f"torch.sort [{t}, {k}] fp32 with indices: {us * 1e3:.1f}us", flush=True)
 
 
 if __name__ == "__main__":

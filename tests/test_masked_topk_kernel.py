@@ -15,6 +15,7 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 MAX_N = 9000 if CUDA else 200
 BLOCK_MAX = [16384, 2048] if CUDA else [16, 32, 64, 256]
+SMALL = [256, 16] if CUDA else [2, 4, 16]
 FLOATS = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -50,6 +51,9 @@ def problems(draw, max_n=MAX_N):
     opts = dict(fill=fill, sorted=draw(st.booleans()), need_values=draw(st.booleans()),
                 index_dtype=draw(st.sampled_from([torch.int32, torch.int64])))
     opts["block_max"] = draw(st.sampled_from(BLOCK_MAX))
+    # Phase-2 band size (ties and wide bands take the other path when it is small) and chunk size.
+    opts["small"] = draw(st.sampled_from(SMALL))
+    opts["chunk"] = draw(st.sampled_from([None, opts["block_max"] // 2]))
     return x.to(dtype), k, kw, opts
 
 

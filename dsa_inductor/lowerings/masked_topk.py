@@ -211,7 +211,9 @@ if triton is not None:
         b = tl.where((key >> 31) != 0, key & 0x7FFFFFFF, ~key)
         if LOW_BIT > 0:
             b = (b >> LOW_BIT) << LOW_BIT
-        return b.to(tl.float32, bitcast=True)
+        v = b.to(tl.float32, bitcast=True)
+        # -inf is the one value whose key was raised (to 1 << LOW_BIT, see _keys_at).
+        return tl.where(key <= (1 << LOW_BIT), float("-inf"), v)
 
     @triton.jit
     def _keys_at(cols, a, s, lo, hi, fill_key,
@@ -220,8 +222,8 @@ if triton is not None:
         """Keys of the (masked, biased) logits at positions ``cols`` of row (a, s); loads only kept ones.
 
         Bits below LOW_BIT are cleared: for bf16/fp16 values they carry no information (for negative
-        values the complement made them all ones), and the bisection never decides them."""
-        cols = cols.to(tl.int64)
+        values the complement made them all ones).  Every real key is >= 1 << LOW_BIT (only bf16's -inf
+        needs raising), so that 0 can stand for "no element"."""
         keep = (cols >= lo) & (cols < hi)
         if MASK_MODE != 0:
             m = tl.load(m_ptr + a * ms0 + s * ms1 + cols * ms2, mask=keep, other=0).to(tl.int1)
@@ -235,20 +237,18 @@ if triton is not None:
             x = (x + bb).to(OUT_DTYPE).to(tl.float32)
         key = tl.where(keep, _sortable_key(x), fill_key)
         if LOW_BIT > 0:
-            key = (key >> LOW_BIT) << LOW_BIT
+            key = tl.maximum((key >> LOW_BIT) << LOW_BIT, 1 << LOW_BIT)
         return key
 
     @triton.jit
-    def _kth_key(key, K, LOW_BIT: tl.constexpr):
-        """Bitwise bisection for the K-th largest of ``key`` (held in registers; 0 marks no element).
+    def _kth_key(key, K, t, bit, LOW_BIT: tl.constexpr):
+        """Bitwise bisection for the K-th largest of ``key`` (0 marks no element), continuing from a
+        threshold ``t`` whose bits above ``bit`` are decided.
 
-        Decides one bit of the threshold per step with one count ``sum(key >= candidate)``, from bit 31
-        down to ``LOW_BIT`` (keys of bf16/fp16 values have zero low bits), and stops early once exactly
-        K keys reach the candidate.  Returns ``(t_above, t_equal, remaining)``: every key >= t_above is
+        One count ``sum(key >= candidate)`` per bit, down to ``LOW_BIT``; stops early once exactly K keys
+        reach the candidate.  Returns ``(t_above, t_equal, remaining)``: every key >= t_above is
         selected, plus the first ``remaining`` keys equal to ``t_equal``.
         """
-        t = tl.max(key, 0) * 0  # uint32 scalar 0
-        bit = K * 0 + 31
         done = K * 0
         while (bit >= LOW_BIT) & (done == 0):
             cand = t | (t * 0 + 1) << bit.to(tl.uint32)
@@ -264,23 +264,132 @@ if triton is not None:
             remaining = K - tl.sum((key > t).to(tl.int32), 0)
         return t_above, t, remaining
 
+    @triton.jit
+    def _emit(pos, take, key, cols, out, cand, ok_ptr, oi_ptr, val_ptr, idx_ptr,
+              FINAL: tl.constexpr, WRITE_VALUES: tl.constexpr, LOW_BIT: tl.constexpr, OUT_DTYPE: tl.constexpr):
+        """Store selected (key, position) pairs: the outputs (FINAL) or a chunk's candidate list."""
+        if FINAL:
+            tl.store(idx_ptr + out + pos, cols, mask=take)
+            if WRITE_VALUES:
+                tl.store(val_ptr + out + pos, _key_to_value(key, LOW_BIT).to(OUT_DTYPE), mask=take)
+        else:
+            tl.store(ok_ptr + cand + pos, key.to(tl.int32, bitcast=True), mask=take)
+            tl.store(oi_ptr + cand + pos, cols.to(tl.int32), mask=take)
+
+    @triton.jit
+    def _select_stage(row, chunk, a, s, lo, hi, base, end, K, C, CHUNK, fill_key,
+                      x_ptr, xs0, xs1, xs2, m_ptr, ms0, ms1, ms2, b_ptr, bs0, bs1, bs2,
+                      ck_ptr, ci_ptr, ok_ptr, oi_ptr, val_ptr, idx_ptr, sk_ptr, si_ptr,
+                      MASK_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, FROM_CANDIDATES: tl.constexpr,
+                      FINAL: tl.constexpr, WRITE_VALUES: tl.constexpr, LOW_BIT: tl.constexpr,
+                      OUT_DTYPE: tl.constexpr, BLOCK: tl.constexpr, SMALL: tl.constexpr):
+        """Top-K of BLOCK lanes (positions base + lane below ``end``, or candidates), keys in registers.
+
+        Phase 1 bisects the K-th key's high bits over all lanes only until at most SMALL keys share the
+        decided prefix (the band); keys above the band are selected outright.  Phase 2 copies the band
+        (in lane order) to a per-program scratch row and decides the remaining bits over SMALL lanes.
+        A band larger than SMALL after every bit is decided is a run of ties: its first lanes are taken.
+        """
+        lane = tl.arange(0, BLOCK)
+        if FROM_CANDIDATES:
+            j = base + lane.to(tl.int64)
+            exist = (lane < CHUNK) & (j < C)
+            exist = exist & (tl.load(ci_ptr + row * C + j, mask=exist, other=-1) >= 0)
+            key = tl.load(ck_ptr + row * C + j, mask=exist, other=0).to(tl.uint32, bitcast=True)
+        else:
+            cols = base + lane.to(tl.int64)
+            exist = (lane < CHUNK) & (cols < end)
+            key = _keys_at(cols, a, s, lo, hi, fill_key, x_ptr, xs0, xs1, xs2, m_ptr, ms0, ms1, ms2,
+                           b_ptr, bs0, bs1, bs2, MASK_MODE, HAS_BIAS, OUT_DTYPE, LOW_BIT)
+        key = tl.where(exist, key, 0)
+        k_here = tl.minimum(K, tl.sum(exist.to(tl.int32), 0))
+        out = row * K
+        cand = (row * tl.num_programs(1) + chunk) * K
+        if k_here > 0:
+            # Phase 1.  Invariant: c_lo = #(key >= t), c_hi = #(key >= t + 2**(bit + 1)), c_hi < K <= c_lo.
+            t = tl.max(key, 0) * 0
+            c_lo = k_here * 0 + BLOCK
+            c_hi = k_here * 0
+            bit = k_here * 0 + 31
+            while (bit >= LOW_BIT) & ((bit == 31) | ((c_lo - c_hi > SMALL) & (c_lo != k_here))):
+                cand_t = t | (t * 0 + 1) << bit.to(tl.uint32)
+                c = tl.sum((key >= cand_t).to(tl.int32), 0)
+                accept = c >= k_here
+                t = tl.where(accept, cand_t, t)
+                c_lo = tl.where(accept, c, c_lo)
+                c_hi = tl.where(accept, c_hi, c)
+                bit -= 1
+            shift = (bit + 1).to(tl.uint32)
+            band_n = c_lo - c_hi
+            need = k_here - c_hi  # keys still to take from the band
+            hi_key = key >> shift
+            t_s = t >> shift
+            above = hi_key > t_s
+            band = hi_key == t_s
+            # One scan gives both ranks: the above-count in the low 16 bits, the band-count above them.
+            packed = above.to(tl.int32) + (band.to(tl.int32) << 16)
+            ranks = tl.cumsum(packed, 0) - packed
+            band_rank = ranks >> 16
+            small = (band_n <= SMALL) & (need != band_n)
+            take = above | (band & (band_rank < tl.where(small, 0, need)))
+            pos = tl.where(above, ranks & 0xFFFF, c_hi + band_rank)
+            if FROM_CANDIDATES:
+                cols = tl.load(ci_ptr + row * C + base + lane, mask=take, other=0).to(tl.int64)
+            _emit(pos, take, key, cols, out, cand, ok_ptr, oi_ptr, val_ptr, idx_ptr,
+                  FINAL, WRITE_VALUES, LOW_BIT, OUT_DTYPE)
+            if small:
+                # Phase 2 over the band, in lane order (so ties still go lowest position first).
+                scr = (row * tl.num_programs(1) + chunk) * SMALL
+                to_scr = band & (band_rank < SMALL)
+                tl.store(sk_ptr + scr + band_rank, key.to(tl.int32, bitcast=True), mask=to_scr)
+                tl.store(si_ptr + scr + band_rank, lane, mask=to_scr)
+                tl.debug_barrier()
+                jj = tl.arange(0, SMALL)
+                ok = jj < band_n
+                key_s = tl.load(sk_ptr + scr + jj, mask=ok, other=0).to(tl.uint32, bitcast=True)
+                lane_s = tl.load(si_ptr + scr + jj, mask=ok, other=0)
+                t_above, t_equal, remaining = _kth_key(key_s, need, t, bit, LOW_BIT)
+                above_s = ok & (key_s >= t_above)
+                equal_s = ok & (key_s == t_equal)
+                packed_s = above_s.to(tl.int32) + (equal_s.to(tl.int32) << 16)
+                ranks_s = tl.cumsum(packed_s, 0) - packed_s
+                eq_rank = ranks_s >> 16
+                take_s = above_s | (equal_s & (eq_rank < remaining))
+                pos_s = c_hi + tl.where(above_s, ranks_s & 0xFFFF, need - remaining + eq_rank)
+                if FROM_CANDIDATES:
+                    cols_s = tl.load(ci_ptr + row * C + base + lane_s, mask=take_s, other=0).to(tl.int64)
+                else:
+                    cols_s = base + lane_s.to(tl.int64)
+                _emit(pos_s, take_s, key_s, cols_s, out, cand, ok_ptr, oi_ptr, val_ptr, idx_ptr,
+                      FINAL, WRITE_VALUES, LOW_BIT, OUT_DTYPE)
+        if not FINAL:  # unused candidate slots [k_here, K) are marked -1 (K may exceed BLOCK here)
+            for start in range(0, K, BLOCK):
+                j = start + lane
+                tl.store(oi_ptr + cand + j, tl.zeros_like(j) - 1, mask=(j >= k_here) & (j < K))
+
     @triton.jit(do_not_specialize=["S", "N", "K", "C", "CHUNK"])
     def _masked_topk_kernel(
         x_ptr, xs0, xs1, xs2,
         st_ptr, sts0, sts1, en_ptr, ens0, ens1,
         m_ptr, ms0, ms1, ms2,
         b_ptr, bs0, bs1, bs2,
-        ck_ptr, ci_ptr,  # candidates in (merge stage): [R, C*K] keys (uint32 as int32) and indices
+        ck_ptr, ci_ptr,  # candidates in (merge stage): [R, C] keys (uint32 as int32) and positions
         ok_ptr, oi_ptr, val_ptr, idx_ptr,  # candidates out (chunk stage) / final outputs
+        sk_ptr, si_ptr,  # phase-2 scratch: SMALL keys and lanes per program
         S, N, K, C, CHUNK, fill,
         HAS_STARTS: tl.constexpr, HAS_ENDS: tl.constexpr, MASK_MODE: tl.constexpr,
-        HAS_BIAS: tl.constexpr, SHORT_CIRCUIT: tl.constexpr, FROM_CANDIDATES: tl.constexpr,
+        HAS_BIAS: tl.constexpr, RANGE_ONLY: tl.constexpr, FROM_CANDIDATES: tl.constexpr,
         FINAL: tl.constexpr, WRITE_VALUES: tl.constexpr, LOW_BIT: tl.constexpr,
-        BLOCK: tl.constexpr, OUT_DTYPE: tl.constexpr,
+        BLOCK: tl.constexpr, SMALL: tl.constexpr, OUT_DTYPE: tl.constexpr,
     ):
-        """One program per (row, chunk).  Chunk stage: the chunk's top-K candidates (key, index).
-        Merge stage (FROM_CANDIDATES): top-K of a row's C*K candidates.  FINAL writes the outputs."""
-        row = tl.program_id(0).to(tl.int64)
+        """One program per (row, chunk); rows run longest-first for causal inputs (last row first).
+
+        RANGE_ONLY (bounds only, fill -inf): lanes cover the row's range [lo, hi) only, in a register
+        block of BLOCK, BLOCK/2 or BLOCK/4 lanes as the range needs, and a row with at most K in range
+        short-circuits.  Otherwise lanes cover [0, N) (masked positions hold ``fill`` and may be picked).
+        Chunk stage: each chunk's top-K candidates.  Merge stage (FROM_CANDIDATES): top-K of a row's C
+        candidates, CHUNK per program.  FINAL writes the outputs."""
+        row = (tl.num_programs(0) - 1 - tl.program_id(0)).to(tl.int64)
         chunk = tl.program_id(1).to(tl.int64)
         a = row // S
         s = row % S
@@ -292,20 +401,20 @@ if triton is not None:
         if HAS_ENDS:
             hi = tl.minimum(tl.maximum(tl.load(en_ptr + a * ens0 + s * ens1).to(tl.int64), lo), N)
         n_keep = hi - lo
-        lane = tl.arange(0, BLOCK)
         fill = tl.cast(fill, tl.float32)  # already rounded to OUT_DTYPE by the caller
         fill_key = _sortable_key(fill)
         if LOW_BIT > 0:
-            fill_key = (fill_key >> LOW_BIT) << LOW_BIT
-        out = row * K
+            fill_key = tl.maximum((fill_key >> LOW_BIT) << LOW_BIT, 1 << LOW_BIT)
 
         short = n_keep < 0
-        if SHORT_CIRCUIT:
+        if RANGE_ONLY:
             short = n_keep <= K
         if short:
             # Every in-range position is selected, then the first masked positions as padding (value
             # fill).  Only the last stage writes it; earlier stages have nothing to do for this row.
             if FINAL:
+                lane = tl.arange(0, BLOCK)
+                out = row * K
                 for start in range(lo, hi, BLOCK):
                     cols = start + lane
                     ok = cols < hi
@@ -321,50 +430,49 @@ if triton is not None:
                         tl.store(val_ptr + out + n_keep + j, tl.zeros_like(j).to(OUT_DTYPE) + fill.to(OUT_DTYPE),
                                  mask=ok)
         else:
-            start = chunk * CHUNK
             if FROM_CANDIDATES:
-                # C = candidates per row; this program takes candidates [start, start + CHUNK).
-                j = start + lane.to(tl.int64)
-                exist = (lane < CHUNK) & (j < C)
-                exist = exist & (tl.load(ci_ptr + row * C + j, mask=exist, other=-1) >= 0)
-                key = tl.load(ck_ptr + row * C + j, mask=exist, other=0).to(tl.uint32, bitcast=True)
+                base = chunk * CHUNK
+                end = C
+            elif RANGE_ONLY:
+                base = lo + chunk * CHUNK
+                end = hi
             else:
-                cols = start + lane.to(tl.int64)
-                exist = (cols < N) & (lane < CHUNK)
-                key = _keys_at(cols, a, s, lo, hi, fill_key, x_ptr, xs0, xs1, xs2, m_ptr, ms0, ms1, ms2,
-                               b_ptr, bs0, bs1, bs2, MASK_MODE, HAS_BIAS, OUT_DTYPE, LOW_BIT)
-            k_here = tl.minimum(K, tl.sum(exist.to(tl.int32), 0))
-            key = tl.where(exist, key, 0)  # 0 is no element: real keys are >= key(-inf) > 0
-            t_above, t_equal, remaining = _kth_key(key, k_here, LOW_BIT)
-            above = key >= t_above
-            equal = key == t_equal
-            # One scan gives both ranks: the above-count in the low 16 bits, the equal-count above them.
-            packed = above.to(tl.int32) + (equal.to(tl.int32) << 16)
-            ranks = tl.cumsum(packed, 0) - packed
-            n_above = k_here - remaining
-            eq_rank = ranks >> 16
-            take = above | (equal & (eq_rank < remaining))
-            pos = tl.where(above, ranks & 0xFFFF, n_above + eq_rank)
-            # Positions are re-derived here rather than kept live through the search (register budget).
-            if FROM_CANDIDATES:
-                cols = tl.load(ci_ptr + row * C + start + lane, mask=take, other=0).to(tl.int64)
+                base = chunk * CHUNK
+                end = N
+            if RANGE_ONLY and not FROM_CANDIDATES and BLOCK >= 64:
+                lanes = tl.minimum(end - base, CHUNK)
+                if lanes <= BLOCK // 4:
+                    _select_stage(row, chunk, a, s, lo, hi, base, end, K, C, CHUNK, fill_key,
+                                  x_ptr, xs0, xs1, xs2, m_ptr, ms0, ms1, ms2, b_ptr, bs0, bs1, bs2,
+                                  ck_ptr, ci_ptr, ok_ptr, oi_ptr, val_ptr, idx_ptr, sk_ptr, si_ptr,
+                                  MASK_MODE, HAS_BIAS, FROM_CANDIDATES, FINAL, WRITE_VALUES, LOW_BIT,
+                                  OUT_DTYPE, BLOCK // 4, SMALL)
+                elif lanes <= BLOCK // 2:
+                    _select_stage(row, chunk, a, s, lo, hi, base, end, K, C, CHUNK, fill_key,
+                                  x_ptr, xs0, xs1, xs2, m_ptr, ms0, ms1, ms2, b_ptr, bs0, bs1, bs2,
+                                  ck_ptr, ci_ptr, ok_ptr, oi_ptr, val_ptr, idx_ptr, sk_ptr, si_ptr,
+                                  MASK_MODE, HAS_BIAS, FROM_CANDIDATES, FINAL, WRITE_VALUES, LOW_BIT,
+                                  OUT_DTYPE, BLOCK // 2, SMALL)
+                else:
+                    _select_stage(row, chunk, a, s, lo, hi, base, end, K, C, CHUNK, fill_key,
+                                  x_ptr, xs0, xs1, xs2, m_ptr, ms0, ms1, ms2, b_ptr, bs0, bs1, bs2,
+                                  ck_ptr, ci_ptr, ok_ptr, oi_ptr, val_ptr, idx_ptr, sk_ptr, si_ptr,
+                                  MASK_MODE, HAS_BIAS, FROM_CANDIDATES, FINAL, WRITE_VALUES, LOW_BIT,
+                                  OUT_DTYPE, BLOCK, SMALL)
             else:
-                cols = start + lane.to(tl.int64)
-            if FINAL:
-                tl.store(idx_ptr + out + pos, cols, mask=take)
-                if WRITE_VALUES:
-                    tl.store(val_ptr + out + pos, _key_to_value(key, LOW_BIT).to(OUT_DTYPE), mask=take)
-            else:
-                cand = (row * tl.num_programs(1) + chunk) * K
-                tl.store(ok_ptr + cand + pos, key.to(tl.int32, bitcast=True), mask=take)
-                tl.store(oi_ptr + cand + pos, cols.to(tl.int32), mask=take)
-                pad = (lane >= k_here) & (lane < K)
-                tl.store(oi_ptr + cand + lane, tl.zeros_like(lane) - 1, mask=pad)
+                _select_stage(row, chunk, a, s, lo, hi, base, end, K, C, CHUNK, fill_key,
+                              x_ptr, xs0, xs1, xs2, m_ptr, ms0, ms1, ms2, b_ptr, bs0, bs1, bs2,
+                              ck_ptr, ci_ptr, ok_ptr, oi_ptr, val_ptr, idx_ptr, sk_ptr, si_ptr,
+                              MASK_MODE, HAS_BIAS, FROM_CANDIDATES, FINAL, WRITE_VALUES, LOW_BIT,
+                              OUT_DTYPE, BLOCK, SMALL)
+
 
 
 _TL_DTYPES = {}
 if triton is not None:
     _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+SMALL = 256  # phase-2 band size (lanes); see _select_stage
 
 
 def _default_warps(grid, block):
@@ -377,13 +485,14 @@ def _default_warps(grid, block):
 
 def masked_topk_triton(logits, k, row_starts=None, row_ends=None, mask=None, mask_keeps=True, bias=None,
                        fill=float("-inf"), sorted=True, index_dtype=torch.int64, need_values=True,
-                       launch=None, block_max=BLOCK_MAX, num_warps=None):
+                       launch=None, block_max=BLOCK_MAX, num_warps=None, chunk=None, small=None):
     """Run the Triton kernels. ``launch`` wraps the jitted kernel (``wrap_triton`` under the op).
 
     A row of at most ``block_max`` positions is one program with the row in registers.  A longer row
-    is cut into chunks of ``block_max``: each chunk keeps its top-k candidates, and merge stages select
-    among them (repeated while a row has more than ``block_max`` candidates).  Tests shrink
-    ``block_max`` to run the chunk and merge paths at small sizes under ``TRITON_INTERPRET=1``.
+    is cut into chunks of ``chunk`` (default ``block_max``) positions: each chunk keeps its top-k
+    candidates, and merge stages select among them (repeated while a row has more than ``block_max``
+    candidates).  ``small`` is the phase-2 band size.  Tests shrink ``block_max`` and ``small`` to run
+    every path at small sizes under ``TRITON_INTERPRET=1``.
     """
     if triton is None:
         raise RuntimeError("masked_topk: triton is not installed")
@@ -398,11 +507,13 @@ def masked_topk_triton(logits, k, row_starts=None, row_ends=None, mask=None, mas
     indices = logits.new_empty(*batch, k, dtype=index_dtype)
     if rows == 0 or k == 0:
         return values, indices
-    if k > block_max or (n > block_max and 2 * k > block_max):
+    chunk = min(chunk or block_max, block_max)
+    if k > block_max or (n > block_max and (2 * k > block_max or k > chunk)):
         # Beyond the register budget of one program (k is then a large part of the row anyway).
         v, i = masked_topk_reference(logits, k, row_starts, row_ends, mask, mask_keeps, bias, fill, sorted,
                                      index_dtype, True)
         return (v if need_values else values), i
+    small = small or SMALL
     write_values = need_values or sorted  # sorted: the values order the winners (torch.sort below)
     x3 = _rows3(logits, batch, n)
     # The value buffer exists only when the kernel writes values (x3 stands in as an unused pointer).
@@ -416,20 +527,23 @@ def masked_topk_triton(logits, k, row_starts=None, row_ends=None, mask=None, mas
     common = dict(
         HAS_STARTS=row_starts is not None, HAS_ENDS=row_ends is not None,
         MASK_MODE=0 if mask is None else (1 if mask_keeps else 2), HAS_BIAS=bias is not None,
-        SHORT_CIRCUIT=(mask is None and bias is None and fill == float("-inf")),
+        RANGE_ONLY=(mask is None and bias is None and fill == float("-inf")),
         WRITE_VALUES=write_values,
         # Lowest bit of the fp32 key that can be nonzero: bf16 values use the top 16 bits, fp16 the top 19.
         LOW_BIT={torch.bfloat16: 16, torch.float16: 13, torch.float32: 0}[out_dtype],
-        OUT_DTYPE=_TL_DTYPES[out_dtype],
+        SMALL=small, OUT_DTYPE=_TL_DTYPES[out_dtype],
     )
+    n_chunks = triton.cdiv(n, chunk) if n > block_max else 1
+    scratch = torch.empty(2, rows * max(n_chunks, triton.cdiv(n_chunks * k, block_max)) * small,
+                          dtype=torch.int32, device=logits.device)
 
-    def launch_stage(grid, cand_in, cand_out, width, chunk, final, block):
+    def launch_stage(grid, cand_in, cand_out, width, per_program, final, block):
         ck, ci = cand_in if cand_in is not None else (x3, x3)
         ok_, oi_ = cand_out if cand_out is not None else (x3, x3)
         kernel[grid](
             x3, *x3.stride(), st3, *st3.stride()[:2], en3, *en3.stride()[:2], m3, *m3.stride(), b3, *b3.stride(),
-            ck, ci, ok_, oi_, vbuf, indices,
-            batch[-1] if len(batch) else 1, n, k, width, chunk, fill,
+            ck, ci, ok_, oi_, vbuf, indices, scratch[0], scratch[1],
+            batch[-1] if len(batch) else 1, n, k, width, per_program, fill,
             FROM_CANDIDATES=cand_in is not None, FINAL=final, BLOCK=block,
             num_warps=num_warps or _default_warps(grid, block), **common)
 
@@ -440,9 +554,8 @@ def masked_topk_triton(logits, k, row_starts=None, row_ends=None, mask=None, mas
     if n <= block_max:
         launch_stage((rows, 1), None, None, 0, n, True, max(16, triton.next_power_of_2(n)))
     else:
-        n_chunks = triton.cdiv(n, block_max)
         cand = candidates(n_chunks * k)
-        launch_stage((rows, n_chunks), None, cand, 0, block_max, False, block_max)
+        launch_stage((rows, n_chunks), None, cand, 0, chunk, False, triton.next_power_of_2(chunk))
         width = n_chunks * k
         while width > block_max:  # merge groups of candidates until one program can take a row
             per_program = (block_max // k) * k
@@ -459,6 +572,7 @@ def masked_topk_triton(logits, k, row_starts=None, row_ends=None, mask=None, mas
         if need_values:
             values = vbuf
     return values, indices
+
 
 
 @triton_op(OP_NAME, mutates_args=())
