@@ -4,9 +4,9 @@ Every op module has a module-level ``VERIFY`` flag (set by ``register_dsa_passes
 ``set_verify``): when true its CUDA path also runs the eager definition and raises on a difference.
 """
 
-from . import masked_topk
+from . import gather_dequant, masked_topk
 
-OPS = (masked_topk,)
+OPS = (masked_topk, gather_dequant)
 
 
 def set_verify(flag: bool) -> None:
@@ -14,4 +14,4 @@ def set_verify(flag: bool) -> None:
         module.VERIFY = bool(flag)
 
 
-__all__ = ["masked_topk", "OPS", "set_verify"]
+__all__ = ["masked_topk", "gather_dequant", "OPS", "set_verify"]
