@@ -81,5 +81,5 @@ def unregister_dsa_passes() -> None:
         current.enabled = False
     elif _MANAGER is not None:
         _MANAGER.enabled = False
-    lowerings.masked_topk.VERIFY = False
+    lowerings.set_verify(False)
     _MANAGER = None
