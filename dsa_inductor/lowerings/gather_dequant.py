@@ -287,6 +287,14 @@ if triton is not None:
         bits = tl.where(e == 0, 0x00400000, tl.where(e == 255, 0x7FC00000, e << 23))
         return bits.to(tl.float32, bitcast=True)
 
+    @triton.jit
+    def _round_to_bf16(x):
+        """fp32 -> the nearest bf16 value (ties to even), still as fp32, so the final cast is exact.  The GPU
+        cast rounds this way by itself; Triton's interpreter truncates, and both must equal torch."""
+        b = x.to(tl.uint32, bitcast=True)
+        r = ((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        return tl.where(x != x, x, r)
+
     @triton.jit(do_not_specialize=["n_rows", "P"])
     def _gather_dequant_kernel(
         v_ptr, vs0, vs1, vs2,  # values [P, B, Dq] (bytes)
@@ -332,13 +340,14 @@ if triton is not None:
         cols = tl.arange(0, BLOCK_D)
         cmask = cols < D
         if FMT == 0:
-            b = tl.load(v_ptr + vrow[:, None] + cols[None, :] * vs2, mask=ok[:, None] & cmask[None, :], other=0,
+            # no `other`: lanes not loaded are zeroed below (and an fp8 pointer takes no int fill)
+            b = tl.load(v_ptr + vrow[:, None] + cols[None, :] * vs2, mask=ok[:, None] & cmask[None, :],
                         eviction_policy="evict_first")
             x = _e4m3_to_f32(b.to(tl.uint8, bitcast=True))
         else:
             half = tl.arange(0, BLOCK_D // 2)
             b = tl.load(v_ptr + vrow[:, None] + half[None, :] * vs2, mask=ok[:, None] & (half < D // 2)[None, :],
-                        other=0, eviction_policy="evict_first").to(tl.uint8, bitcast=True)
+                        eviction_policy="evict_first").to(tl.uint8, bitcast=True)
             x = tl.join(_e2m1_to_f32(b & 15), _e2m1_to_f32(b >> 4)).reshape(BLOCK_R, BLOCK_D)
         if SCALE != 0:
             if ONE_GROUP:
@@ -351,6 +360,8 @@ if triton is not None:
                 s = _ue8m0_to_f32(s) if SCALE == 2 else s.to(tl.float32)
                 x = x * s
         x = tl.where(ok[:, None], x, 0.0)
+        if OUT_DTYPE == tl.bfloat16:
+            x = _round_to_bf16(x)
         tl.store(out_ptr + rows[:, None] * D + cols[None, :], x.to(OUT_DTYPE), mask=live[:, None] & cmask[None, :])
 
 
