@@ -40,7 +40,10 @@ def register_dsa_passes(patterns: Optional[Iterable[str]] = None, verify: bool =
     Args:
         patterns: names of the rules to enable (see ``dsa_inductor.RULES``); None enables all.
         verify: run each fused op's CUDA kernel beside its eager definition on live inputs and raise
-            on the first difference (slow; for debugging and CI).
+            on the first difference (slow; for debugging and CI); lifted per-token loops likewise run the
+            original loop beside the compiled lifted code on their first calls.
+
+    Also lifts per-token Python loops of the loaded user modules for Dynamo (``dsa_inductor.loops``).
 
     Idempotent: calling it again reconfigures the installed manager rather than stacking a second one.
     A pass already in the slot (one object on torch 2.11, possibly a list on 2.13) is kept and runs first.
@@ -55,6 +58,9 @@ def register_dsa_passes(patterns: Optional[Iterable[str]] = None, verify: bool =
         raise ValueError(f"register_dsa_passes: unknown rule(s) in `patterns`: {unknown}; known: {list(RULES)}")
     rules = {n: _rule(n) for n in names}
     lowerings.set_verify(verify)
+    from . import loops  # per-token Python loops: lifted for Dynamo (see dsa_inductor/loops)
+
+    loops.install(verify)
     current = inductor_config.post_grad_custom_pre_pass
     if isinstance(current, DSAPassManager):
         current.configure(rules, verify)
@@ -82,4 +88,7 @@ def unregister_dsa_passes() -> None:
     elif _MANAGER is not None:
         _MANAGER.enabled = False
     lowerings.set_verify(False)
+    from . import loops
+
+    loops.uninstall()
     _MANAGER = None

@@ -103,4 +103,24 @@ def report() -> str:
             lines.append(f"    rejected {n}x: {reason}")
         for note, n in sorted(st.notes.items()):
             lines.append(f"    then {n}x: {note}")
+    lines += _loops_section()
     return "\n".join(lines)
+
+
+def _loops_section() -> list:
+    """Per-token Python loops found by ``register_dsa_passes()`` (current state, not reset by ``reset()``)."""
+    import sys
+
+    loops = sys.modules.get("dsa_inductor.loops")
+    if loops is None or not (loops.LIFTED or loops.REFUSED):
+        return []
+    state = "" if loops.runtime.ENABLED else " (inactive since unregister_dsa_passes: Dynamo traces the originals)"
+    out = [f"- loop lifting: {len(loops.LIFTED)} function(s) lifted, {len(loops.REFUSED)} refused{state}"]
+    for lifted in sorted(loops.LIFTED.values(), key=lambda x: x.plan.location):
+        p = lifted.plan
+        extra = " (data-dependent length: one graph needs torch._dynamo.config.capture_scalar_outputs=True)" \
+            if p.needs_scalar_capture else ""
+        out.append(f"    lifted {p.name} at {p.location}: {'+'.join(p.kinds)} loop{extra}")
+    for r in sorted(loops.REFUSED.values(), key=lambda x: x.location):
+        out.append(f"    refused {r.name} at {r.location}: {r.reason}")
+    return out
