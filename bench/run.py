@@ -15,10 +15,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
+import bench_loops  # noqa: E402
 import bench_mask_topk  # noqa: E402
 from harness import chart, markdown, run_case  # noqa: E402
 
-MODULES = [bench_mask_topk]
+MODULES = [bench_mask_topk, bench_loops]
 
 
 def main() -> None:
@@ -34,7 +35,7 @@ def main() -> None:
         for case in mod.cases():
             if a.only and a.only not in case.idiom:
                 continue
-            r = run_case(case)
+            r = getattr(mod, "run_case", run_case)(case)  # a module may time its cases its own way
             print(f"{case.idiom:45s} {case.shape:32s} eager {r.eager_us:9.1f} stock {r.stock_us:9.1f} "
                   f"ours {r.ours_us:9.1f} roof {r.roofline_us:7.1f} matches {r.matches} {r.problem or 'ok'}",
                   flush=True)

@@ -133,8 +133,10 @@ def test_found_by_scanning_and_reported(fresh):
     rep = dsa_inductor.report()
     assert "lifted read_indexer_cache" in rep and "lifted causal_window_offsets" in rep
     assert "refused near_miss_shifted_write" in rep and "out[i - 1]" in rep
-    assert "refused near_miss_break" in rep and "break" in rep
-    assert "refused near_miss_list_mutation" in rep and "mutates `seen`" in rep
+    assert "`break`" in loops.REFUSED[near_miss_break].reason
+    assert "mutates `seen`" in loops.REFUSED[near_miss_list_mutation].reason
+    assert "out[i - 1]" in loops.REFUSED[near_miss_shifted_write].reason
+    assert "refused near_miss_break" in rep and "refused near_miss_list_mutation" in rep
     # eager calls still run the original function object, untouched
     assert read_indexer_cache.__code__.co_name == "read_indexer_cache"
 

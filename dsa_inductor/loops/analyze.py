@@ -447,6 +447,8 @@ def _translate_map(loop: ast.For, gen: _Gen, helpers: dict, body_assigned: set) 
         if isinstance(s, ast.Pass):
             continue
         if isinstance(s, ast.If):
+            if any(isinstance(x, ast.Break) for x in ast.walk(s)):
+                raise Refuse("`break`: the trip count depends on the data", s)
             if s.orelse or len(s.body) != 1 or not isinstance(s.body[0], ast.Continue):
                 raise Refuse("an `if` whose body is not a lone `continue`", s)
             c = tr.ex(s.test)
