@@ -167,9 +167,9 @@ def test_fp8_cache_read_lifted_equals_original(case, slots_on_cpu):
         try:
             want = read_indexer_cache(cache, sm, BLOCK, D)
         except IndexError:  # a slot past the last page: the lifted version must fail too
-            with pytest.raises((IndexError, RuntimeError)):
-                lifted.vectorized(cache, sm, BLOCK, D)
-                torch.cuda.synchronize() if device == "cuda" else None
+            if device == "cpu":  # on CUDA it is a device-side assert, which would poison the context
+                with pytest.raises((IndexError, RuntimeError)):
+                    lifted.vectorized(cache, sm, BLOCK, D)
             continue
         same(lifted.vectorized(cache, sm, BLOCK, D), want)
 
