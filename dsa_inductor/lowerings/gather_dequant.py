@@ -37,7 +37,8 @@ Layouts and addressing.  ``values`` is ``[P, Dq]`` (one row per slot) or ``[P, B
     values = pages[:, : B * D].view(num_pages, B, D)                       # [P, B, D], strides (B*(D+4), D, 1)
     scales = pages[:, B * D :].view(torch.float32)                         # [P, B]
 
-``scales`` has the rank of ``values`` with ``G`` last (dims of size 1 broadcast), e.g. ``[P, B, 1]``.
+``scales`` has the rank of ``values`` with ``G`` last, e.g. ``[P, B, 1]``; it is indexed like ``values``
+(its indexed dims have their own sizes, as in eager), and a non-indexed page dim may be 1 (broadcast).
 Indices (int32 / int64, any shape, broadcast together):
 
 * ``index1`` given: token ``t`` reads ``values[index0[t], index1[t]]`` (page, position);
@@ -133,10 +134,12 @@ def _check_args(values, scales, index0, index1, block_size, drop, fmt, out_dtype
         if scales.dim() != values.dim():
             raise ValueError(f"{_name('scales')} must have the rank of `values` ({values.dim()}) with the "
                              f"scale groups last, got shape {tuple(scales.shape)}")
-        for i in range(values.dim() - 1):
-            torch._check(scales.shape[i] == values.shape[i] or (i > 0 and scales.shape[i] == 1),
-                         lambda: f"{_name('scales')} shape {tuple(scales.shape)} does not match `values` "
-                                 f"{tuple(values.shape)} in dim {i}")
+        # The indexed dims are indexed in `scales` as in `values` (each wraps and is bounded by its own size);
+        # a page's middle dim, when whole pages are gathered, must match or broadcast (size 1).
+        if values.dim() == 3 and index1 is None and block_size == 0:
+            sb, vb = scales.shape[1], values.shape[1]
+            if isinstance(sb, int) and isinstance(vb, int) and sb not in (vb, 1):
+                raise ValueError(f"{_name('scales')} dim 1 ({sb}) must be 1 or the page size of `values` ({vb})")
         d = _elements(values, fmt)
         g = scales.shape[-1]
         torch._check(g >= 1 and d % g == 0,
@@ -216,7 +219,9 @@ def gather_dequant_reference(values, scales, index0, index1=None, block_size=0, 
     x = decode_e4m3(values[idx]) if fmt == "e4m3" else decode_e2m1(values[idx])
     if scales is not None:
         d, g = x.shape[-1], scales.shape[-1]
-        s = decode_scales(scales.expand(*values.shape[:-1], g)[idx])
+        if values.dim() == 3 and len(idx) == 1:
+            scales = scales.expand(scales.shape[0], values.shape[1], g)  # the page's middle dim broadcasts
+        s = decode_scales(scales[idx])
         x = (x.unflatten(-1, (g, d // g)) * s.unsqueeze(-1)).flatten(-2)
     zero = drop.expand(tok) if drop is not None else None
     if neg is not None:
@@ -295,12 +300,12 @@ if triton is not None:
         r = ((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
         return tl.where(x != x, x, r)
 
-    @triton.jit(do_not_specialize=["n_rows", "P"])
+    @triton.jit(do_not_specialize=["n_rows", "P", "SP"])
     def _gather_dequant_kernel(
         v_ptr, vs0, vs1, vs2,  # values [P, B, Dq] (bytes)
         s_ptr, ss0, ss1, ss2,  # scales broadcast to [P, B, G]
         i0_ptr, i1_ptr, drop_ptr, out_ptr,
-        n_rows, R, P, B, D, GROUP,
+        n_rows, R, P, B, SP, SB, D, GROUP,  # SP, SB: the scale table's dims 0 and 1
         MODE: tl.constexpr,  # 0: values[i0] (+ row r % R of dim 1), 1: values[i0, i1], 2: slots, B per page
         FMT: tl.constexpr,  # 0: e4m3, 1: e2m1 (packed pairs)
         SCALE: tl.constexpr,  # 0: none, 1: float, 2: UE8M0 bytes
@@ -331,12 +336,22 @@ if triton is not None:
             page = raw
         if MODE == 1:
             pos = tl.load(i1_ptr + tok, mask=live, other=0).to(tl.int64)
-            pos = tl.where(pos < 0, pos + B, pos)
-            ok = ok & (pos >= 0) & (pos < B)
-        page = tl.where(page < 0, page + P, page)
-        ok = ok & (page >= 0) & (page < P)
-        vrow = page * vs0 + pos * vs1  # int64 byte offsets of the rows
-        srow = page * ss0 + pos * ss1
+        # eager indexes `values` and `scales` separately: each wraps negative indices by its own size
+        vpage = tl.where(page < 0, page + P, page)
+        ok = ok & (vpage >= 0) & (vpage < P)
+        vpos = pos
+        spos = pos
+        if MODE != 0:
+            vpos = tl.where(pos < 0, pos + B, pos)
+            ok = ok & (vpos >= 0) & (vpos < B)
+        if SCALE != 0:
+            spage = tl.where(page < 0, page + SP, page)
+            ok = ok & (spage >= 0) & (spage < SP)
+            if MODE != 0:
+                spos = tl.where(pos < 0, pos + SB, pos)
+                ok = ok & (spos >= 0) & (spos < SB)
+            srow = spage * ss0 + spos * ss1
+        vrow = vpage * vs0 + vpos * vs1  # int64 byte offsets of the rows
         cols = tl.arange(0, BLOCK_D)
         cmask = cols < D
         if FMT == 0:
@@ -408,20 +423,22 @@ def gather_dequant_triton(values, scales, index0, index1=None, block_size=0, dro
     dr = _flat(drop, tok) if drop is not None else i0
     if scales is not None:
         s3 = scales if scales.dim() == 3 else scales.unsqueeze(1)
-        s3 = s3.expand(p, b, s3.shape[-1])
+        if mode == 0:
+            s3 = s3.expand(s3.shape[0], b, s3.shape[-1])  # the page's middle dim broadcasts
         if _E8M0 is not None and s3.dtype == _E8M0:
             s3 = s3.view(torch.uint8)
         g = s3.shape[-1]
         scale_kind = 2 if s3.dtype == torch.uint8 else 1
     else:
         s3, g, scale_kind = v3, 1, 0
+    sp, sb = s3.shape[0], s3.shape[1]
     block_r, warps = default_config(d, out_dtype, fmt)
     block_r = block_rows or block_r
     kernel = _gather_dequant_kernel if launch is None else launch(_gather_dequant_kernel)
     grid = (triton.cdiv(n_rows, block_r),)
     kernel[grid](
         v3, *v3.stride(), s3, *s3.stride(), i0, i1, dr, out,
-        n_rows, r, p, b, d, d // g,
+        n_rows, r, p, b, sp, sb, d, d // g,
         MODE=mode, FMT=FORMATS.index(fmt), SCALE=scale_kind, ONE_GROUP=g == 1,
         HAS_DROP=drop is not None, ZERO_NEG=bool(zero_negative),
         BLOCK_R=block_r, BLOCK_D=max(16, triton.next_power_of_2(d)), OUT_DTYPE=_TL_OUT[out_dtype],
@@ -430,24 +447,30 @@ def gather_dequant_triton(values, scales, index0, index1=None, block_size=0, dro
     return out
 
 
-def out_of_range(values, index0, index1=None, block_size=0, drop=None, zero_negative=False) -> bool:
-    """Does any index fall outside the cache where eager would raise (dropped tokens included)?"""
-    p = values.shape[0]
+def out_of_range(values, index0, index1=None, block_size=0, drop=None, zero_negative=False, scales=None) -> bool:
+    """Does an index fall outside the cache or the scale table where eager raises (dropped tokens included)?"""
     tok = _token_shape(values, index0, index1, drop)
     i0 = index0.expand(tok)
-    pages = torch.div(i0, block_size, rounding_mode="floor") if block_size > 0 else i0
-    pages = _wrap(pages, p)
-    bad = (pages < 0) | (pages >= p)
-    if index1 is not None:
-        pos = _wrap(index1.expand(tok), values.shape[1])
-        bad = bad | (pos < 0) | (pos >= values.shape[1])
     if zero_negative:
-        bad = bad & (i0 >= 0)  # replaced by index 0 before the gather; dropped tokens are read by eager
+        i0 = torch.where(i0 < 0, 0, i0)  # replaced by index 0 before the gather, as eager's clamp does
+    if block_size > 0:
+        pages, pos = torch.div(i0, block_size, rounding_mode="floor"), torch.remainder(i0, block_size)
+    else:
+        pages, pos = i0, (index1.expand(tok) if index1 is not None else None)
+    bad = torch.zeros(tok, dtype=torch.bool, device=values.device)
+    for table in (values, scales):
+        if table is None:
+            continue
+        wrapped = _wrap(pages, table.shape[0])
+        bad = bad | (wrapped < 0) | (wrapped >= table.shape[0])
+        if pos is not None:
+            wp = _wrap(pos, table.shape[1])
+            bad = bad | (wp < 0) | (wp >= table.shape[1])
     return bool(bad.any())
 
 
 def _verify(out, values, scales, index0, index1, block_size, drop, zero_negative, fmt, out_dtype):
-    if out_of_range(values, index0, index1, block_size, drop, zero_negative):
+    if out_of_range(values, index0, index1, block_size, drop, zero_negative, scales):
         raise AssertionError("dsa_inductor verify: rule gather_dequant (dsa_inductor::gather_dequant): an index "
                              "is out of range of the cache (eager raises IndexError / a device-side assert)")
     ref = gather_dequant_reference(values, scales, index0, index1, block_size, drop, zero_negative, fmt, out_dtype)
@@ -474,8 +497,8 @@ def gather_dequant(
 
     Args:
         values: uint8 (or float8_e4m3fn) ``[P, Dq]`` or ``[P, B, Dq]`` cache, any strides.
-        scales: None, or ``values.shape[:-1] + [G]`` (size-1 dims broadcast): fp32/bf16/fp16, or UE8M0
-            uint8 / float8_e8m0fnu; ``G`` divides ``D``.
+        scales: None, or ``[Ps, (Bs,) G]`` indexed like ``values`` (``Bs`` may be 1 when whole pages are
+            gathered): fp32/bf16/fp16, or UE8M0 uint8 / float8_e8m0fnu; ``G`` divides ``D``.
         index0: int32/int64 slots (``block_size > 0``), pages (with ``index1``) or rows (neither).
         index1: optional int32/int64 positions within the page.
         block_size: tokens per page for slot addressing (must equal ``B``), or 0.

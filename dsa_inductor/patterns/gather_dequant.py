@@ -101,13 +101,13 @@ def _decode_scales(form: Form, scales, idx):
     return s
 
 
-def _scaled(form: Form, x, s):
+def _scaled(form: Form, x, s, group):
     if form.scale_shape == "token":
         return x * s.unsqueeze(-1)
     if form.scale_shape == "keepdim":
         return x * s
-    g = s.shape[-1]
-    return (x.reshape(*x.shape[:-1], g, x.shape[-1] // g) * s.unsqueeze(-1)).reshape(x.shape)
+    # ``group`` (the elements per scale) is a literal in model code: captured, and checked against D / G
+    return (x.unflatten(-1, (s.shape[-1], group)) * s.unsqueeze(-1)).flatten(-2)
 
 
 def _scale_arg(form: Form, scales):
@@ -115,36 +115,46 @@ def _scale_arg(form: Form, scales):
     return scales.unsqueeze(-1) if form.scale_shape == "token" else scales
 
 
+GROUP_MAGIC = 37  # stands for the group size (elements per block scale) while tracing
+
+
 def _make_variant(form: Form) -> Variant:
-    argnames = form.argnames
+    grouped = form.scale_shape == "group"
+    argnames = form.argnames + (("group",) if grouped else ())
 
     def split(args):
+        group = args[-1] if grouped else None
+        args = args[:-1] if grouped else args
         if form.n_idx == 2:
             values, i0, i1, scales = args
-            return values, (i0, i1), scales
+            return values, (i0, i1), scales, group
         values, i0, scales = args
-        return values, (i0,), scales
+        return values, (i0,), scales, group
 
     def search(*args):
-        values, idx, scales = split(args)
-        return _scaled(form, _decode_values(form, values, idx), _decode_scales(form, scales, idx))
+        values, idx, scales, group = split(args)
+        return _scaled(form, _decode_values(form, values, idx), _decode_scales(form, scales, idx), group)
 
     def replace(*args):
-        values, idx, scales = split(args)
+        values, idx, scales, _ = split(args)
         i1 = idx[1] if form.n_idx == 2 else None
         return torch.ops.dsa_inductor.gather_dequant(values, _scale_arg(form, scales), idx[0], i1, 0, None, False,
                                                      "e4m3", torch.float32)
 
     def example_inputs():
         vdt = torch.float8_e4m3fn if form.values == "fp8" else torch.uint8
-        vshape = (EX_P, EX_B, EX_D) if form.n_idx == 2 else (EX_P, EX_D)
+        d = EX_G * GROUP_MAGIC if grouped else EX_D
+        vshape = (EX_P, EX_B, d) if form.n_idx == 2 else (EX_P, d)
         lead = vshape[:-1]
         sshape = {"token": lead, "keepdim": (*lead, 1), "group": (*lead, EX_G)}[form.scale_shape]
         sdt = {"raw": torch.float32, "cast": torch.bfloat16, "e8m0": torch.uint8}[form.scale_decode]
         idx = [torch.empty(EX_N, dtype=torch.int64) for _ in range(form.n_idx)]
-        return [torch.empty(vshape, dtype=vdt), *idx, torch.empty(sshape, dtype=sdt)]
+        return [torch.empty(vshape, dtype=vdt), *idx, torch.empty(sshape, dtype=sdt)] + (
+            [GROUP_MAGIC] if grouped else [])
 
-    return Variant(form.name, argnames, search, replace, example_inputs, {}, check=lambda m: _check(form, m))
+    workaround = {"group": GROUP_MAGIC} if grouped else {}
+    return Variant(form.name, argnames, search, replace, example_inputs, workaround,
+                   check=lambda m: _check(form, m))
 
 
 def _static_eq(a, b) -> bool:
@@ -173,13 +183,15 @@ def _check(form: Form, match) -> Optional[str]:
     if len(sc_shape) != values.dim():
         return (f"the scale table {tuple(scales.shape)} does not hold one scale row per cache row "
                 f"{tuple(values.shape[:-1])}: it broadcasts along another dim")
-    for i in range(values.dim() - 1):
-        same = _static_eq(sc_shape[i], values.shape[i])
-        if not (same or (i >= form.n_idx and _static_eq(sc_shape[i], 1))):
+    for i in range(form.n_idx, values.dim() - 1):  # indexed dims may differ in size, as in eager
+        if not (_static_eq(sc_shape[i], values.shape[i]) or _static_eq(sc_shape[i], 1)):
             return f"scale table dim {i} ({sc_shape[i]}) does not match the cache ({values.shape[i]})"
     d, g = values.shape[-1], sc_shape[-1]
     if not statically_known_true(d % g == 0):
         return f"{g} scale groups do not divide D = {d}"
+    group = match.kwargs.get("group")
+    if form.scale_shape == "group" and not (isinstance(group, int) and statically_known_true(group * g == d)):
+        return f"blocks of {group} elements x {g} scales do not cover D = {d}"
     out = match.output_nodes()[0].meta.get("val")
     gathered = _gathered_shape(match, values, form)
     if out is None or gathered is None or len(out.shape) != len(gathered) or not all(
