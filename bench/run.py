@@ -16,10 +16,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 import bench_loops  # noqa: E402
+import bench_gather_dequant  # noqa: E402
 import bench_mask_topk  # noqa: E402
 from harness import chart, markdown, run_case  # noqa: E402
 
-MODULES = [bench_mask_topk, bench_loops]
+MODULES = [bench_mask_topk, bench_loops, bench_gather_dequant]
 
 
 def main() -> None:
