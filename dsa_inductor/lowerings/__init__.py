@@ -4,9 +4,11 @@ Every op module has a module-level ``VERIFY`` flag (set by ``register_dsa_passes
 ``set_verify``): when true its CUDA path also runs the eager definition and raises on a difference.
 """
 
-from . import gather_dequant, masked_topk
+from . import gather_dequant, masked_topk, windowed_softmax
+from . import index_score
 
-OPS = (masked_topk, gather_dequant)
+OPS = (masked_topk, gather_dequant, windowed_softmax)
+OPS += (index_score,)
 
 
 def set_verify(flag: bool) -> None:
@@ -14,4 +16,5 @@ def set_verify(flag: bool) -> None:
         module.VERIFY = bool(flag)
 
 
-__all__ = ["masked_topk", "gather_dequant", "OPS", "set_verify"]
+__all__ = ["masked_topk", "gather_dequant", "windowed_softmax", "OPS", "set_verify"]
+__all__ += ["index_score"]
