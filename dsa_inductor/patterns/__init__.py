@@ -1,8 +1,10 @@
 """The rule table: one module per idiom, one ``Rule`` subclass per module."""
 
 from .gather_dequant import GatherDequantRule
+from .index_score import IndexScoreRule
 from .mask_topk import MaskTopkRule
 
 RULES = {rule.name: rule for rule in (MaskTopkRule, GatherDequantRule)}
+RULES[IndexScoreRule.name] = IndexScoreRule
 
 __all__ = ["RULES"]

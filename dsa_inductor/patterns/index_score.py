@@ -1,0 +1,326 @@
+"""Rule ``index_score``: per-head ``q . k``, relu, scale, weighted sum over heads -> ``dsa_inductor::index_score``.
+
+The idiom is the DSA lightning indexer's score (transformers' ``DeepseekV32Indexer.forward``; DeepSeek's
+reference ``Indexer`` computes it with ``fp8_index``)::
+
+    scores = torch.matmul(q.float(), k.transpose(-1, -2).float().unsqueeze(1)) * self.softmax_scale
+    scores = F.relu(scores)
+    index_scores = torch.matmul(weights.unsqueeze(-2), scores).squeeze(-2)
+
+Eager materializes ``[B, S, H, T]`` fp32 scores (and, for transformers' broadcast matmul, a
+``[B, S, D, T]`` fp32 copy of k).  Search variants are the product of
+
+* a score form: ``matmul`` (transformers' spelling above) or ``einsum('bshd,btd->bsht', q.float(), k.float())``,
+  each traced once on bf16 inputs (the ``.float()`` upcasts are nodes; they also match fp16) and once on
+  fp32 inputs (the upcasts vanish);
+* where the scale is: ``pre`` (``relu(x * scale)``), ``post`` (``relu(x) * scale``), ``none``;
+* the head reduction: ``matmul`` (``weights.unsqueeze(-2) @ scores`` then ``squeeze``), ``mulsum``
+  (``(scores * weights[..., None]).sum(dim=heads)``), ``einsum('bsht,bsh->bst')``;
+* batch 1 or not (Dynamo specializes a batch of 1, and ``matmul`` / ``einsum`` decompose it differently).
+
+``scale`` is captured with ``scalar_workaround``; the shared check requires it to be a number (a tensor
+scale, per head or per position, is left alone).  The re-trace on the matched shapes checks every int (the
+reduced dim, the permutations), so a sum over another dim never matches.  Per-head scores in bf16/fp16
+(an einsum on un-upcast inputs) are left alone: the op computes them in fp32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Callable, Optional
+
+import inspect
+
+import torch
+from torch._inductor.pattern_matcher import PatternMatcherPass, fx_to_pattern, is_match, register_replacement
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from ..canonicalize import trace_fn
+from ..lowerings import index_score as _op_module  # noqa: F401  (defines the op)
+from .common import _HAS_PATTERN_NAME, Rule, Variant, tensor_meta, with_signature
+
+aten = torch.ops.aten
+SCALE_MAGIC = 0.3711  # stands for the scale while tracing
+
+
+def _matmul_scores(q, k):
+    return torch.matmul(q.float(), k.transpose(1, 2).float().unsqueeze(1))
+
+
+def _einsum_scores(q, k):
+    return torch.einsum("bshd,btd->bsht", q.float(), k.float())
+
+
+SCORE_FORMS = {"matmul": _matmul_scores, "einsum": _einsum_scores}
+
+
+def _matmul_reduce(y, w):
+    return torch.matmul(w.unsqueeze(2), y).squeeze(2)
+
+
+def _mulsum_reduce(y, w):
+    return (y * w.unsqueeze(3)).sum(dim=2)
+
+
+def _einsum_reduce(y, w):
+    return torch.einsum("bsht,bsh->bst", y, w)
+
+
+REDUCTIONS = {"matmul": _matmul_reduce, "mulsum": _mulsum_reduce, "einsum": _einsum_reduce}
+SCALES = ("pre", "post", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class Form:
+    score: str
+    upcast: bool  # traced on bf16 inputs: the `.float()` upcasts are in the pattern
+    scale: str
+    reduce: str
+    bs1: bool
+
+    @property
+    def name(self) -> str:
+        return (f"{self.score}{'_upcast' if self.upcast else ''}:scale_{self.scale}:{self.reduce}"
+                f"{':bs1' if self.bs1 else ''}")
+
+
+def _activated(form: Form, x, scale):
+    if form.scale == "pre":
+        return torch.relu(x * scale)
+    y = torch.relu(x)
+    return y * scale if form.scale == "post" else y
+
+
+def _make_variant(form: Form) -> Variant:
+    has_scale = form.scale != "none"
+    argnames = ("q", "k", "weights") + (("scale",) if has_scale else ())
+    score, reduce = SCORE_FORMS[form.score], REDUCTIONS[form.reduce]
+
+    def search(*args):
+        q, k, w = args[:3]
+        return reduce(_activated(form, score(q, k), args[3] if has_scale else 1.0), w)
+
+    def replace(*args):
+        q, k, w = args[:3]
+        scale = args[3] if has_scale else 1.0
+        return torch.ops.dsa_inductor.index_score(q, k, w, scale, form.scale == "post", None)
+
+    def example_inputs():
+        b, s, h, d, t = (1 if form.bs1 else 2), 5, 3, 16, 7
+        dt = torch.bfloat16 if form.upcast else torch.float32
+        ex = [torch.empty(b, s, h, d, dtype=dt), torch.empty(b, t, d, dtype=dt), torch.empty(b, s, h)]
+        return ex + ([SCALE_MAGIC] if has_scale else [])
+
+    workaround = {"scale": SCALE_MAGIC} if has_scale else {}
+    variant = Variant(form.name, argnames, search, replace, example_inputs, workaround)
+    variant.check = lambda m: _check(form, m) or _specific_mismatch(variant, m)
+    return variant
+
+
+_IGNORED = (int, float, list, torch.device, torch.dtype)
+
+
+def _trace(fn, args):
+    """``trace_fn`` plus the joint-graph pass that Dynamo's graphs have been through and ``fwd_only``'s are
+    not: ``permute(permute(x, p1), p2)`` composing to the identity is ``x`` (einsum emits such pairs)."""
+    gm = trace_fn(fn, args)
+    changed = False
+    for node in list(gm.graph.nodes):
+        inner = node.args[0] if node.target is aten.permute.default else None
+        if isinstance(inner, torch.fx.Node) and inner.target is aten.permute.default:
+            p1, p2 = inner.args[1], node.args[1]
+            if all(p1[p2[i]] == i for i in range(len(p1))):
+                node.replace_all_uses_with(inner.args[0])
+                gm.graph.erase_node(node)
+                changed = True
+    if changed:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return gm
+
+
+def _generic_pattern(v: Variant):
+    """The variant's search graph with every int, float, list, device and dtype ignored."""
+    gm = _trace(with_signature(v.search, v.argnames), v.example_inputs())
+    return fx_to_pattern(gm, ignore_types=_IGNORED, argnames=v.argnames, scalar_workaround=v.scalar_workaround)
+
+
+def _specific_mismatch(v: Variant, match) -> Optional[str]:
+    """Re-trace the search function on the matched shapes and match it exactly (ints included).
+
+    What ``register_replacement`` does itself, except that *every* distinct size symbol is a pattern
+    input: torch passes only symbols it can prove distinct from the first one (``statically_known_true
+    (v != a)``), so with unrelated dynamic sizes the re-trace reads ``sym_size(weights, 1)`` where Dynamo's
+    graph has the size's own placeholder, and no dynamic graph would ever match.
+    """
+    tensors = [tensor_meta(match, n) for n in v.argnames if n != "scale"]
+    fake_mode = torch._dynamo.utils.detect_fake_mode(tensors)
+    if fake_mode is None:
+        return "no fake values on the matched inputs"
+    with fake_mode:
+        args = [torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=t.device) for t in tensors]
+        syms, seen = [], set()
+        for t in args:
+            for d in (*t.shape, *t.stride()):
+                if isinstance(d, torch.SymInt) and d.node.expr.is_Symbol and d.node.expr not in seen:
+                    seen.add(d.node.expr)
+                    syms.append(d)
+        scalars = [SCALE_MAGIC] if "scale" in v.argnames else []
+        n_sym = len(syms)
+
+        def search(*a):
+            return v.search(*a[n_sym:])
+
+        try:
+            gm = _trace(search, syms + args + scalars)
+        except RuntimeError as e:  # e.g. shapes the search function cannot take
+            return f"the search function does not trace on the matched shapes: {e}"
+    names = [f"sym{i}" for i in range(n_sym)] + list(v.argnames)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, name in zip(placeholders, names):
+        node.target = name
+        node.name = name
+    pattern = fx_to_pattern(gm, argnames=names, scalar_workaround=v.scalar_workaround)
+    if not is_match(pattern.match(match.output_nodes()[0])):
+        return "the matched graph differs from the variant on its shapes (an int, a dim or a permutation)"
+    return None
+
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _val(n):
+    return n.meta.get("val") if isinstance(n, torch.fx.Node) else None
+
+
+def _scale_node_arg(relu: torch.fx.Node, where: str):
+    """The other operand of the scale multiply next to ``relu`` (before or after it), or None."""
+    if where == "pre":
+        mul = relu.args[0]
+        return mul.args[1] if isinstance(mul, torch.fx.Node) and mul.target is aten.mul.Tensor else None
+    for user in relu.users:
+        if user.target is aten.mul.Tensor and user.args[0] is relu:
+            return user.args[1]
+    return None
+
+
+def _check(form: Form, match) -> Optional[str]:
+    """Shared checks on the matched (re-traced) values; returns a rejection reason or None."""
+    q, k, w = (tensor_meta(match, n) for n in ("q", "k", "weights"))
+    if q is None or k is None or w is None:
+        return "q, k or weights is not a tensor"
+    if q.dim() != 4 or k.dim() != 3:
+        return f"q has rank {q.dim()} and k rank {k.dim()}, expected [B, S, H, D] and [B, T, D]"
+    if q.dtype not in _FLOATS or k.dtype != q.dtype:
+        return f"q / k dtypes {q.dtype} / {k.dtype}: the op takes one of float32/float16/bfloat16 for both"
+    if w.dim() != 3 or w.dtype not in _FLOATS or not all(
+            statically_known_true(a == b) for a, b in zip(w.shape, q.shape[:3])):
+        return (f"weights {tuple(w.shape)} {w.dtype} are not one float per [B, S, H] = {tuple(q.shape[:3])} "
+                "(broadcast weights are not taken)")
+    if not (statically_known_true(k.shape[0] == q.shape[0]) or statically_known_true(k.shape[0] == 1)):
+        return f"k has batch {k.shape[0]}, q {q.shape[0]}"
+    relus = [n for n in match.nodes if n.target is aten.relu.default]
+    if len(relus) != 1:
+        return "no single relu in the match"
+    relu = relus[0]
+    if _val(relu) is None or _val(relu).dtype != torch.float32:
+        return f"per-head scores are {getattr(_val(relu), 'dtype', None)}: the op computes them in fp32"
+    if form.scale != "none":
+        arg = _scale_node_arg(relu, form.scale)
+        if not isinstance(arg, (int, float)):
+            return "the scale is a tensor (per head or per position), the op takes one number per call"
+    out = _val(match.output_nodes()[0])
+    if out is None or out.dtype != torch.float32 or out.dim() != 3:
+        return f"the head reduction gives {getattr(out, 'dtype', None)} {tuple(getattr(out, 'shape', ()))}, " \
+               "expected float32 [B, S, T]"
+    return None
+
+
+def _from_bmm(node, depth=0) -> bool:
+    if not isinstance(node, torch.fx.Node) or depth > 6:
+        return False
+    if node.target is aten.bmm.default:
+        return True
+    if node.target in (aten.reshape.default, aten.permute.default, aten.mul.Tensor, aten.div.Tensor,
+                       prims.convert_element_type.default):
+        return _from_bmm(node.args[0], depth + 1)
+    return False
+
+
+prims = torch.ops.prims
+
+
+def _normalize_dims(graph: torch.fx.Graph) -> None:
+    """``sum(x, [-2])`` / ``squeeze(x, -2)`` -> non-negative dims (same values), as the variants spell them."""
+    for node in graph.nodes:
+        val = _val(node.args[0]) if node.op == "call_function" and node.args else None
+        if not isinstance(val, torch.Tensor):
+            continue
+        if node.target is aten.sum.dim_IntList and isinstance(node.args[1], (list, tuple)):
+            dims = [d + val.dim() if isinstance(d, int) and d < 0 else d for d in node.args[1]]
+            node.args = (node.args[0], dims, *node.args[2:])
+        elif node.target is aten.squeeze.dim and isinstance(node.args[1], int) and node.args[1] < 0:
+            node.args = (node.args[0], node.args[1] + val.dim())
+
+
+class IndexScoreRule(Rule):
+    name = "index_score"
+    op = "dsa_inductor::index_score"
+    anchors = (aten.relu.default,)
+
+    def variants(self):
+        for score, upcast, scale, reduce, bs1 in itertools.product(SCORE_FORMS, (True, False), SCALES,
+                                                                   REDUCTIONS, (False, True)):
+            yield _make_variant(Form(score, upcast, scale, reduce, bs1))
+
+    def pattern_pass(self) -> PatternMatcherPass:
+        """As ``Rule.pattern_pass``, but the exact re-trace is ours (``_specific_mismatch``), run in the check."""
+        if self._pass is None:
+            pm = PatternMatcherPass(pass_name=f"dsa_{self.name}")
+            with torch._guards.tracing(None), unset_fake_temporarily(), FakeTensorMode():
+                for v in self.variants():
+                    kwargs = {"pattern_name": f"dsa_{self.name}:{v.name}"} if _HAS_PATTERN_NAME else {}
+                    register_replacement(
+                        with_signature(v.search, v.argnames),
+                        with_signature(self._counted(v), v.argnames),
+                        v.example_inputs(),
+                        trace_fn,
+                        pm,
+                        extra_check=self._checked(v),
+                        scalar_workaround=v.scalar_workaround,
+                        search_fn_pattern=_generic_pattern(v),
+                        skip_duplicates=True,
+                        **kwargs,
+                    )
+            self._pass = pm
+        return self._pass
+
+    def candidates(self, graph: torch.fx.Graph) -> list:
+        """Relus of a batched matmul's output (4-d): the only relus this rule could rewrite."""
+        return [n for n in graph.nodes if n.op == "call_function" and n.target is aten.relu.default
+                and isinstance(_val(n), torch.Tensor) and _val(n).dim() == 4 and _from_bmm(n.args[0])]
+
+    def apply(self, graph: torch.fx.Graph) -> int:
+        if self.candidates(graph):
+            _normalize_dims(graph)
+        return super().apply(graph)
+
+    def diagnose(self, node: torch.fx.Node) -> str:
+        val = _val(node)
+        if val.dtype != torch.float32:
+            return f"per-head scores are {val.dtype}: the op computes them in fp32"
+        pre = node.args[0]
+        if pre.target is aten.mul.Tensor and isinstance(pre.args[1], torch.fx.Node):
+            return "the scale is a tensor (per head or per position), the op takes one number per call"
+        for user in node.users:
+            if user.target is aten.mul.Tensor and isinstance(user.args[1], torch.fx.Node):
+                v = _val(user.args[1])
+                if v is not None and v.dim() >= 1 and v.shape[-1] != 1 and user.args[1].target is not \
+                        aten.unsqueeze.default:
+                    return "the scale is a tensor (per head or per position), the op takes one number per call"
+        if len(node.users) != 1:
+            return "the per-head scores have another consumer besides the head reduction"
+        return ("the scores or the head reduction match no variant (e.g. a reduction over another dim than "
+                "the heads, or weights that broadcast)")
