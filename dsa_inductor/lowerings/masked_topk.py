@@ -265,6 +265,32 @@ if triton is not None:
         return t_above, t, remaining
 
     @triton.jit
+    def _kth_key_radix16(key, K, t, bit, LOW_BIT: tl.constexpr):
+        """``_kth_key`` deciding 4 bits per round: 16 candidates counted in one [n, 16] reduction.
+
+        For short key vectors (the phase-2 band), where each round's reduction latency, not the
+        compares, is the cost."""
+        jv = tl.arange(0, 16)
+        done = K * 0
+        while (bit >= LOW_BIT) & (done == 0):
+            sh = tl.maximum(bit - 3, 0)
+            cands = t | (jv.to(tl.uint32) << sh.to(tl.uint32))
+            valid = jv < (1 << (bit - sh + 1))
+            cnt = tl.sum((key[:, None] >= cands[None, :]).to(tl.int32), 0)
+            jstar = tl.max(tl.where(valid & (cnt >= K), jv, 0), 0)
+            cstar = tl.sum(tl.where(jv == jstar, cnt, 0), 0)
+            t = t | (jstar.to(tl.uint32) << sh.to(tl.uint32))
+            done = (cstar == K).to(tl.int32)
+            bit = sh - 1
+        if done != 0:
+            t_above = t
+            remaining = K * 0
+        else:
+            t_above = t + 1
+            remaining = K - tl.sum((key > t).to(tl.int32), 0)
+        return t_above, t, remaining
+
+    @triton.jit
     def _emit(pos, take, key, cols, out, cand, ok_ptr, oi_ptr, val_ptr, idx_ptr,
               FINAL: tl.constexpr, WRITE_VALUES: tl.constexpr, LOW_BIT: tl.constexpr, OUT_DTYPE: tl.constexpr):
         """Store selected (key, position) pairs: the outputs (FINAL) or a chunk's candidate list."""
@@ -333,9 +359,12 @@ if triton is not None:
             small = (band_n <= SMALL) & (need != band_n)
             take = above | (band & (band_rank < tl.where(small, 0, need)))
             pos = tl.where(above, ranks & 0xFFFF, c_hi + band_rank)
+            # Positions are re-derived here rather than kept live through the search (register budget).
             if FROM_CANDIDATES:
-                cols = tl.load(ci_ptr + row * C + base + lane, mask=take, other=0).to(tl.int64)
-            _emit(pos, take, key, cols, out, cand, ok_ptr, oi_ptr, val_ptr, idx_ptr,
+                picked = tl.load(ci_ptr + row * C + base + lane, mask=take, other=0)
+            else:
+                picked = base.to(tl.int32) + lane  # < N < 2**31
+            _emit(pos, take, key, picked, out, cand, ok_ptr, oi_ptr, val_ptr, idx_ptr,
                   FINAL, WRITE_VALUES, LOW_BIT, OUT_DTYPE)
             if small:
                 # Phase 2 over the band, in lane order (so ties still go lowest position first).
@@ -348,7 +377,7 @@ if triton is not None:
                 ok = jj < band_n
                 key_s = tl.load(sk_ptr + scr + jj, mask=ok, other=0).to(tl.uint32, bitcast=True)
                 lane_s = tl.load(si_ptr + scr + jj, mask=ok, other=0)
-                t_above, t_equal, remaining = _kth_key(key_s, need, t, bit, LOW_BIT)
+                t_above, t_equal, remaining = _kth_key_radix16(key_s, need, t, bit, LOW_BIT)
                 above_s = ok & (key_s >= t_above)
                 equal_s = ok & (key_s == t_equal)
                 packed_s = above_s.to(tl.int32) + (equal_s.to(tl.int32) << 16)
@@ -357,15 +386,15 @@ if triton is not None:
                 take_s = above_s | (equal_s & (eq_rank < remaining))
                 pos_s = c_hi + tl.where(above_s, ranks_s & 0xFFFF, need - remaining + eq_rank)
                 if FROM_CANDIDATES:
-                    cols_s = tl.load(ci_ptr + row * C + base + lane_s, mask=take_s, other=0).to(tl.int64)
+                    cols_s = tl.load(ci_ptr + row * C + base + lane_s, mask=take_s, other=0)
                 else:
-                    cols_s = base + lane_s.to(tl.int64)
+                    cols_s = base.to(tl.int32) + lane_s
                 _emit(pos_s, take_s, key_s, cols_s, out, cand, ok_ptr, oi_ptr, val_ptr, idx_ptr,
                       FINAL, WRITE_VALUES, LOW_BIT, OUT_DTYPE)
         if not FINAL:  # unused candidate slots [k_here, K) are marked -1 (K may exceed BLOCK here)
             for start in range(0, K, BLOCK):
-                j = start + lane
-                tl.store(oi_ptr + cand + j, tl.zeros_like(j) - 1, mask=(j >= k_here) & (j < K))
+                slot = start + lane
+                tl.store(oi_ptr + cand + slot, tl.zeros_like(slot) - 1, mask=(slot >= k_here) & (slot < K))
 
     @triton.jit(do_not_specialize=["S", "N", "K", "C", "CHUNK"])
     def _masked_topk_kernel(
@@ -473,6 +502,7 @@ if triton is not None:
     _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 SMALL = 256  # phase-2 band size (lanes); see _select_stage
+LAST_LAUNCHES: list = []  # what the last direct call launched (compiled kernels: n_regs, n_spills; for tuning)
 
 
 def _default_warps(grid, block):
@@ -485,7 +515,7 @@ def _default_warps(grid, block):
 
 def masked_topk_triton(logits, k, row_starts=None, row_ends=None, mask=None, mask_keeps=True, bias=None,
                        fill=float("-inf"), sorted=True, index_dtype=torch.int64, need_values=True,
-                       launch=None, block_max=BLOCK_MAX, num_warps=None, chunk=None, small=None):
+                       launch=None, block_max=BLOCK_MAX, num_warps=None, chunk=None, small=None, merge=None):
     """Run the Triton kernels. ``launch`` wraps the jitted kernel (``wrap_triton`` under the op).
 
     A row of at most ``block_max`` positions is one program with the row in registers.  A longer row
@@ -540,12 +570,14 @@ def masked_topk_triton(logits, k, row_starts=None, row_ends=None, mask=None, mas
     def launch_stage(grid, cand_in, cand_out, width, per_program, final, block):
         ck, ci = cand_in if cand_in is not None else (x3, x3)
         ok_, oi_ = cand_out if cand_out is not None else (x3, x3)
-        kernel[grid](
+        LAST_LAUNCHES.append(kernel[grid](
             x3, *x3.stride(), st3, *st3.stride()[:2], en3, *en3.stride()[:2], m3, *m3.stride(), b3, *b3.stride(),
             ck, ci, ok_, oi_, vbuf, indices, scratch[0], scratch[1],
             batch[-1] if len(batch) else 1, n, k, width, per_program, fill,
             FROM_CANDIDATES=cand_in is not None, FINAL=final, BLOCK=block,
-            num_warps=num_warps or _default_warps(grid, block), **common)
+            num_warps=num_warps or _default_warps(grid, block), **common))
+
+    LAST_LAUNCHES.clear()
 
     def candidates(width):
         return (torch.empty(rows, width, dtype=torch.int32, device=logits.device),
@@ -558,7 +590,7 @@ def masked_topk_triton(logits, k, row_starts=None, row_ends=None, mask=None, mas
         launch_stage((rows, n_chunks), None, cand, 0, chunk, False, triton.next_power_of_2(chunk))
         width = n_chunks * k
         while width > block_max:  # merge groups of candidates until one program can take a row
-            per_program = (block_max // k) * k
+            per_program = (min(merge or block_max, block_max) // k) * k
             groups = triton.cdiv(width, per_program)
             nxt = candidates(groups * k)
             launch_stage((rows, groups), cand, nxt, width, per_program, False, block_max)
