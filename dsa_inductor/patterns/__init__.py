@@ -3,8 +3,9 @@
 from .gather_dequant import GatherDequantRule
 from .index_score import IndexScoreRule
 from .mask_topk import MaskTopkRule
+from .windowed_softmax import WindowedSoftmaxRule
 
-RULES = {rule.name: rule for rule in (MaskTopkRule, GatherDequantRule)}
+RULES = {rule.name: rule for rule in (MaskTopkRule, GatherDequantRule, WindowedSoftmaxRule)}
 RULES[IndexScoreRule.name] = IndexScoreRule
 
 __all__ = ["RULES"]
