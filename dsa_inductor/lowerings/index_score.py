@@ -17,8 +17,8 @@ that follows in the indexer, as ``masked_fill(~keep, -inf)`` writes it).  Tiles 
 tile's largest end are written as ``-inf`` without reading q or k.
 
 Rounding: bf16/fp16 products are exact in fp32, so the only differences with eager are the order of the
-fp32 sums over ``D`` and ``H`` and where the scale is rounded (the kernel multiplies ``weights * |scale|``
-once per row and head, eager ``x * scale`` per element).  Tolerance (``tolerance()``):
+fp32 sums over ``D`` and ``H`` (the scale, the relu and the weight are applied per element in eager's
+order).  Tolerance (``tolerance()``):
 ``|ours - eager| <= (D + H + 8) * 2**-24 * M`` elementwise, where ``M`` is this op on ``|q|, |k|,
 |weights|, |scale|`` (the standard bound for fp32 sums of products).  NaN and inf propagate as in eager.
 
@@ -100,8 +100,13 @@ def index_score_reference(q, k, weights, scale=1.0, scale_after_relu=False, row_
 
 def tolerance(q, k, weights, scale=1.0, row_ends=None):
     """Elementwise bound on ``|ours - eager|``: ``(D + H + 8) * 2**-24 * M`` (see the module docstring)."""
-    mag = index_score_reference(q.abs(), k.abs(), weights.abs(), abs(scale), False, row_ends)
-    mag = torch.where(torch.isinf(mag), 0.0, mag)
+    # Non-finite inputs give a non-finite result (compared exactly) or an exact 0 after the relu: they
+    # take no part in the rounding bound.
+    def fin(x):
+        return torch.where(torch.isfinite(x), x.abs(), 0).to(x.dtype)
+
+    mag = index_score_reference(fin(q), fin(k), fin(weights), abs(scale), False, row_ends)
+    mag = torch.where(torch.isfinite(mag), mag, 0.0)
     return (q.shape[-1] + q.shape[-2] + 8) * 2.0**-24 * mag
 
 
@@ -126,8 +131,8 @@ if triton is not None:
     def _index_score_kernel(
         q_ptr, qs0, qs1, qs2, qs3, k_ptr, ks0, ks1, ks2, w_ptr, ws0, ws1, ws2, e_ptr, es0, es1,
         o_ptr, os0, os1, os2,
-        S, T, H, D, w_scale,
-        NEGATE: tl.constexpr, HAS_ENDS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+        S, T, H, D, scale,
+        SCALE_AFTER_RELU: tl.constexpr, HAS_ENDS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
         BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """One (row tile, key tile) of one batch; key tiles of a row tile are adjacent programs."""
@@ -164,14 +169,17 @@ if triton is not None:
                 qh = tl.load(q_ptrs + h * qs2, mask=q_ok, other=0.0)
                 if UPCAST:
                     qh = qh.to(tl.float32)
-                wh = tl.load(w_ptrs + h * ws2, mask=s_ok, other=0.0).to(tl.float32) * w_scale
+                wh = tl.load(w_ptrs + h * ws2, mask=s_ok, other=0.0).to(tl.float32)
                 if IEEE:
                     x = tl.dot(qh, kt, input_precision="ieee")
                 else:
                     x = tl.dot(qh, kt)
-                if NEGATE:
-                    x = -x
-                acc += tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL) * wh[:, None]
+                # The scale where eager applies it, per element (so inf * 0, overflow and NaN are eager's).
+                if SCALE_AFTER_RELU:
+                    y = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL) * scale
+                else:
+                    y = tl.maximum(x * scale, 0.0, propagate_nan=tl.PropagateNan.ALL)
+                acc += y * wh[:, None]
             if HAS_ENDS:
                 acc = tl.where(rt[None, :] < ends[:, None], acc, float("-inf"))
             tl.store(out_ptrs, acc, mask=out_ok)
@@ -201,9 +209,6 @@ def index_score_triton(q, k, weights, scale=1.0, scale_after_relu=False, row_end
     ds, dt, dw, dst = _default_config(q, t)
     block_s, block_t = block_s or ds, block_t or dt
     k = k.expand(b, t, d)
-    # relu(x * c) == |c| * relu(sign(c) * x): the scale joins the head's weight, the sign the dot.
-    negate = (not scale_after_relu) and scale < 0
-    w_scale = float(abs(scale) if not scale_after_relu else scale)
     e = row_ends if row_ends is not None else out
     # Triton 3.9's interpreter computes a bf16 tl.dot wrongly (values ~1e10 off): there the bf16 tiles are
     # upcast first, which is exact (bf16 -> fp32) and gives the same fp32 products.
@@ -212,8 +217,8 @@ def index_score_triton(q, k, weights, scale=1.0, scale_after_relu=False, row_end
     grid = (triton.cdiv(s, block_s) * triton.cdiv(t, block_t), b)
     kernel[grid](
         q, *q.stride(), k, *k.stride(), weights, *weights.stride(), e, e.stride(0), e.stride(1),
-        out, *out.stride(), s, t, h, d, w_scale,
-        NEGATE=negate, HAS_ENDS=row_ends is not None, IEEE=q.dtype == torch.float32 or upcast, UPCAST=upcast,
+        out, *out.stride(), s, t, h, d, float(scale),
+        SCALE_AFTER_RELU=bool(scale_after_relu), HAS_ENDS=row_ends is not None, IEEE=q.dtype == torch.float32 or upcast, UPCAST=upcast,
         BLOCK_S=block_s, BLOCK_T=block_t, BLOCK_D=max(16, triton.next_power_of_2(d)),
         num_warps=num_warps or dw, num_stages=num_stages or dst)
     return out

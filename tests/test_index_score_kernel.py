@@ -1,0 +1,135 @@
+"""The fused index-score kernel itself, against eager (transformers' spelling), on random inputs.
+
+On CPU the Triton kernel runs under TRITON_INTERPRET=1 (set by conftest) at tiny sizes with 16/32 tiles, so
+partial tiles, several head iterations, skipped tiles and the -inf tail all run; on CUDA at larger sizes
+with the default tiles too.
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import dsa_inductor.lowerings.index_score as mod
+from dsa_inductor.lowerings.index_score import (index_score_reference, index_score_triton, score_mismatch,
+                                                tolerance)
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+FLOATS = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@st.composite
+def problems(draw):
+    big = CUDA and draw(st.booleans())
+    b = draw(st.integers(1, 2))
+    s = draw(st.integers(1, 300 if big else 40))
+    t = draw(st.integers(1, 700 if big else 70))
+    h = draw(st.integers(1, 16 if big else 4))
+    d = draw(st.sampled_from([128, 64] if big else [8, 16, 24, 32]))
+    dtype = draw(st.sampled_from(FLOATS))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    q = torch.randn(b, s, h, d, generator=g)
+    if draw(st.booleans()):  # q as a view with head-major strides (not contiguous)
+        q = torch.randn(b, h, s, d, generator=g).transpose(1, 2)
+    k = torch.randn(draw(st.sampled_from([1, b])), t, d, generator=g)
+    w = torch.randn(b, s, h, generator=g).to(draw(st.sampled_from(FLOATS)))
+    scale = draw(st.sampled_from([1.0, d ** -0.5, -0.7, 0.0]))
+    after = draw(st.booleans())
+    ends = None
+    if draw(st.booleans()):
+        ends = torch.randint(-2, t + 3, (b, s), generator=g).to(draw(st.sampled_from([torch.int32, torch.int64])))
+        if draw(st.booleans()):  # causal rows: whole tiles past every end
+            ends = (torch.arange(s) + 1 + (t - s if t > s else 0)).expand(b, s).contiguous()
+    if draw(st.booleans()):
+        q[0, 0, 0, 0] = float("nan") if draw(st.booleans()) else float("inf")
+    tiles = {} if big and draw(st.booleans()) else dict(block_s=draw(st.sampled_from([16, 32])),
+                                                         block_t=draw(st.sampled_from([16, 32])))
+    return q.to(dtype), k.to(dtype), w, scale, after, ends, tiles
+
+
+def _dev(x):
+    return x.to(DEVICE) if isinstance(x, torch.Tensor) else x
+
+
+@settings(max_examples=300 if CUDA else 30)
+@given(problems())
+def test_kernel_matches_eager(problem):
+    q, k, w, scale, after, ends, tiles = (_dev(x) for x in problem)
+    out = index_score_triton(q, k, w, scale, after, ends, **tiles)
+    ref = index_score_reference(q, k, w, scale, after, ends)
+    assert score_mismatch(out, ref, tolerance(q, k, w, scale, ends)) is None
+
+
+def test_transformers_form_is_the_reference():
+    """The oracle is transformers' DeepseekV32Indexer spelling, bit for bit."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    q, k, w = torch.randn(2, 9, 4, 16, generator=g), torch.randn(2, 11, 16, generator=g), torch.randn(2, 9, 4)
+    scores = F.relu(torch.matmul(q.float(), k.transpose(-1, -2).float().unsqueeze(1)) * 0.25)
+    eager = torch.matmul(w.unsqueeze(-2), scores).squeeze(-2)
+    assert torch.equal(index_score_reference(q, k, w, 0.25, False), eager)
+
+
+def test_masked_tail_is_minus_inf_and_tiles_past_every_end_are_not_computed():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 32, 2, 16, generator=g).to(DEVICE)
+    k = torch.randn(1, 64, 16, generator=g).to(DEVICE)
+    w = torch.randn(1, 32, 2, generator=g).to(DEVICE)
+    ends = torch.arange(1, 33, device=DEVICE)[None]
+    k[:, 48:] = float("nan")  # tiles 32.. are past every row's end: never read, or NaN would show
+    out = index_score_triton(q, k, w, 0.5, False, ends, block_s=16, block_t=16)
+    pos = torch.arange(64, device=DEVICE)
+    assert torch.all(out[0][pos[None, :] >= ends[0][:, None]] == float("-inf"))
+    ref = index_score_reference(q, k, w, 0.5, False, ends)
+    assert score_mismatch(out, ref, tolerance(q, k, w, 0.5, ends)) is None
+
+
+def _ok():
+    g = torch.Generator().manual_seed(2)
+    return dict(q=torch.randn(2, 5, 3, 16, generator=g), k=torch.randn(2, 7, 16, generator=g),
+                weights=torch.randn(2, 5, 3, generator=g), scale=0.5, row_ends=None)
+
+
+@pytest.mark.parametrize("bad,err", [
+    (dict(q=torch.randn(5, 3, 16)), "`q`"),
+    (dict(q=torch.randint(0, 3, (2, 5, 3, 16))), "`q`"),
+    (dict(k=torch.randn(2, 7, 16).double()), "`k`"),
+    (dict(k=torch.randn(2, 7, 8)), "`k`"),
+    (dict(k=torch.randn(3, 7, 16)), "`k`"),
+    (dict(weights=torch.randn(2, 5, 4)), "`weights`"),
+    (dict(weights=torch.randn(5, 3)), "`weights`"),
+    (dict(scale=float("inf")), "`scale`"),
+    (dict(row_ends=torch.ones(2, 5)), "`row_ends`"),
+    (dict(row_ends=torch.ones(2, 4, dtype=torch.int64)), "`row_ends`"),
+])
+def test_bad_input_names_the_argument(bad, err):
+    kw = _ok()
+    kw.update(bad)
+    kw = {n: _dev(v) for n, v in kw.items()}
+    args = (kw["q"], kw["k"], kw["weights"], kw["scale"], False, kw["row_ends"])
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=err):
+        torch.ops.dsa_inductor.index_score(*args)
+    if mod.triton is not None:
+        with pytest.raises((ValueError, TypeError, RuntimeError), match=err):
+            index_score_triton(*args)
+
+
+def test_opcheck():
+    kw = {n: _dev(v) for n, v in _ok().items()}
+    ends = torch.tensor([[1, 2, 3, 7, 0], [7, 7, 7, 7, 7]], device=DEVICE)
+    for row_ends in (None, ends):
+        torch.library.opcheck(torch.ops.dsa_inductor.index_score.default,
+                              (kw["q"], kw["k"], kw["weights"], 0.5, True, row_ends))
+
+
+@pytest.mark.skipif(not CUDA, reason="the verify check runs on the CUDA path only")
+def test_verify_names_the_rule(monkeypatch):
+    kw = {n: _dev(v) for n, v in _ok().items()}
+    monkeypatch.setattr(mod, "VERIFY", True)
+    torch.ops.dsa_inductor.index_score(kw["q"], kw["k"], kw["weights"], 0.5, False, None)  # agrees: no raise
+    real = mod.index_score_triton
+    monkeypatch.setattr(mod, "index_score_triton", lambda *a, **k: real(*a, **k) + 1.0)
+    with pytest.raises(AssertionError, match=r"rule index_score .* element \(0, 0, 0\)"):
+        torch.ops.dsa_inductor.index_score(kw["q"], kw["k"], kw["weights"], 0.5, False, None)

@@ -1,0 +1,144 @@
+"""Rule index_score under torch.compile: matches, equivalence with eager, and near misses left alone.
+
+Each user function is compiled once with dynamic shapes, then fed hypothesis examples with varying S and T;
+the compile count is checked, so a test that silently recompiled per example would fail.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch._inductor.utils import run_and_get_code
+
+from conftest import DEVICES, matches
+from dsa_inductor.lowerings.index_score import score_mismatch, tolerance
+
+
+# ---- user code, written as model code writes it (not through the rule's own search functions) -------------
+
+def transformers_indexer(q, k, weights):
+    # transformers 5.23 DeepseekV32Indexer.forward, verbatim
+    scores = torch.matmul(q.float(), k.transpose(-1, -2).float().unsqueeze(1)) * 0.088388
+    scores = F.relu(scores)
+    index_scores = torch.matmul(weights.unsqueeze(-2), scores).squeeze(-2)
+    return index_scores
+
+
+def einsum_scale_after_mulsum(q, k, weights):
+    scores = torch.einsum("bshd,btd->bsht", q.float(), k.float())
+    scores = scores.relu() * 0.5
+    return (scores * weights[..., None]).sum(dim=-2)
+
+
+def einsum_einsum_no_scale(q, k, weights):
+    scores = torch.relu(torch.einsum("bshd,btd->bsht", q.float(), k.float()))
+    return torch.einsum("bsht,bsh->bst", scores, weights)
+
+
+def matmul_negative_scale_mulsum(q, k, weights):
+    scores = F.relu(torch.matmul(q.float(), k.transpose(-1, -2).float().unsqueeze(1)) * -0.25)
+    return (scores * weights.unsqueeze(-1)).sum(2)
+
+
+CASES = {  # fn -> (variant prefix, scale, scale_after_relu)
+    transformers_indexer: ("matmul", 0.088388, False),
+    einsum_scale_after_mulsum: ("einsum", 0.5, True),
+    einsum_einsum_no_scale: ("einsum", 1.0, False),
+    matmul_negative_scale_mulsum: ("matmul", -0.25, False),
+}
+
+
+@st.composite
+def inputs(draw, dtype, device, batch):
+    s = draw(st.integers(2, 12))
+    t = draw(st.integers(2, 20))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    q = torch.randn(batch, s, 3, 16, generator=g).to(dtype)
+    k = torch.randn(batch, t, 16, generator=g).to(dtype)
+    w = torch.randn(batch, s, 3, generator=g)
+    return q.to(device), k.to(device), w.to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,batch", [(torch.float32, 2), (torch.bfloat16, 2), (torch.float16, 1)])
+@pytest.mark.parametrize("fn", list(CASES), ids=lambda f: f.__name__)
+def test_compiled_equals_eager(fresh, fn, dtype, batch, device):
+    prefix, scale, after = CASES[fn]
+    compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+    torch._dynamo.utils.counters.clear()
+
+    @settings(max_examples=8)
+    @given(inputs(dtype, device, batch))
+    def check(args):
+        with torch.no_grad():
+            out = compiled(*args)
+            eager = fn(*args)
+        q, k, w = args
+        assert score_mismatch(out, eager, tolerance(q, k, w, scale)) is None
+
+    check()
+    got = matches("index_score")
+    assert any(v.startswith(prefix) and v.endswith(":bs1") == (batch == 1) for v in got), got
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2  # static, then dynamic
+
+
+def test_fused_op_in_generated_code(fresh):
+    q, k, w = torch.randn(2, 6, 3, 16), torch.randn(2, 9, 16), torch.randn(2, 6, 3)
+    _, code = run_and_get_code(torch.compile(transformers_indexer), q, k, w)
+    src = "\n".join(code)
+    assert "dsa_inductor.index_score" in src
+    assert "bmm" not in src  # neither [B,S,H,T] scores nor the head reduction is left
+    assert "matmul:scale_pre:matmul" in fresh.report()
+
+
+# ---- near misses: no rule may rewrite these ----------------------------------------------------------------
+
+def nm_gelu(q, k, w):
+    scores = F.gelu(torch.matmul(q.float(), k.transpose(-1, -2).float().unsqueeze(1)) * 0.125)
+    return torch.matmul(w.unsqueeze(-2), scores).squeeze(-2)
+
+
+def nm_sum_over_rows(q, k, w):
+    scores = F.relu(torch.einsum("bshd,btd->bsht", q.float(), k.float()) * 0.125)
+    return (scores * w[..., None]).sum(dim=1)  # over S, not the heads
+
+
+def nm_per_head_scale(q, k, w):
+    head_scale = torch.linspace(0.5, 1.5, q.shape[2])
+    scores = torch.matmul(q.float(), k.transpose(-1, -2).float().unsqueeze(1)) * head_scale[:, None]
+    return torch.matmul(w.unsqueeze(-2), F.relu(scores)).squeeze(-2)
+
+
+def nm_bf16_scores(q, k, w):
+    scores = F.relu(torch.einsum("bshd,btd->bsht", q.bfloat16(), k.bfloat16()) * 0.125)  # rounded to bf16
+    return (scores * w[..., None]).sum(dim=2)
+
+
+def nm_scores_reused(q, k, w):
+    scores = F.relu(torch.matmul(q.float(), k.transpose(-1, -2).float().unsqueeze(1)) * 0.125)
+    return torch.matmul(w.unsqueeze(-2), scores).squeeze(-2), scores.amax(-1)
+
+
+def nm_broadcast_weights(q, k, w):
+    scores = F.relu(torch.einsum("bshd,btd->bsht", q.float(), k.float()))
+    return (scores * w[0, 0][:, None]).sum(dim=2)  # one weight per head for every row
+
+
+NEAR_MISSES = [nm_gelu, nm_sum_over_rows, nm_per_head_scale, nm_bf16_scores, nm_scores_reused,
+               nm_broadcast_weights]
+
+
+@pytest.mark.parametrize("fn", NEAR_MISSES, ids=lambda f: f.__name__)
+def test_near_miss_not_rewritten(fresh, fn):
+    g = torch.Generator().manual_seed(0)
+    q, k, w = torch.randn(2, 6, 3, 16, generator=g), torch.randn(2, 9, 16, generator=g), torch.randn(2, 6, 3)
+    with torch.no_grad():
+        out = torch.compile(fn, dynamic=True)(q, k, w)
+        ref = fn(q, k, w)
+    assert matches("index_score") == {}, matches("index_score")
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    from dsa_inductor.report import _STATS
+
+    if fn is not nm_gelu:  # a relu of a batched matmul was seen, and the reason recorded
+        assert sum(_STATS["index_score"].rejections.values()) >= 1, _STATS.get("index_score")
