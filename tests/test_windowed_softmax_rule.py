@@ -173,11 +173,14 @@ def nm_offset_arange(x, s, e):
     return x.masked_fill(~((pos >= s[:, None]) & (pos < e[:, None])), NEG_INF).softmax(-1)
 
 
-NEAR_MISSES = [nm_other_dim, nm_log_softmax, nm_reused_masked_scores, nm_finite_fill, nm_materialized_mask,
-               nm_offset_arange]
+NEAR_MISSES = {  # fn -> the reason report() gives
+    nm_other_dim: "not the last dim", nm_log_softmax: "log_softmax", nm_reused_masked_scores: "another consumer",
+    nm_finite_fill: "not -inf", nm_materialized_mask: "matches no search variant",  # a drop mask: no variant
+    nm_offset_arange: "not an arange comparison",  # a keep mask, which the bound conversion does not take
+}
 
 
-@pytest.mark.parametrize("fn", NEAR_MISSES, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("fn", list(NEAR_MISSES), ids=lambda f: f.__name__)
 def test_near_miss_not_rewritten(fresh, fn):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(12, 30, generator=g)
@@ -190,4 +193,5 @@ def test_near_miss_not_rewritten(fresh, fn):
     torch.testing.assert_close(out, ref, equal_nan=True)
     from dsa_inductor.report import _STATS
 
-    assert sum(_STATS["windowed_softmax"].rejections.values()) >= 1  # seen, and the reason recorded
+    reasons = _STATS["windowed_softmax"].rejections
+    assert any(NEAR_MISSES[fn] in r for r in reasons), reasons  # seen, and the right reason recorded

@@ -188,22 +188,25 @@ class WindowedSoftmaxRule(Rule):
 
     def diagnose(self, node: torch.fx.Node) -> str:
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        val = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
+        xs = node.args[0]
+        val = xs.meta.get("val") if isinstance(xs, torch.fx.Node) else None
         rank = val.dim() if isinstance(val, torch.Tensor) else None
         if list(dims or []) != [-1]:
             if rank is not None and list(dims or []) == [rank - 1]:
                 return f"softmax over dim {rank - 1}, spelled as a positive index"
             return f"amax/softmax over dims {dims}, not the last dim"
-        users = {u.target for u in node.users}
-        if users != {aten.sub.Tensor}:
-            return "amax is not the max of a softmax (or log_softmax)"
+        subs = [u for u in node.users if u.target is aten.sub.Tensor and u.args == (xs, node)]
+        if len(subs) != 1 or len(node.users) != 1:
+            return "amax is not the max of a softmax"
+        if any(u.target is not aten.exp.default for u in subs[0].users):
+            return "not a softmax: x - amax feeds more than exp (e.g. log_softmax)"
         x = _softmax_input(node)
         if x is None or x.target is not aten.where.self:
             return "softmax input is not masked (no masked_fill / where feeds it)"
-        if len(x.users) > 1 and not any(u.target is torch.ops.prims.convert_element_type.default for u in x.users):
+        fills = [a for a in x.args[1:] if isinstance(a, torch.fx.Node) and a.target is aten.full.default]
+        if fills and all(f.args[1] != NEG_INF for f in fills):
+            return f"the fill is {fills[0].args[1]}, not -inf (an empty row would not be NaN as the op's)"
+        if len(xs.users) > 2 or (x is not xs and len(x.users) > 1):
             return "the masked scores have another consumer"
-        exp = [u for u in next(iter(node.users)).users]
-        if any(u.target is not aten.exp.default for u in exp):
-            return "not a softmax: amax feeds no exp (e.g. log_softmax)"
-        return ("the mask or the fill matches no search variant (fill other than -inf, a materialized mask, "
-                "an offset arange, an additive mask, or the masked scores reused)")
+        return ("the mask matches no search variant (a drop mask `masked_fill(m, -inf)`, an additive mask, "
+                "or bounds that are not int32/int64)")
