@@ -17,14 +17,17 @@ as eager pads it.  Indices are valid positions in ``[0, N)``; ties may pick othe
 
 CUDA path (``masked_topk_triton``): one Triton program per row (or per chunk of a long row) holds the
 row's order-preserving uint32 keys in registers, loading only kept positions and never writing a masked
-copy.  It finds the k-th largest key by bitwise bisection (one ``sum(key >= candidate)`` per bit, early
-exit once exactly k keys qualify), then compacts the winners with one prefix scan, lowest index first
-among ties (as PyTorch's CUDA ``gatherTopK`` takes them).  Rows longer than ``BLOCK_MAX`` are cut into
-chunks whose top-k candidates merge stages reduce.  A range row with at most ``k`` kept positions and
-``fill == -inf`` short-circuits: its selection is every in-range position plus padding, and no score is
-read unless values are needed.  ``sorted=True`` orders the winners afterwards with ``torch.sort`` on
-their values.  The key transform and select-then-compact structure follow the radix top-k kernels
-written for the DSA indexer (SGLang's and vLLM's DeepSeek-V3.2 ``topk``, FlashInfer's radix top-k).
+copy.  For range rows the lanes cover only ``[row_start, row_end)``, in a register block of the size the
+range needs.  Phase 1 bisects the k-th largest key's high bits over all lanes (one ``sum(key >= t)``
+per bit) until at most ``SMALL`` keys share the decided prefix; keys above that band are selected.
+Phase 2 copies the band to a scratch row and decides the remaining bits over it, four per reduction.
+One prefix scan compacts the winners, lowest index first among ties (as PyTorch's CUDA ``gatherTopK``
+takes them).  Rows longer than ``BLOCK_MAX`` are cut into chunks whose top-k candidates merge stages
+reduce.  A range row with at most ``k`` kept positions and ``fill == -inf`` short-circuits: its
+selection is every in-range position plus padding, and no score is read unless values are needed.
+``sorted=True`` orders the winners afterwards with ``torch.sort`` on their values.  The key transform
+and select-then-compact structure follow the radix top-k kernels written for the DSA indexer (SGLang's
+and vLLM's DeepSeek-V3.2 ``topk``, FlashInfer's radix top-k); bench/NOTES.md has the measurements.
 
 CPU path: plain torch (what eager computes), which Inductor can compile to C++ when the op is traced.
 """
