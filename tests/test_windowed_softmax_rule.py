@@ -55,6 +55,14 @@ def transformers_causal_mask(scores):
     return scores.float().masked_fill(~mask, NEG_INF).softmax(-1)
 
 
+def sliding_drop_mask(scores):
+    # the mask marks dropped positions: future keys, and keys W or more behind
+    q = torch.arange(scores.shape[-2], device=scores.device)
+    kv = torch.arange(scores.shape[-1], device=scores.device)
+    drop = (kv[None, :] > q[:, None]) | (kv[None, :] <= q[:, None] - W)
+    return scores.masked_fill(drop, NEG_INF).softmax(dim=-1)
+
+
 def le_bound(scores, ks, ke):
     # `<=` on the end: the rule must not read it as `<` (it becomes row_ends = ke + 1)
     pos = torch.arange(scores.shape[-1], device=scores.device)
@@ -76,6 +84,8 @@ def _keep(fn, args):
     if fn is sliding_window_attention:
         q = q + (t - x.shape[-2])
         return (pos > q[:, None] - W) & (pos <= q[:, None])
+    if fn is sliding_drop_mask:
+        return ~((pos > q[:, None]) | (pos <= q[:, None] - W))
     return pos <= q[:, None]
 
 
@@ -87,6 +97,7 @@ CASES = {
     sliding_window_attention: ({torch.bfloat16: "keep_mask:float", torch.float32: "keep_mask:fp32"}, "attn"),
     transformers_causal_mask: ({torch.float16: "keep_mask:float_first"}, "attn"),
     le_bound: ({torch.float32: "keep_mask_where:fp32"}, "rows"),
+    sliding_drop_mask: ({torch.float32: "drop_mask:fp32"}, "attn"),
 }
 PARAMS = [(fn, dt) for fn, (variants, _) in CASES.items() for dt in variants]
 
@@ -175,8 +186,8 @@ def nm_offset_arange(x, s, e):
 
 NEAR_MISSES = {  # fn -> the reason report() gives
     nm_other_dim: "not the last dim", nm_log_softmax: "log_softmax", nm_reused_masked_scores: "another consumer",
-    nm_finite_fill: "not -inf", nm_materialized_mask: "matches no search variant",  # a drop mask: no variant
-    nm_offset_arange: "not an arange comparison",  # a keep mask, which the bound conversion does not take
+    nm_finite_fill: "not -inf", nm_materialized_mask: "the drop mask is not an arange comparison",
+    nm_offset_arange: "not an arange comparison",  # as a keep mask (~m), then as a drop mask (m = ~keep)
 }
 
 

@@ -302,11 +302,18 @@ _MIRROR = {aten.le.Tensor: aten.ge.Tensor, aten.lt.Tensor: aten.gt.Tensor,
            aten.ge.Tensor: aten.le.Tensor, aten.gt.Tensor: aten.lt.Tensor}
 
 
-def _comparison_bound(node, n):
-    """``kv OP r`` (either side) -> ``(kind, r, terms)`` with ``bound = r + sum(terms)``; else None."""
+_NEGATE = {aten.le.Tensor: aten.gt.Tensor, aten.lt.Tensor: aten.ge.Tensor,
+           aten.ge.Tensor: aten.lt.Tensor, aten.gt.Tensor: aten.le.Tensor}
+
+
+def _comparison_bound(node, n, negate=False):
+    """``kv OP r`` (either side) -> ``(kind, r, terms)`` with ``bound = r + sum(terms)``; else None.
+
+    ``negate``: the bound of ``not (kv OP r)`` (a drop mask's comparison)."""
     if not isinstance(node, torch.fx.Node) or node.target not in _BOUND_OF:
         return None
     for op, kv, r in ((node.target, *node.args[:2]), (_MIRROR[node.target], *reversed(node.args[:2]))):
+        op = _NEGATE[op] if negate else op
         offset = _iota_offset(kv, n)
         r_val = r.meta.get("val") if isinstance(r, torch.fx.Node) else None
         if offset is None or not isinstance(r_val, torch.Tensor) or _iota_offset(r, n) is not None:
@@ -319,13 +326,14 @@ def _comparison_bound(node, n):
     return None
 
 
-def _mask_as_bounds(mask):
+def _mask_as_bounds(mask, negate=False):
     """Recognize ``mask = view-ops(bound comparisons of arange(T) + c)`` and say how to compute the bounds.
 
     transformers builds its causal mask as ``kv_idx <= q_idx`` from aranges, expands it over the batch
     and selects the head dim; a windowed mask is ``(kv >= lo) & (kv < hi)``.  Returns
     ``(peels, {"starts"|"ends": (r, terms)}, rank)`` with
     ``bound = peels(r unsqueezed to rank).squeeze(-1) + sum(terms)``, or None.
+    ``negate``: ``mask`` marks dropped positions, ``(kv > hi) | (kv < lo)`` (De Morgan).
     """
     peels = []
     node = mask
@@ -346,10 +354,12 @@ def _mask_as_bounds(mask):
     if not isinstance(node, torch.fx.Node):
         return None
     n = mask.meta["val"].shape[-1]
-    parts = list(node.args[:2]) if node.target in (aten.bitwise_and.Tensor, aten.logical_and.default) else [node]
+    joins = (aten.bitwise_or.Tensor, aten.logical_or.default) if negate else (aten.bitwise_and.Tensor,
+                                                                               aten.logical_and.default)
+    parts = list(node.args[:2]) if node.target in joins else [node]
     bounds = {}
     for part in parts:
-        found = _comparison_bound(part, n)
+        found = _comparison_bound(part, n, negate)
         if found is None or found[0] in bounds:
             return None
         bounds[found[0]] = found[1:]

@@ -15,7 +15,8 @@ the product of
 * a mask form: ``range`` (both bounds tensors), ``causal`` (``row_ends`` only), each as ``masked_fill``
   and ``torch.where``; and ``keep_mask`` / ``keep_mask_where`` (a bool mask, accepted only when it is an
   ``arange`` comparison that the follow-up turns into bounds; stock Inductor already fuses a masked
-  softmax over a materialized mask into one kernel);
+  softmax over a materialized mask into one kernel); ``drop_mask`` (``masked_fill(kv > q, -inf)``, a
+  sliding window as ``(kv > q) | (kv <= q - w)``, converted by De Morgan);
 * the dtype: the softmax in the scores' dtype (fp32; bf16/fp16 computed in fp32 and rounded back),
   ``softmax(masked.float())`` (``softmax(masked, dtype=torch.float32)`` is the same graph, so the same
   variant), ``masked_fill(x.float(), ...)``.
@@ -52,6 +53,7 @@ class MaskForm:
     keep: Callable  # (scores, *tensors, n) -> bool keep
     where: bool  # torch.where(keep, x, -inf) rather than x.masked_fill(~keep, -inf)
     has_n: bool = True
+    drop: bool = False  # x.masked_fill(drop, -inf): the mask marks dropped positions
 
 
 MASK_FORMS = (
@@ -61,6 +63,7 @@ MASK_FORMS = (
     MaskForm("causal_where", ("row_ends",), lambda x, e, n: _causal_keep(x, e, n), True),
     MaskForm("keep_mask", ("mask",), lambda x, m: m, False, has_n=False),
     MaskForm("keep_mask_where", ("mask",), lambda x, m: m, True, has_n=False),
+    MaskForm("drop_mask", ("mask",), lambda x, m: m, False, has_n=False, drop=True),
 )
 
 
@@ -92,12 +95,17 @@ def _make_variant(form: MaskForm, dt: DtypeForm) -> Variant:
         if dt.upcast_first:
             x = x.float()
         keep = form.keep(x, *tensors, *args[n_t:])
-        masked = torch.where(keep, x, NEG_INF) if form.where else x.masked_fill(~keep, NEG_INF)
+        if form.drop:
+            masked = x.masked_fill(keep, NEG_INF)  # `keep` is the drop mask here
+        else:
+            masked = torch.where(keep, x, NEG_INF) if form.where else x.masked_fill(~keep, NEG_INF)
         return dt.softmax(masked)
 
     def replace(*args):
         x, tensors = args[0], args[1:n_t]
         kw = dict(zip(form.tensors, tensors))
+        if form.drop:
+            kw["mask"] = ~kw["mask"]  # the op's mask keeps; mask_to_window turns ~(arange comparison) into bounds
         return torch.ops.dsa_inductor.windowed_softmax(
             x, kw.get("row_starts"), kw.get("row_ends"), kw.get("mask"), dt.out_dtype or x.dtype)
 
@@ -108,13 +116,14 @@ def _make_variant(form: MaskForm, dt: DtypeForm) -> Variant:
         return [ex["scores"], *(ex[t] for t in form.tensors), *([N_MAGIC] if form.has_n else [])]
 
     workaround = {"n": N_MAGIC} if form.has_n else {}
-    return Variant(f"{form.name}:{dt.name}", argnames, search, replace, example_inputs, workaround, check=_check)
+    return Variant(f"{form.name}:{dt.name}", argnames, search, replace, example_inputs, workaround,
+                   check=_check_drop if form.drop else _check)
 
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _check(match) -> Optional[str]:
+def _check(match, drop=False) -> Optional[str]:
     """Shared checks on the matched (re-traced) values; returns a rejection reason or None."""
     scores = tensor_meta(match, "scores")
     if scores is None or scores.dtype not in _FLOATS:
@@ -130,10 +139,22 @@ def _check(match) -> Optional[str]:
         if t is not None and t.dtype not in (torch.int32, torch.int64):
             return f"{name} dtype {t.dtype} is not int32/int64"
     mask = match.kwargs.get("mask")
-    if isinstance(mask, torch.fx.Node) and _mask_as_bounds(mask) is None:
-        return ("the mask is not an arange comparison with per-row bounds that converts to a window "
+    if isinstance(mask, torch.fx.Node) and _mask_as_bounds(mask, negate=drop) is None:
+        return (f"the {'drop ' if drop else ''}mask is not an arange comparison with per-row bounds that "
+                "converts to a window "
                 "(stock Inductor already fuses a softmax over a materialized mask)")
     return None
+
+
+def _check_drop(match) -> Optional[str]:
+    return _check(match, drop=True)
+
+
+def _keep_as_bounds(mask):
+    """Bounds of the op's keep mask: an arange comparison, or ``~drop`` of one (the drop_mask form)."""
+    if mask.target is aten.bitwise_not.default:
+        return _mask_as_bounds(mask.args[0], negate=True)
+    return _mask_as_bounds(mask)
 
 
 def mask_to_window(graph: torch.fx.Graph, stats) -> int:
@@ -145,7 +166,7 @@ def mask_to_window(graph: torch.fx.Graph, stats) -> int:
         scores, starts, ends, mask = node.args[:4]
         if mask is None or starts is not None or ends is not None:
             continue
-        found = _mask_as_bounds(mask)
+        found = _keep_as_bounds(mask)
         if found is None:
             continue
         peels, bounds, rank = found
@@ -208,5 +229,4 @@ class WindowedSoftmaxRule(Rule):
             return f"the fill is {fills[0].args[1]}, not -inf (an empty row would not be NaN as the op's)"
         if len(xs.users) > 2 or (x is not xs and len(x.users) > 1):
             return "the masked scores have another consumer"
-        return ("the mask matches no search variant (a drop mask `masked_fill(m, -inf)`, an additive mask, "
-                "or bounds that are not int32/int64)")
+        return ("the mask matches no search variant (an additive mask, or bounds that are not int32/int64)")
