@@ -59,7 +59,9 @@ there such a token is never read and gives zeros (eager would hit a device-side 
 
 CUDA path: ``_gather_dequant_kernel``, one Triton program per ``BLOCK_R`` output rows of ``D``
 elements, loading each row's bytes with 16-byte vector loads (row bases are multiples of 16 when the
-strides are), converting in registers and writing the result once; offsets are int64.
+strides are), converting in registers and writing the result once; offsets are int64.  Host-side hints
+(``EVEN_D``: no column mask; ``VEC_V`` / ``VEC_O``: row offsets' power-of-two divisors) make the vector
+width independent of argument specialization; ``tiles`` / ``store_cs`` are tuning knobs.
 CPU path: plain torch (the reference), which Inductor compiles to C++ when the op is traced.
 """
 
@@ -312,21 +314,41 @@ if triton is not None:
         ONE_GROUP: tl.constexpr,
         HAS_DROP: tl.constexpr, ZERO_NEG: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, OUT_DTYPE: tl.constexpr,
+        EVEN_D: tl.constexpr = False,  # D == BLOCK_D: no column mask (full-width vector loads and stores)
+        VEC_V: tl.constexpr = 0,  # >= 1: unit inner stride and row byte offsets multiples of VEC_V; 0: strided
+        VEC_O: tl.constexpr = 1,  # the output's row offsets (elements) are multiples of this (a hint)
+        TILES: tl.constexpr = 1,  # tiles of BLOCK_R rows per program, one after the other
+        STORE_CS: tl.constexpr = False,  # streaming stores (.cs): the output is not re-read from L2
     ):
-        """Rows ``[pid * BLOCK_R, +BLOCK_R)`` of the ``[n_rows, D]`` output."""
-        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        """Rows ``[(pid * TILES + t) * BLOCK_R, +BLOCK_R)``, t < TILES, of the ``[n_rows, D]`` output."""
+        for t in tl.static_range(TILES):
+            rows = (tl.program_id(0).to(tl.int64) * TILES + t) * BLOCK_R + tl.arange(0, BLOCK_R)
+            _gather_dequant_tile(
+                rows, v_ptr, vs0, vs1, vs2, s_ptr, ss0, ss1, ss2, i0_ptr, i1_ptr, drop_ptr, out_ptr,
+                n_rows, R, P, B, SP, SB, D, GROUP, MODE, FMT, SCALE, ONE_GROUP, HAS_DROP, ZERO_NEG,
+                BLOCK_R, BLOCK_D, OUT_DTYPE, EVEN_D, VEC_V, VEC_O, STORE_CS)
+
+    @triton.jit
+    def _gather_dequant_tile(
+        rows, v_ptr, vs0, vs1, vs2, s_ptr, ss0, ss1, ss2, i0_ptr, i1_ptr, drop_ptr, out_ptr,
+        n_rows, R, P, B, SP, SB, D, GROUP,
+        MODE: tl.constexpr, FMT: tl.constexpr, SCALE: tl.constexpr, ONE_GROUP: tl.constexpr,
+        HAS_DROP: tl.constexpr, ZERO_NEG: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, OUT_DTYPE: tl.constexpr,
+        EVEN_D: tl.constexpr, VEC_V: tl.constexpr, VEC_O: tl.constexpr, STORE_CS: tl.constexpr,
+    ):
         live = rows < n_rows
         if MODE == 0:
             tok = rows // R
             pos = rows % R
         else:
             tok = rows
-        raw = tl.load(i0_ptr + tok, mask=live, other=0).to(tl.int64)
+        raw = tl.load(i0_ptr + tok, mask=live, other=0, eviction_policy="evict_first").to(tl.int64)
         ok = live
         if ZERO_NEG:
             ok = ok & (raw >= 0)
         if HAS_DROP:
-            ok = ok & (tl.load(drop_ptr + tok, mask=live, other=1) == 0)
+            ok = ok & (tl.load(drop_ptr + tok, mask=live, other=1, eviction_policy="evict_first") == 0)
         if MODE == 2:
             page = raw // B  # floor division whichever way `//` rounds
             pos = raw - page * B
@@ -335,7 +357,7 @@ if triton is not None:
         else:
             page = raw
         if MODE == 1:
-            pos = tl.load(i1_ptr + tok, mask=live, other=0).to(tl.int64)
+            pos = tl.load(i1_ptr + tok, mask=live, other=0, eviction_policy="evict_first").to(tl.int64)
         # eager indexes `values` and `scales` separately: each wraps negative indices by its own size
         vpage = tl.where(page < 0, page + P, page)
         ok = ok & (vpage >= 0) & (vpage < P)
@@ -352,32 +374,49 @@ if triton is not None:
                 ok = ok & (spos >= 0) & (spos < SB)
             srow = spage * ss0 + spos * ss1
         vrow = vpage * vs0 + vpos * vs1  # int64 byte offsets of the rows
+        if VEC_V > 1:
+            vrow = tl.multiple_of(vrow, VEC_V)
         cols = tl.arange(0, BLOCK_D)
-        cmask = cols < D
+        if EVEN_D:
+            cmask = cols < BLOCK_D  # all true, known at compile time: the row mask alone
+        else:
+            cmask = cols < D
         if FMT == 0:
             # no `other`: lanes not loaded are zeroed below (and an fp8 pointer takes no int fill)
-            b = tl.load(v_ptr + vrow[:, None] + cols[None, :] * vs2, mask=ok[:, None] & cmask[None, :],
+            vcol = cols if VEC_V >= 1 else cols * vs2
+            b = tl.load(v_ptr + vrow[:, None] + vcol[None, :], mask=ok[:, None] & cmask[None, :],
                         eviction_policy="evict_first")
             x = _e4m3_to_f32(b.to(tl.uint8, bitcast=True))
         else:
             half = tl.arange(0, BLOCK_D // 2)
-            b = tl.load(v_ptr + vrow[:, None] + half[None, :] * vs2, mask=ok[:, None] & (half < D // 2)[None, :],
+            hmask = (half < BLOCK_D // 2) if EVEN_D else (half < D // 2)
+            vcol = half if VEC_V >= 1 else half * vs2
+            b = tl.load(v_ptr + vrow[:, None] + vcol[None, :], mask=ok[:, None] & hmask[None, :],
                         eviction_policy="evict_first").to(tl.uint8, bitcast=True)
             x = tl.join(_e2m1_to_f32(b & 15), _e2m1_to_f32(b >> 4)).reshape(BLOCK_R, BLOCK_D)
         if SCALE != 0:
             if ONE_GROUP:
-                s = tl.load(s_ptr + srow, mask=ok, other=0)
+                s = tl.load(s_ptr + srow, mask=ok, other=0, eviction_policy="evict_first")
                 s = _ue8m0_to_f32(s) if SCALE == 2 else s.to(tl.float32)
                 x = x * s[:, None]
             else:
                 grp = cols // GROUP
-                s = tl.load(s_ptr + srow[:, None] + grp[None, :] * ss2, mask=ok[:, None] & cmask[None, :], other=0)
+                s = tl.load(s_ptr + srow[:, None] + grp[None, :] * ss2, mask=ok[:, None] & cmask[None, :], other=0,
+                            eviction_policy="evict_first")
                 s = _ue8m0_to_f32(s) if SCALE == 2 else s.to(tl.float32)
                 x = x * s
         x = tl.where(ok[:, None], x, 0.0)
         if OUT_DTYPE == tl.bfloat16:
             x = _round_to_bf16(x)
-        tl.store(out_ptr + rows[:, None] * D + cols[None, :], x.to(OUT_DTYPE), mask=live[:, None] & cmask[None, :])
+        orow = rows * D
+        if VEC_O > 1:
+            orow = tl.multiple_of(orow, VEC_O)
+        optr = out_ptr + orow[:, None] + cols[None, :]
+        omask = live[:, None] & cmask[None, :]
+        if STORE_CS:
+            tl.store(optr, x.to(OUT_DTYPE), mask=omask, cache_modifier=".cs")
+        else:
+            tl.store(optr, x.to(OUT_DTYPE), mask=omask)
 
 
 _TL_OUT = {}
@@ -393,14 +432,31 @@ def _flat(t, tok):
 def default_config(d: int, out_dtype: torch.dtype, fmt: str):
     """(BLOCK_R, num_warps): about 16 KB of output per program, 4 warps (enough bytes in flight per SM to
     stream HBM at D = 128; see bench/tune_gather_dequant.py)."""
-    out_bytes = d * torch.empty((), dtype=out_dtype).element_size()
+    out_bytes = d * out_dtype.itemsize
     block_r = max(1, min(128, triton.next_power_of_2(max(1, 16384 // out_bytes))))
     return block_r, 4
 
 
+def _static_multiple(x, m: int) -> bool:
+    """``x % m == 0`` for a plain int; False (no hint, no guard) for a symbolic size or stride."""
+    return isinstance(x, int) and x % m == 0
+
+
+def _vec_hint(strides, m_max: int) -> int:
+    """The largest power of two <= m_max dividing every stride (row offsets are then its multiples)."""
+    m = m_max
+    while m > 1 and not all(_static_multiple(x, m) for x in strides):
+        m //= 2
+    return m
+
+
 def gather_dequant_triton(values, scales, index0, index1=None, block_size=0, drop=None, zero_negative=False,
-                          fmt="e4m3", out_dtype=torch.float32, launch=None, block_rows=None, num_warps=None):
-    """Run the Triton kernel. ``launch`` wraps the jitted kernel (``wrap_triton`` under the op)."""
+                          fmt="e4m3", out_dtype=torch.float32, launch=None, block_rows=None, num_warps=None,
+                          tiles=1, store_cs=False):
+    """Run the Triton kernel. ``launch`` wraps the jitted kernel (``wrap_triton`` under the op).
+
+    ``block_rows``, ``num_warps``, ``tiles`` (tiles of ``block_rows`` rows per program) and ``store_cs``
+    (streaming stores) are tuning knobs (bench/tune_gather_dequant.py); they never change the result."""
     if triton is None:
         raise RuntimeError("gather_dequant: triton is not installed")
     _check_args(values, scales, index0, index1, block_size, drop, fmt, out_dtype)
@@ -434,14 +490,22 @@ def gather_dequant_triton(values, scales, index0, index1=None, block_size=0, dro
     sp, sb = s3.shape[0], s3.shape[1]
     block_r, warps = default_config(d, out_dtype, fmt)
     block_r = block_rows or block_r
+    block_d = max(16, triton.next_power_of_2(d))
+    vs = v3.stride()
+    # unit inner stride: contiguous row bytes; the row offsets' largest power-of-two divisor (<= 16) lets the
+    # loads be 16-byte vectors without relying on argument specialization (under Inductor too)
+    vec_v = _vec_hint((vs[0], vs[1]), 16) if _static_multiple(vs[2], 1) and vs[2] == 1 else 0
+    vec_o = _vec_hint((d,), 16)
     kernel = _gather_dequant_kernel if launch is None else launch(_gather_dequant_kernel)
-    grid = (triton.cdiv(n_rows, block_r),)
+    tiles = max(1, int(tiles))
+    grid = (triton.cdiv(n_rows, block_r * tiles),)
     kernel[grid](
-        v3, *v3.stride(), s3, *s3.stride(), i0, i1, dr, out,
+        v3, *vs, s3, *s3.stride(), i0, i1, dr, out,
         n_rows, r, p, b, sp, sb, d, d // g,
         MODE=mode, FMT=FORMATS.index(fmt), SCALE=scale_kind, ONE_GROUP=g == 1,
         HAS_DROP=drop is not None, ZERO_NEG=bool(zero_negative),
-        BLOCK_R=block_r, BLOCK_D=max(16, triton.next_power_of_2(d)), OUT_DTYPE=_TL_OUT[out_dtype],
+        BLOCK_R=block_r, BLOCK_D=block_d, OUT_DTYPE=_TL_OUT[out_dtype],
+        EVEN_D=_static_multiple(d, block_d), VEC_V=vec_v, VEC_O=vec_o, TILES=tiles, STORE_CS=bool(store_cs),
         num_warps=num_warps or warps,
     )
     return out
