@@ -131,9 +131,7 @@ def _rows3(t, batch, last):
 
 if triton is not None:
 
-    # N stays specialized (divisibility by 16): the output rows start at o_ptr + row * N, and the zero
-    # stores, most of the traffic, are vectorized only when that is known to be 16-byte aligned.
-    @triton.jit(do_not_specialize=["S"])
+    @triton.jit(do_not_specialize=["S", "N"])
     def _windowed_softmax_kernel(
         x_ptr, xs0, xs1, xs2, st_ptr, sts0, sts1, en_ptr, ens0, ens1, m_ptr, ms0, ms1, ms2, o_ptr,
         S, N,
@@ -171,19 +169,44 @@ if triton is not None:
         # A row with no kept finite maximum, or a NaN sum (kept NaN or +inf), is NaN everywhere (as eager).
         ok = (m != float("-inf")) & (l == l)
         outside = tl.where(ok, 0.0, float("nan"))
-        # Pass 2: the dense output row; only tiles that meet the window read scores.
-        o_row = o_ptr + row * N
-        for start in range(0, N, BLOCK):
-            cols = start + lane
-            if (start < hi) & (start + BLOCK > lo):
-                keep = (cols >= lo) & (cols < hi)
-                if HAS_MASK:
-                    keep = keep & (tl.load(m_row + cols * ms2, mask=keep, other=0) != 0)
-                x = tl.load(x_row + cols * xs2, mask=keep, other=0.0).to(OUT_DTYPE).to(tl.float32)
-                y = tl.where(keep, tl.exp(x - m) / l, 0.0) + outside  # outside: 0 or NaN
-            else:
-                y = tl.zeros((BLOCK,), tl.float32) + outside
-            tl.store(o_row + cols, y.to(OUT_DTYPE), mask=cols < N)
+        # Pass 2: the dense output row.
+        if N % 16 == 0:
+            # Rows then start 64-byte aligned: with the hint, the full tiles' (zero) stores vectorize even
+            # when N is not specialized (torch.compile with dynamic shapes passes it as a plain int).
+            _write_row(o_ptr + tl.multiple_of(row * N, 16), x_row, xs2, m_row, ms2, lo, hi, m, l, outside, N,
+                       HAS_MASK, OUT_DTYPE, BLOCK)
+        else:
+            _write_row(o_ptr + row * N, x_row, xs2, m_row, ms2, lo, hi, m, l, outside, N,
+                       HAS_MASK, OUT_DTYPE, BLOCK)
+
+    @triton.jit
+    def _tile(start, x_row, xs2, m_row, ms2, lo, hi, m, l, outside,
+              HAS_MASK: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+        """Output values of positions [start, start + BLOCK): only a tile that meets the window reads scores."""
+        cols = start + tl.arange(0, BLOCK)
+        if (start < hi) & (start + BLOCK > lo):
+            keep = (cols >= lo) & (cols < hi)
+            if HAS_MASK:
+                keep = keep & (tl.load(m_row + cols * ms2, mask=keep, other=0) != 0)
+            x = tl.load(x_row + cols * xs2, mask=keep, other=0.0).to(OUT_DTYPE).to(tl.float32)
+            y = tl.where(keep, tl.exp(x - m) / l, 0.0) + outside  # outside: 0 or NaN
+        else:
+            y = tl.zeros((BLOCK,), tl.float32) + outside
+        return y.to(OUT_DTYPE)
+
+    @triton.jit
+    def _write_row(o_row, x_row, xs2, m_row, ms2, lo, hi, m, l, outside, N,
+                   HAS_MASK: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+        """Store one output row: full tiles unmasked (so that they can vectorize), then the masked tail."""
+        lane = tl.arange(0, BLOCK)
+        full = N - N % BLOCK
+        for start in range(0, full, BLOCK):
+            tl.store(o_row + start + lane,
+                     _tile(start, x_row, xs2, m_row, ms2, lo, hi, m, l, outside, HAS_MASK, OUT_DTYPE, BLOCK))
+        if full < N:
+            tl.store(o_row + full + lane,
+                     _tile(full, x_row, xs2, m_row, ms2, lo, hi, m, l, outside, HAS_MASK, OUT_DTYPE, BLOCK),
+                     mask=full + lane < N)
 
 
 _TL_DTYPES = {}
