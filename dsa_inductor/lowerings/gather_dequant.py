@@ -71,7 +71,8 @@ import math
 from typing import Optional
 
 import torch
-from torch.library import triton_op, wrap_triton
+
+from .registry import fused_op
 
 try:  # triton is optional on CPU-only installs; the CPU path never needs it.
     import triton
@@ -451,9 +452,9 @@ def _vec_hint(strides, m_max: int) -> int:
 
 
 def gather_dequant_triton(values, scales, index0, index1=None, block_size=0, drop=None, zero_negative=False,
-                          fmt="e4m3", out_dtype=torch.float32, launch=None, block_rows=None, num_warps=None,
+                          fmt="e4m3", out_dtype=torch.float32, block_rows=None, num_warps=None,
                           tiles=1, store_cs=False):
-    """Run the Triton kernel. ``launch`` wraps the jitted kernel (``wrap_triton`` under the op).
+    """Run the Triton kernel (the op's CUDA path; tests and tuning call it directly).
 
     ``block_rows``, ``num_warps``, ``tiles`` (tiles of ``block_rows`` rows per program) and ``store_cs``
     (streaming stores) are tuning knobs (bench/tune_gather_dequant.py); they never change the result."""
@@ -496,10 +497,9 @@ def gather_dequant_triton(values, scales, index0, index1=None, block_size=0, dro
     # loads be 16-byte vectors without relying on argument specialization (under Inductor too)
     vec_v = _vec_hint((vs[0], vs[1]), 16) if _static_multiple(vs[2], 1) and vs[2] == 1 else 0
     vec_o = _vec_hint((d,), 16)
-    kernel = _gather_dequant_kernel if launch is None else launch(_gather_dequant_kernel)
     tiles = max(1, int(tiles))
     grid = (triton.cdiv(n_rows, block_r * tiles),)
-    kernel[grid](
+    _gather_dequant_kernel[grid](
         v3, *vs, s3, *s3.stride(), i0, i1, dr, out,
         n_rows, r, p, b, sp, sb, d, d // g,
         MODE=mode, FMT=FORMATS.index(fmt), SCALE=scale_kind, ONE_GROUP=g == 1,
@@ -545,7 +545,7 @@ def _verify(out, values, scales, index0, index1, block_size, drop, zero_negative
                              f"{out[first].item()} != {ref[first].item()}")
 
 
-@triton_op(OP_NAME, mutates_args=())
+@fused_op(OP_NAME)
 def gather_dequant(
     values: torch.Tensor,
     scales: Optional[torch.Tensor],
@@ -578,12 +578,11 @@ def gather_dequant(
         TypeError / ValueError naming the argument (dtype, rank, device, block size, scale groups);
         IndexError on the CPU path for an index outside the cache (as eager).
     """
-    _check_args(values, scales, index0, index1, block_size, drop, fmt, out_dtype)
-    if values.device.type != "cuda":
+    if values.device.type != "cuda":  # (on CUDA, the *_triton function checks them)
+        _check_args(values, scales, index0, index1, block_size, drop, fmt, out_dtype)
         return gather_dequant_reference(values, scales, index0, index1, block_size, drop, zero_negative, fmt,
                                         out_dtype)
-    out = gather_dequant_triton(values, scales, index0, index1, block_size, drop, zero_negative, fmt, out_dtype,
-                                launch=wrap_triton)
+    out = gather_dequant_triton(values, scales, index0, index1, block_size, drop, zero_negative, fmt, out_dtype)
     if VERIFY:
         _verify(out, values, scales, index0, index1, block_size, drop, zero_negative, fmt, out_dtype)
     return out

@@ -38,7 +38,8 @@ import os
 from typing import Optional
 
 import torch
-from torch.library import triton_op, wrap_triton
+
+from .registry import fused_op
 
 try:  # triton is optional on CPU-only installs; the CPU path never needs it.
     import triton
@@ -194,10 +195,10 @@ def _default_config(q, t):
     return 64, 256 if t >= 256 else 128, 8, 3
 
 
-def index_score_triton(q, k, weights, scale=1.0, scale_after_relu=False, row_ends=None, launch=None,
+def index_score_triton(q, k, weights, scale=1.0, scale_after_relu=False, row_ends=None,
                        block_s=None, block_t=None, num_warps=None, num_stages=None):
-    """Run the Triton kernel.  ``launch`` wraps the jitted kernel (``wrap_triton`` under the op); the
-    block sizes and launch options override ``_default_config`` (tests shrink them, tuning sweeps them)."""
+    """Run the Triton kernel (the op's CUDA path).  The block sizes and launch options override
+    ``_default_config`` (tests shrink them, tuning sweeps them)."""
     if triton is None:
         raise RuntimeError("index_score: triton is not installed")
     _check_args(q, k, weights, scale, row_ends)
@@ -213,9 +214,8 @@ def index_score_triton(q, k, weights, scale=1.0, scale_after_relu=False, row_end
     # Triton 3.9's interpreter computes a bf16 tl.dot wrongly (values ~1e10 off): there the bf16 tiles are
     # upcast first, which is exact (bf16 -> fp32) and gives the same fp32 products.
     upcast = q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
-    kernel = _index_score_kernel if launch is None else launch(_index_score_kernel)
     grid = (triton.cdiv(s, block_s) * triton.cdiv(t, block_t), b)
-    kernel[grid](
+    _index_score_kernel[grid](
         q, *q.stride(), k, *k.stride(), weights, *weights.stride(), e, e.stride(0), e.stride(1),
         out, *out.stride(), s, t, h, d, float(scale),
         SCALE_AFTER_RELU=bool(scale_after_relu), HAS_ENDS=row_ends is not None, IEEE=q.dtype == torch.float32 or upcast, UPCAST=upcast,
@@ -224,7 +224,7 @@ def index_score_triton(q, k, weights, scale=1.0, scale_after_relu=False, row_end
     return out
 
 
-@triton_op(OP_NAME, mutates_args=())
+@fused_op(OP_NAME)
 def index_score(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -249,10 +249,10 @@ def index_score(
     Raises:
         ValueError / TypeError naming the argument: bad rank, dtype, device or shape, non-finite scale.
     """
-    _check_args(q, k, weights, scale, row_ends)
-    if q.device.type != "cuda":
+    if q.device.type != "cuda":  # (on CUDA, the *_triton function checks them)
+        _check_args(q, k, weights, scale, row_ends)
         return index_score_reference(q, k, weights, scale, scale_after_relu, row_ends)
-    out = index_score_triton(q, k, weights, scale, scale_after_relu, row_ends, launch=wrap_triton)
+    out = index_score_triton(q, k, weights, scale, scale_after_relu, row_ends)
     if VERIFY:
         ref = index_score_reference(q, k, weights, scale, scale_after_relu, row_ends)
         why = score_mismatch(out, ref, tolerance(q, k, weights, scale, row_ends))

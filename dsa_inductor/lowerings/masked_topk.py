@@ -39,7 +39,8 @@ import math
 from typing import Optional
 
 import torch
-from torch.library import triton_op, wrap_triton
+
+from .registry import fused_op
 
 try:  # triton is optional on CPU-only installs; the CPU path never needs it.
     import triton
@@ -518,8 +519,8 @@ def _default_warps(grid, block):
 
 def masked_topk_triton(logits, k, row_starts=None, row_ends=None, mask=None, mask_keeps=True, bias=None,
                        fill=float("-inf"), sorted=True, index_dtype=torch.int64, need_values=True,
-                       launch=None, block_max=BLOCK_MAX, num_warps=None, chunk=None, small=None, merge=None):
-    """Run the Triton kernels. ``launch`` wraps the jitted kernel (``wrap_triton`` under the op).
+                       block_max=BLOCK_MAX, num_warps=None, chunk=None, small=None, merge=None):
+    """Run the Triton kernels (the op's CUDA path; tests and tuning call it directly).
 
     A row of at most ``block_max`` positions is one program with the row in registers.  A longer row
     is cut into chunks of ``chunk`` (default ``block_max``) positions: each chunk keeps its top-k
@@ -556,7 +557,6 @@ def masked_topk_triton(logits, k, row_starts=None, row_ends=None, mask=None, mas
     m3 = _rows3(mask, batch, n) if mask is not None else x3
     b3 = _rows3(bias, batch, n) if bias is not None else x3
     fill = _round_to(float(fill), out_dtype)
-    kernel = _masked_topk_kernel if launch is None else launch(_masked_topk_kernel)
     common = dict(
         HAS_STARTS=row_starts is not None, HAS_ENDS=row_ends is not None,
         MASK_MODE=0 if mask is None else (1 if mask_keeps else 2), HAS_BIAS=bias is not None,
@@ -573,7 +573,7 @@ def masked_topk_triton(logits, k, row_starts=None, row_ends=None, mask=None, mas
     def launch_stage(grid, cand_in, cand_out, width, per_program, final, block):
         ck, ci = cand_in if cand_in is not None else (x3, x3)
         ok_, oi_ = cand_out if cand_out is not None else (x3, x3)
-        LAST_LAUNCHES.append(kernel[grid](
+        LAST_LAUNCHES.append(_masked_topk_kernel[grid](
             x3, *x3.stride(), st3, *st3.stride()[:2], en3, *en3.stride()[:2], m3, *m3.stride(), b3, *b3.stride(),
             ck, ci, ok_, oi_, vbuf, indices, scratch[0], scratch[1],
             batch[-1] if len(batch) else 1, n, k, width, per_program, fill,
@@ -610,7 +610,7 @@ def masked_topk_triton(logits, k, row_starts=None, row_ends=None, mask=None, mas
 
 
 
-@triton_op(OP_NAME, mutates_args=())
+@fused_op(OP_NAME)
 def masked_topk(
     logits: torch.Tensor,
     k: int,
@@ -644,12 +644,12 @@ def masked_topk(
     Raises:
         ValueError / TypeError naming the argument: bad rank, dtype or device, ``k < 0`` or ``k > N``.
     """
-    _check_args(logits, k, row_starts, row_ends, mask, bias, index_dtype)
-    if logits.device.type != "cuda":
+    if logits.device.type != "cuda":  # (on CUDA, the *_triton function checks them)
+        _check_args(logits, k, row_starts, row_ends, mask, bias, index_dtype)
         return masked_topk_reference(logits, k, row_starts, row_ends, mask, mask_keeps, bias, fill, sorted,
                                      index_dtype, need_values)
     values, indices = masked_topk_triton(logits, k, row_starts, row_ends, mask, mask_keeps, bias, fill, sorted,
-                                         index_dtype, need_values, launch=wrap_triton)
+                                         index_dtype, need_values)
     if VERIFY:
         why = topk_mismatch(masked_logits(logits, row_starts, row_ends, mask, mask_keeps, bias, fill), k,
                             values, indices, sorted, need_values)
@@ -661,7 +661,7 @@ def masked_topk(
 @masked_topk.register_fake
 def _masked_topk_fake(logits, k, row_starts, row_ends, mask, mask_keeps, bias, fill, sorted, index_dtype,
                       need_values):
-    # Shapes only.  (The op body would also trace, but its launch arithmetic on sizes, such as
+    # Shapes only.  (Running the op body on fake tensors would work too, but its launch arithmetic on sizes, such as
     # next_power_of_2(N), would specialize dynamic shapes and recompile per size.)
     _check_args(logits, k, row_starts, row_ends, mask, bias, index_dtype)
     batch = _batch_shape(logits, row_starts, row_ends, mask, bias)

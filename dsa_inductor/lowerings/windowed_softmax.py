@@ -38,7 +38,8 @@ import math
 from typing import Optional
 
 import torch
-from torch.library import triton_op, wrap_triton
+
+from .registry import fused_op
 
 try:  # triton is optional on CPU-only installs; the CPU path never needs it.
     import triton
@@ -214,9 +215,9 @@ if triton is not None:
     _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
-def windowed_softmax_triton(scores, row_starts=None, row_ends=None, mask=None, out_dtype=None, launch=None,
+def windowed_softmax_triton(scores, row_starts=None, row_ends=None, mask=None, out_dtype=None,
                             block=None, num_warps=None):
-    """Run the Triton kernel. ``launch`` wraps the jitted kernel (``wrap_triton`` under the op).
+    """Run the Triton kernel (the op's CUDA path; tests and tuning call it directly).
 
     ``block`` (positions per tile, a power of two) and ``num_warps`` are tunables; tests shrink
     ``block`` so that multi-tile windows run at small sizes under ``TRITON_INTERPRET=1``.
@@ -237,8 +238,7 @@ def windowed_softmax_triton(scores, row_starts=None, row_ends=None, mask=None, o
     st3 = _rows3(row_starts.unsqueeze(-1), batch, 1) if row_starts is not None else x3
     en3 = _rows3(row_ends.unsqueeze(-1), batch, 1) if row_ends is not None else x3
     m3 = _rows3(mask, batch, n) if mask is not None else x3
-    kernel = _windowed_softmax_kernel if launch is None else launch(_windowed_softmax_kernel)
-    kernel[(rows,)](
+    _windowed_softmax_kernel[(rows,)](
         x3, *x3.stride(), st3, *st3.stride()[:2], en3, *en3.stride()[:2], m3, *m3.stride(), out,
         batch[-1] if len(batch) else 1, n,
         HAS_STARTS=row_starts is not None, HAS_ENDS=row_ends is not None, HAS_MASK=mask is not None,
@@ -268,7 +268,7 @@ def softmax_mismatch(ref, out, keep=None, atol=None, rtol=None) -> Optional[str]
     return None
 
 
-@triton_op(OP_NAME, mutates_args=())
+@fused_op(OP_NAME)
 def windowed_softmax(
     scores: torch.Tensor,
     row_starts: Optional[torch.Tensor],
@@ -292,10 +292,10 @@ def windowed_softmax(
     Raises:
         ValueError / TypeError naming the argument: bad rank, dtype, device or broadcast.
     """
-    _check_args(scores, row_starts, row_ends, mask, out_dtype)
-    if scores.device.type != "cuda":
+    if scores.device.type != "cuda":  # (on CUDA, the *_triton function checks them)
+        _check_args(scores, row_starts, row_ends, mask, out_dtype)
         return windowed_softmax_reference(scores, row_starts, row_ends, mask, out_dtype)
-    out = windowed_softmax_triton(scores, row_starts, row_ends, mask, out_dtype, launch=wrap_triton)
+    out = windowed_softmax_triton(scores, row_starts, row_ends, mask, out_dtype)
     if VERIFY:
         why = softmax_mismatch(windowed_softmax_reference(scores, row_starts, row_ends, mask, out_dtype), out)
         if why is not None:
