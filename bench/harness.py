@@ -3,6 +3,11 @@
 Times are ``triton.testing.do_bench`` medians (CUDA events, warm-up excluded).  The stock and the
 dsa_inductor compiles run in the same process, one after the other, with Dynamo reset between them and
 the FX graph cache disabled, so each number comes from its own compile of the same eager function.
+
+With ``cudagraphs=True`` the stock and dsa_inductor compiles also run as ``mode="reduce-overhead"``
+(CUDA graphs, inputs marked static so replays copy nothing): those columns have no host overhead, and the
+CUDA-graph output of ours goes through the case's check too (issue 6: every example runs under CUDA graphs
+and matches eager).
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ class Result:
     roofline_us: float
     matches: int
     problem: Optional[str]
+    stock_graph_us: float = float("nan")
+    ours_graph_us: float = float("nan")
 
 
 def _gpu_name() -> str:
@@ -51,7 +58,24 @@ def _median_us(fn, args) -> float:
     return triton.testing.do_bench(lambda: fn(*args), warmup=50, rep=300, return_mode="median") * 1e3
 
 
-def run_case(case: Case) -> Result:
+def _graphed(fn, args, rules: bool):
+    """``fn`` compiled with ``mode="reduce-overhead"`` (with or without our rules), warmed up and recorded."""
+    torch._dynamo.reset()
+    (dsa_inductor.register_dsa_passes if rules else dsa_inductor.unregister_dsa_passes)()
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            torch._dynamo.mark_static_address(a)
+    compiled = torch.compile(fn, mode="reduce-overhead", dynamic=False)
+    for _ in range(3):  # warm-up, record, replay
+        out = compiled(*args)
+    return compiled, out
+
+
+def _clone(out):
+    return out.clone() if isinstance(out, torch.Tensor) else type(out)(_clone(o) for o in out)
+
+
+def run_case(case: Case, cudagraphs: bool = False) -> Result:
     torch._inductor.config.force_disable_caches = True
     args = case.make_inputs()
     with torch.no_grad():
@@ -70,6 +94,13 @@ def run_case(case: Case) -> Result:
         ours = torch.compile(case.fn, dynamic=False)
         our_out = ours(*args)
         ours_us = _median_us(ours, args)
+        graph_us = {}
+        if cudagraphs:
+            for rules in (False, True):
+                compiled, out = _graphed(case.fn, args, rules)
+                graph_us[rules] = _median_us(compiled, args)
+                if rules:
+                    graph_out = _clone(out)
         dsa_inductor.unregister_dsa_passes()
         torch._dynamo.reset()
 
@@ -77,17 +108,23 @@ def run_case(case: Case) -> Result:
 
     matches = sum(sum(st.matches.values()) for st in _STATS.values())
     problem = case.check(args, eager_out, our_out) if case.check else None
+    if cudagraphs and case.check and problem is None:
+        problem = case.check(args, eager_out, graph_out)
+        problem = problem and f"CUDA graphs: {problem}"
     gpu = _gpu_name()
     roof = max(case.min_bytes / HBM_BYTES_PER_S.get(gpu, 3.35e12), case.flops / BF16_FLOPS.get(gpu, 989e12)) * 1e6
-    return Result(case, eager_us, stock_us, ours_us, roof, matches, problem)
+    return Result(case, eager_us, stock_us, ours_us, roof, matches, problem,
+                  graph_us.get(False, float("nan")), graph_us.get(True, float("nan")))
 
 
 def markdown(results: list[Result]) -> str:
     head = (f"Device: {torch.cuda.get_device_name()}, torch {torch.__version__}, "
             f"triton {__import__('triton').__version__}; do_bench medians in us.\n\n"
-            "| idiom | shape | eager | stock compile | dsa-inductor | roofline | vs stock | matches | check |\n"
-            "|---|---|---|---|---|---|---|---|---|\n")
+            "| idiom | shape | eager | stock compile | dsa-inductor | stock, CUDA graphs | dsa-inductor, CUDA graphs "
+            "| roofline | vs stock | matches | check |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|\n")
     rows = [f"| {r.case.idiom} | {r.case.shape} | {r.eager_us:.1f} | {r.stock_us:.1f} | {r.ours_us:.1f} | "
+            f"{r.stock_graph_us:.1f} | {r.ours_graph_us:.1f} | "
             f"{r.roofline_us:.1f} | {r.stock_us / r.ours_us:.1f}x | {r.matches} | {r.problem or 'ok'} |"
             for r in results]
     return head + "\n".join(rows) + "\n"

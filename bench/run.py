@@ -1,6 +1,6 @@
 """Run every idiom benchmark on the current GPU; write a markdown table and a PNG chart.
 
-    python bench/run.py [--out DIR] [--only SUBSTRING]
+    python bench/run.py [--out DIR] [--only SUBSTRING] [--cudagraphs]
 
 Output: DIR/<gpu>.md and DIR/<gpu>.png (default DIR: bench/results).
 """
@@ -30,6 +30,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--only", default="")
+    ap.add_argument("--cudagraphs", action="store_true",
+                    help="also time stock and ours under mode='reduce-overhead' (and check ours there)")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/run.py needs a CUDA GPU: CPU timings say nothing about these kernels")
@@ -39,9 +41,10 @@ def main() -> None:
         for case in mod.cases():
             if a.only and a.only not in case.idiom:
                 continue
-            r = getattr(mod, "run_case", run_case)(case)  # a module may time its cases its own way
+            own = getattr(mod, "run_case", None)  # a module may time its cases its own way
+            r = own(case) if own else run_case(case, cudagraphs=a.cudagraphs)
             print(f"{case.idiom:45s} {case.shape:32s} eager {r.eager_us:9.1f} stock {r.stock_us:9.1f} "
-                  f"ours {r.ours_us:9.1f} roof {r.roofline_us:7.1f} matches {r.matches} {r.problem or 'ok'}",
+                  f"ours {r.ours_us:9.1f} graphs {r.stock_graph_us:8.1f}/{r.ours_graph_us:8.1f} roof {r.roofline_us:7.1f} matches {r.matches} {r.problem or 'ok'}",
                   flush=True)
             results.append(r)
     gpu = torch.cuda.get_device_name().replace(" ", "_")
