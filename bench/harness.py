@@ -139,12 +139,16 @@ def chart(results: list[Result], path: str) -> None:
 
     labels = [f"{r.case.idiom}\n{r.case.shape}" for r in results]
     series = {"eager": [r.eager_us for r in results], "stock torch.compile": [r.stock_us for r in results],
-              "dsa-inductor": [r.ours_us for r in results], "roofline": [r.roofline_us for r in results]}
+              "dsa-inductor": [r.ours_us for r in results]}
+    if any(r.ours_graph_us == r.ours_graph_us for r in results):  # not all nan: --cudagraphs ran
+        series["stock, CUDA graphs"] = [r.stock_graph_us for r in results]
+        series["dsa-inductor, CUDA graphs"] = [r.ours_graph_us for r in results]
+    series["roofline"] = [r.roofline_us for r in results]
     x = np.arange(len(results))
-    width = 0.2
+    width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(max(6, 2.6 * len(results)), 4.5))
     for i, (name, vals) in enumerate(series.items()):
-        ax.bar(x + (i - 1.5) * width, vals, width, label=name)
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, vals, width, label=name)
     ax.set_yscale("log")
     ax.set_ylabel("median time (us, log scale)")
     ax.set_xticks(x, labels, fontsize=7)
