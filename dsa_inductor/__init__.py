@@ -39,9 +39,16 @@ def register_dsa_passes(patterns: Optional[Iterable[str]] = None, verify: bool =
 
     Args:
         patterns: names of the rules to enable (see ``dsa_inductor.RULES``); None enables all.
-        verify: run each fused op's CUDA kernel beside its eager definition on live inputs and raise
-            on the first difference (slow; for debugging and CI); lifted per-token loops likewise run the
-            original loop beside the compiled lifted code on their first calls.
+        verify: check every fused op against the eager subgraph it replaced, on live inputs, on every
+            call (CPU and CUDA): the rewritten graph runs the op, then the opaque op
+            ``dsa_inductor::rule_verify``, which runs the replaced subgraph eagerly, compares under the
+            rule's contract (``dsa_inductor.testing``) and raises ``dsa_inductor.verify.DSAVerifyError``
+            naming the rule, the variant and the first differing element (``dsa_inductor/verify.py``).
+            Slow; for debugging and CI.  Follow-up folds that read the op's consumers (gather_dequant's
+            zero mask and cast, mask_topk's sorted -> unsorted) do not apply in this mode, since the
+            check is the op's consumer.  Lifted per-token loops likewise run the original loop beside
+            the compiled lifted code on their first calls; direct calls of the ops on CUDA also compare
+            the kernel with the op's plain-torch definition.
 
     Also lifts per-token Python loops of the loaded user modules for Dynamo (``dsa_inductor.loops``).
 

@@ -81,6 +81,7 @@ class DSAPassManager(CustomGraphPass):
             return
         canonicalize_broadcasts(graph)
         for rule in self.rules.values():
+            rule.verify = self.verify
             rule.apply(graph)
 
     def uuid(self) -> Optional[Any]:

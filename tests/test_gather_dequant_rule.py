@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from torch._inductor.utils import run_and_get_code
 
 from conftest import DEVICES, matches
+from dsa_inductor import testing
 from dsa_inductor.lowerings.gather_dequant import quantize_e4m3
 
 E8M0 = getattr(torch, "float8_e8m0fnu", None)
@@ -117,8 +118,7 @@ def inputs(draw, fn, device):
 
 def assert_same(out, ref):
     assert out.shape == ref.shape and out.dtype == ref.dtype
-    same = (out == ref) | (out.isnan() & ref.isnan())
-    assert bool(same.all()), f"first difference at {same.logical_not().nonzero()[0].tolist()}"
+    testing.assert_exact(out, ref)
 
 
 @pytest.mark.parametrize("device", DEVICES)

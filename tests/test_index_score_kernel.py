@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dsa_inductor.lowerings.index_score as mod
-from dsa_inductor.lowerings.index_score import (index_score_reference, index_score_triton, score_mismatch,
-                                                tolerance)
+from dsa_inductor.lowerings.index_score import index_score_reference, index_score_triton
+from dsa_inductor.testing import index_score_tolerance as tolerance, score_mismatch
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch._inductor.utils import run_and_get_code
 
 from conftest import DEVICES, matches
-from dsa_inductor.lowerings.index_score import score_mismatch, tolerance
+from dsa_inductor.testing import index_score_tolerance as tolerance, score_mismatch
 
 
 # ---- user code, written as model code writes it (not through the rule's own search functions) -------------

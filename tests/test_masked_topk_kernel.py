@@ -9,7 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsa_inductor.lowerings.masked_topk import masked_logits, masked_topk_triton, topk_mismatch
+from dsa_inductor.lowerings.masked_topk import masked_logits, masked_topk_triton
+from dsa_inductor.testing import topk_mismatch
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dsa_inductor.lowerings import windowed_softmax as mod
-from dsa_inductor.lowerings.windowed_softmax import (softmax_mismatch, windowed_softmax_reference,
-                                                     windowed_softmax_triton)
+from dsa_inductor.lowerings.windowed_softmax import windowed_softmax_reference, windowed_softmax_triton
+from dsa_inductor.testing import softmax_mismatch
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

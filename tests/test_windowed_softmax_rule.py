@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch._inductor.utils import run_and_get_code
 
 from conftest import DEVICES, matches
-from dsa_inductor.lowerings.windowed_softmax import softmax_mismatch
+from dsa_inductor.testing import softmax_mismatch
 
 NEG_INF = float("-inf")
 W = 4  # sliding window (DeepSeek-V4 uses 128; small here so that the window matters at test sizes)

@@ -1,7 +1,8 @@
 """Fused ops: one module per op, each with its schema, CPU path and Triton kernels.
 
 Every op module has a module-level ``VERIFY`` flag (set by ``register_dsa_passes(verify=...)`` through
-``set_verify``): when true its CUDA path also runs the eager definition and raises on a difference.
+``set_verify``): when true its CUDA path also runs the op's plain-torch definition and raises on a
+difference.  The check of a rewrite against the eager subgraph it replaced is ``dsa_inductor.verify``.
 """
 
 from . import gather_dequant, masked_topk, windowed_softmax

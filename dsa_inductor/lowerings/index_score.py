@@ -41,6 +41,8 @@ import torch
 
 from .registry import fused_op
 
+from ..testing import index_score_tolerance, score_mismatch  # noqa: F401  (the contract; re-exported)
+
 try:  # triton is optional on CPU-only installs; the CPU path never needs it.
     import triton
     import triton.language as tl
@@ -99,31 +101,7 @@ def index_score_reference(q, k, weights, scale=1.0, scale_after_relu=False, row_
     return out
 
 
-def tolerance(q, k, weights, scale=1.0, row_ends=None):
-    """Elementwise bound on ``|ours - eager|``: ``(D + H + 8) * 2**-24 * M`` (see the module docstring)."""
-    # Non-finite inputs give a non-finite result (compared exactly) or an exact 0 after the relu: they
-    # take no part in the rounding bound.
-    def fin(x):
-        return torch.where(torch.isfinite(x), x.abs(), 0).to(x.dtype)
-
-    mag = index_score_reference(fin(q), fin(k), fin(weights), abs(scale), False, row_ends)
-    mag = torch.where(torch.isfinite(mag), mag, 0.0)
-    return (q.shape[-1] + q.shape[-2] + 8) * 2.0**-24 * mag
-
-
-def score_mismatch(ours, ref, tol) -> Optional[str]:
-    """Why ``ours`` is not ``ref`` within ``tol`` (None if it is); NaN and inf must agree exactly."""
-    if tuple(ours.shape) != tuple(ref.shape):
-        return f"shape {tuple(ours.shape)} != eager's {tuple(ref.shape)}"
-    if ours.dtype != ref.dtype:
-        return f"dtype {ours.dtype} != eager's {ref.dtype}"
-    finite = torch.isfinite(ref)
-    bad = torch.where(finite, ~((ours - ref).abs() <= tol), ~((ours == ref) | (ours.isnan() & ref.isnan())))
-    if bad.any():
-        idx = tuple(bad.nonzero()[0].tolist())
-        return (f"element {idx}: {ours[idx].item()!r} vs eager {ref[idx].item()!r} "
-                f"(tolerance {tol[idx].item():.3g})")
-    return None
+tolerance = index_score_tolerance  # the bound lives in dsa_inductor.testing
 
 
 if triton is not None:

@@ -14,6 +14,9 @@ where ``keep`` is the conjunction of the given pieces:
 Masked positions take the value ``fill`` rounded to the result dtype, exactly as ``masked_fill`` /
 ``torch.where`` give them; a row with fewer than ``k`` kept positions is padded with masked positions,
 as eager pads it.  Indices are valid positions in ``[0, N)``; ties may pick other indices than eager.
+NaN ranks above +inf (``torch.topk``'s order, on CPU and CUDA); among equal values (several NaNs, -inf
+fill included) which indices are picked is unspecified, in eager too.  The contract is
+``dsa_inductor.testing.topk_mismatch``.
 
 CUDA path (``masked_topk_triton``): one Triton program per row (or per chunk of a long row) holds the
 row's order-preserving uint32 keys in registers, loading only kept positions and never writing a masked
@@ -41,6 +44,8 @@ from typing import Optional
 import torch
 
 from .registry import fused_op
+
+from ..testing import topk_mismatch  # noqa: F401  (the equivalence contract; re-exported)
 
 try:  # triton is optional on CPU-only installs; the CPU path never needs it.
     import triton
@@ -124,61 +129,6 @@ def masked_topk_reference(logits, k, row_starts=None, row_ends=None, mask=None, 
     if not need_values:
         values = values.new_empty(*values.shape[:-1], 0)
     return values, indices.to(index_dtype)
-
-
-def _nan_top(x):
-    """NaN as +inf (topk ranks NaN first), leaving +-inf themselves alone (plain nan_to_num would turn
-    them into +-finfo.max, so -inf and -3.4e38 would compare equal)."""
-    return torch.where(x.isnan(), float("inf"), x)
-
-
-def topk_mismatch(masked, k, values, indices, sorted=True, need_values=True) -> Optional[str]:
-    """Why ``(values, indices)`` is not a valid top-k of ``masked`` (None if it is).
-
-    Equivalence contract: the same multiset of selected values as ``torch.topk``, indices unique and
-    in ``[0, N)``, each value equal to ``masked`` at its index, and descending order when ``sorted``.
-    Ties may pick other indices than eager.
-    """
-    n = masked.shape[-1]
-    if tuple(indices.shape) != (*masked.shape[:-1], k):
-        return f"indices have shape {tuple(indices.shape)}, expected {(*masked.shape[:-1], k)}"
-    if need_values and tuple(values.shape) != tuple(indices.shape):
-        return f"values have shape {tuple(values.shape)}, expected {tuple(indices.shape)}"
-    if k == 0 or indices.numel() == 0:
-        return None
-    rows_m = masked.reshape(-1, n)
-    idx = indices.reshape(-1, k).long()
-    bad = (idx < 0) | (idx >= n)
-    if bad.any():
-        r, j = bad.nonzero()[0].tolist()
-        return f"index {idx[r, j].item()} at row {r}, slot {j} is outside [0, {n})"
-    if k > 1:
-        srt = idx.sort(dim=-1).values
-        dup = srt[:, 1:] == srt[:, :-1]
-        if dup.any():
-            r, j = dup.nonzero()[0].tolist()
-            return f"index {srt[r, j].item()} selected twice in row {r}"
-    picked = rows_m.gather(-1, idx).float()
-    if need_values:
-        got = values.reshape(-1, k).float()
-        diff = ~((got == picked) | (got.isnan() & picked.isnan()))
-        if diff.any():
-            r, j = diff.nonzero()[0].tolist()
-            return f"value {got[r, j].item()} at row {r}, slot {j} != logits[{idx[r, j].item()}] = {picked[r, j].item()}"
-    ref = torch.topk(rows_m.float(), k, dim=-1).values
-    mine = torch.sort(_nan_top(picked), dim=-1, descending=True).values
-    ref_s = torch.sort(_nan_top(ref), dim=-1, descending=True).values
-    diff = mine != ref_s
-    if diff.any():
-        r, j = diff.nonzero()[0].tolist()
-        return f"row {r}: {j}-th largest selected value is {mine[r, j].item()}, eager selects {ref_s[r, j].item()}"
-    if sorted and k > 1:
-        p = _nan_top(picked)
-        up = p[:, 1:] > p[:, :-1]
-        if up.any():
-            r, j = up.nonzero()[0].tolist()
-            return f"row {r} is not sorted descending at slot {j + 1}"
-    return None
 
 
 @functools.lru_cache(maxsize=64)

@@ -39,6 +39,7 @@ from typing import Optional
 
 import torch
 
+from ..testing import softmax_mismatch  # noqa: F401  (the equivalence contract; re-exported)
 from .registry import fused_op
 
 try:  # triton is optional on CPU-only installs; the CPU path never needs it.
@@ -244,28 +245,6 @@ def windowed_softmax_triton(scores, row_starts=None, row_ends=None, mask=None, o
         HAS_STARTS=row_starts is not None, HAS_ENDS=row_ends is not None, HAS_MASK=mask is not None,
         OUT_DTYPE=_TL_DTYPES[out_dtype], BLOCK=block or BLOCK, num_warps=num_warps or NUM_WARPS)
     return out
-
-
-def softmax_mismatch(ref, out, keep=None, atol=None, rtol=None) -> Optional[str]:
-    """Why ``out`` differs from eager's ``ref`` (None if it agrees).
-
-    NaNs must be at the same positions, other values within the dtype's tolerance; where ``keep`` (bool,
-    broadcastable) is given, positions outside it must be exactly 0 in non-NaN rows.  (Inside the window a
-    value that underflows may be 0 on one side and a denormal on the other: eager's CPU ``exp`` differs.)
-    """
-    if tuple(out.shape) != tuple(ref.shape) or out.dtype != ref.dtype:
-        return f"output {tuple(out.shape)} {out.dtype}, eager {tuple(ref.shape)} {ref.dtype}"
-    tol = {torch.float32: (1e-5, 1e-6), torch.float16: (2e-3, 1e-5), torch.bfloat16: (1.6e-2, 1e-5)}[ref.dtype]
-    rtol, atol = rtol or tol[0], atol or tol[1]
-    n = ref.shape[-1] if ref.dim() else 1
-    r, o = ref.float().reshape(-1), out.float().reshape(-1)
-    bad = (r.isnan() != o.isnan()) | (~r.isnan() & ((r - o).abs() > atol + rtol * r.abs()))
-    if keep is not None:
-        bad |= (~keep.expand(ref.shape).reshape(-1).to(r.device)) & ~r.isnan() & (o != 0)
-    if bad.any():
-        i = int(bad.nonzero()[0])
-        return f"element {i // n}, {i % n}: eager {r[i].item()!r}, got {o[i].item()!r}"
-    return None
 
 
 @fused_op(OP_NAME)

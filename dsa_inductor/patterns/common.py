@@ -37,6 +37,9 @@ class Variant:
     example_inputs: Callable[[], list]
     scalar_workaround: dict
     check: Callable[[Match], Optional[str]] = lambda match: None
+    # verify mode: (inputs, eager outputs, fused outputs) -> why they break the rule's contract, or None
+    # (None: elementwise within dsa_inductor.testing.tol(dtype))
+    compare: Optional[Callable[[list, list, list], Optional[str]]] = None
 
 
 def with_signature(fn: Callable, argnames: Iterable[str]) -> Callable:
@@ -65,6 +68,7 @@ class Rule:
     def __init__(self) -> None:
         self._pass: Optional[PatternMatcherPass] = None
         self._failed: dict = {}
+        self.verify = False  # set by the pass manager: replacements then check themselves (dsa_inductor.verify)
 
     # -- registration --------------------------------------------------------------------------------
     def variants(self) -> Iterable[Variant]:
@@ -94,11 +98,17 @@ class Rule:
         return self._pass
 
     def _counted(self, v: Variant) -> Callable:
-        """The replacement is traced exactly once per accepted match: count it there."""
+        """The replacement is traced exactly once per accepted match: count it there (and, in verify mode,
+        follow the fused op with the check against the eager subgraph, ``dsa_inductor.verify``)."""
 
         def replace(*args):
             stats_for(self.name, self.op).matches[v.name] += 1
-            return v.replace(*args)
+            out = v.replace(*args)
+            if self.verify:
+                from ..verify import wrap
+
+                out = wrap(self.name, self.op, v, args, out)
+            return out
 
         return replace
 

@@ -48,6 +48,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..lowerings import gather_dequant as _op_module  # noqa: F401  (defines the op)
 from ..report import stats_for
+from ..verify import exact_compare
 from .common import Rule, Variant, tensor_meta
 
 aten = torch.ops.aten
@@ -154,7 +155,7 @@ def _make_variant(form: Form) -> Variant:
 
     workaround = {"group": GROUP_MAGIC} if grouped else {}
     return Variant(form.name, argnames, search, replace, example_inputs, workaround,
-                   check=lambda m: _check(form, m))
+                   check=lambda m: _check(form, m), compare=exact_compare)
 
 
 def _static_eq(a, b) -> bool:

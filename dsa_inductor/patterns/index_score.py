@@ -37,6 +37,7 @@ from torch._inductor.pattern_matcher import PatternMatcherPass, fx_to_pattern, i
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from .. import testing
 from ..canonicalize import trace_fn
 from ..lowerings import index_score as _op_module  # noqa: F401  (defines the op)
 from .common import _HAS_PATTERN_NAME, Rule, Variant, tensor_meta, with_signature
@@ -114,7 +115,14 @@ def _make_variant(form: Form) -> Variant:
         return ex + ([SCALE_MAGIC] if has_scale else [])
 
     workaround = {"scale": SCALE_MAGIC} if has_scale else {}
-    variant = Variant(form.name, argnames, search, replace, example_inputs, workaround)
+
+    def compare(args, expected, actual):
+        """Verify mode: the fp32 sum bound (``testing.index_score_tolerance``) against the eager subgraph."""
+        q, k, w = args[:3]
+        scale = args[3] if has_scale else 1.0
+        return testing.score_mismatch(actual[0], expected[0], testing.index_score_tolerance(q, k, w, scale))
+
+    variant = Variant(form.name, argnames, search, replace, example_inputs, workaround, compare=compare)
     variant.check = lambda m: _check(form, m) or _specific_mismatch(variant, m)
     return variant
 

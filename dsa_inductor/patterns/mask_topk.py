@@ -31,6 +31,7 @@ from typing import Callable, Optional
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from .. import testing
 from ..lowerings import masked_topk as _op_module  # noqa: F401  (defines the op)
 from ..report import stats_for
 from .common import Rule, Variant, tensor_meta
@@ -155,9 +156,23 @@ def _make_variant(form: MaskForm, sorted_: bool, output: str) -> Variant:
         magic = {"n": N_MAGIC, "k": K_MAGIC, "fill": FILL_MAGIC}
         return [ex["logits"], *(ex[t] for t in form.tensors), *(magic[s] for s in scalars)]
 
+    def compare(args, expected, actual):
+        """Verify mode: the top-k contract (``testing.topk_mismatch``) against the eager subgraph."""
+        logits, tensors, sc = split(args)
+        extra = ([sc["n"]] if form.has_n else []) + ([sc["fill"]] if form.has_fill else [])
+        uses_values, uses_indices, _ = OUTPUTS[output]
+        if not uses_indices:
+            return testing.topk_values_mismatch(actual[0], expected[0], sorted_)
+        indices = actual[-1]
+        if indices.dtype != expected[-1].dtype:
+            return f"indices are {indices.dtype}, eager's {expected[-1].dtype}"
+        masked = form.masked(logits, *tensors, *extra)
+        return testing.topk_mismatch(masked, sc["k"], actual[0] if uses_values else None, indices, sorted_,
+                                     uses_values)
+
     workaround = {s: {"n": N_MAGIC, "k": K_MAGIC, "fill": FILL_MAGIC}[s] for s in scalars}
     name = f"{form.name}:{'sorted' if sorted_ else 'unsorted'}:{output}"
-    return Variant(name, argnames, search, replace, example_inputs, workaround, check=_check)
+    return Variant(name, argnames, search, replace, example_inputs, workaround, check=_check, compare=compare)
 
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)

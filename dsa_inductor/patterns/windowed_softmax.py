@@ -37,6 +37,7 @@ from typing import Callable, Optional
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from .. import testing
 from ..lowerings import windowed_softmax as _op_module  # noqa: F401  (defines the op)
 from ..report import stats_for
 from .common import Rule, Variant, tensor_meta
@@ -117,7 +118,8 @@ def _make_variant(form: MaskForm, dt: DtypeForm) -> Variant:
 
     workaround = {"n": N_MAGIC} if form.has_n else {}
     return Variant(f"{form.name}:{dt.name}", argnames, search, replace, example_inputs, workaround,
-                   check=_check_drop if form.drop else _check)
+                   check=_check_drop if form.drop else _check,
+                   compare=lambda args, expected, actual: testing.softmax_mismatch(expected[0], actual[0]))
 
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
