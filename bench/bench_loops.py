@@ -5,10 +5,11 @@ it (paged cache, block_size 64, D 128: each page row holds 64 x 128 fp8 bytes th
 through a uint8 view), and the causal ``[ks, ke)`` window offsets of indexer prefill.  "eager" runs the
 Python loop; "stock compile" is ``torch.compile`` of a caller, which graph-breaks at ``.tolist()`` and
 unrolls the loop; "dsa-inductor" is the same compile after ``register_dsa_passes()``, which lifts the loop
-(these functions live in this module, scanned when ``register_dsa_passes()`` runs).  The harness compiles
+(the loops live in ``examples/serving_loops.py``, shared with the tests, and are found by scanning when
+``register_dsa_passes()`` runs).  The harness compiles
 with ``dynamic=False``.  Stock compile of a 16384-iteration unrolled loop takes very long: it is skipped
-(reported as nan) unless ``DSA_BENCH_STOCK_LOOPS=1``.  ``run_case`` here replaces the harness's because of
-that and because the offsets loop needs ``capture_scalar_outputs`` (its output length is data-dependent).
+(reported as nan) unless ``DSA_BENCH_STOCK_LOOPS=1``, which is why ``run_case`` here replaces the harness's.
+No Dynamo config is set: the offsets loop's data-dependent output length is an unbacked size.
 
     python bench/bench_loops.py        # these cases alone; bench/run.py includes them too
 """
@@ -26,40 +27,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dsa_inductor  # noqa: E402
 from harness import Case, Result, _gpu_name, _median_us, HBM_BYTES_PER_S  # noqa: E402
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+import serving_loops  # noqa: E402  (the loops, shared with tests/test_loops_lifting.py)
+from serving_loops import causal_window_offsets, offsets_step, read_indexer_cache  # noqa: E402
+
 BLOCK, D = 64, 128
 
 
-def read_indexer_cache(cache, slot_mapping, block_size: int, D: int):
-    def scale_of(page, pos):
-        base = block_size * D
-        return cache[page, base + pos * 4:base + (pos + 1) * 4].view(torch.float32)
-
-    out = torch.zeros(slot_mapping.shape[0], D, dtype=torch.float32, device=cache.device)
-    for i, slot in enumerate(slot_mapping.tolist()):
-        if slot < 0:
-            continue
-        page, pos = divmod(slot, block_size)
-        out[i] = cache[page, pos * D:(pos + 1) * D].view(torch.float8_e4m3fn).float() * scale_of(page, pos)
-    return out
-
-
-def causal_window_offsets(seq_lens, query_lens):
-    ks, ke = [], []
-    kv_start = 0
-    for seq_len, q_len in zip(seq_lens.tolist(), query_lens.tolist()):
-        for t in range(q_len):
-            ks.append(kv_start)
-            ke.append(kv_start + seq_len - q_len + t + 1)
-        kv_start += seq_len
-    return torch.tensor(ks, dtype=torch.int32), torch.tensor(ke, dtype=torch.int32)
-
-
 def indexer_cache_step(cache, slot_mapping):
-    return read_indexer_cache(cache, slot_mapping, BLOCK, D)
-
-
-def offsets_step(seq_lens, query_lens):
-    return causal_window_offsets(seq_lens, query_lens)
+    return serving_loops.indexer_step(cache, slot_mapping, BLOCK, D)
 
 
 def _check_equal(args, eager, ours):
@@ -102,7 +78,7 @@ def run_case(case: Case) -> Result:
     torch._inductor.config.force_disable_caches = True
     args = case.make_inputs()
     stock_on = os.environ.get("DSA_BENCH_STOCK_LOOPS") == "1"
-    with torch.no_grad(), torch._dynamo.config.patch(capture_scalar_outputs=True):
+    with torch.no_grad():
         eager_out = case.fn(*args)
         eager_us = _median_us(case.fn, args)
         stock_us = math.nan

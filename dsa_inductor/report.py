@@ -118,8 +118,7 @@ def _loops_section() -> list:
     out = [f"- loop lifting: {len(loops.LIFTED)} function(s) lifted, {len(loops.REFUSED)} refused{state}"]
     for lifted in sorted(loops.LIFTED.values(), key=lambda x: x.plan.location):
         p = lifted.plan
-        extra = " (data-dependent length: one graph needs torch._dynamo.config.capture_scalar_outputs=True)" \
-            if p.needs_scalar_capture else ""
+        extra = " (output length data-dependent: an unbacked size, one graph)" if p.data_dependent_length else ""
         out.append(f"    lifted {p.name} at {p.location}: {'+'.join(p.kinds)} loop{extra}")
     for r in sorted(loops.REFUSED.values(), key=lambda x: x.location):
         out.append(f"    refused {r.name} at {r.location}: {r.reason}")

@@ -1,15 +1,18 @@
 """Loop lifting (dsa_inductor.loops): per-token Python loops replaced, for Dynamo only, by vectorized code.
 
-The loops below are written as serving code writes them (DeepSeek-V3.2 indexer FP8 cache read through
-``slot_mapping``, vLLM/SGLang style; the causal ``[ks, ke)`` window offsets of indexer prefill).  They are
-module-level functions of this (user) module, so ``register_dsa_passes()`` finds them by scanning.
+The serving loops (DeepSeek-V3.2 indexer FP8 cache read through ``slot_mapping``, vLLM/SGLang style; the
+causal ``[ks, ke)`` window offsets of indexer prefill) live in ``examples/serving_loops.py``, shared with
+``bench/bench_loops.py``; the near misses and a ``range`` loop are module-level functions of this (user)
+module.  ``register_dsa_passes()`` finds all of them by scanning.
 """
 
+import os
 import random
+import sys
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 import dsa_inductor
 from dsa_inductor import loops, testing
@@ -17,35 +20,15 @@ from dsa_inductor.loops import runtime
 
 from conftest import DEVICES
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+import serving_loops  # noqa: E402
+from serving_loops import causal_window_offsets, indexer_step, offsets_step, read_indexer_cache  # noqa: E402
+
 BLOCK, D = 4, 8  # small paged layout: each page row = BLOCK*D fp8 bytes, then BLOCK fp32 scales
+CUDA = torch.cuda.is_available()
 
 
 # ------------------------------------------------------------------------------------------------- loops
-def read_indexer_cache(cache, slot_mapping, block_size: int, D: int):
-    def scale_of(page, pos):
-        base = block_size * D
-        return cache[page, base + pos * 4:base + (pos + 1) * 4].view(torch.float32)
-
-    out = torch.zeros(slot_mapping.shape[0], D, dtype=torch.float32, device=cache.device)
-    for i, slot in enumerate(slot_mapping.tolist()):
-        if slot < 0:
-            continue
-        page, pos = divmod(slot, block_size)
-        out[i] = cache[page, pos * D:(pos + 1) * D].view(torch.float8_e4m3fn).float() * scale_of(page, pos)
-    return out
-
-
-def causal_window_offsets(seq_lens, query_lens):
-    ks, ke = [], []
-    kv_start = 0
-    for seq_len, q_len in zip(seq_lens.tolist(), query_lens.tolist()):
-        for t in range(q_len):
-            ks.append(kv_start)
-            ke.append(kv_start + seq_len - q_len + t + 1)
-        kv_start += seq_len
-    return torch.tensor(ks, dtype=torch.int32), torch.tensor(ke, dtype=torch.int32)
-
-
 def gather_rows_range(table, idx, out):
     for i in range(idx.shape[0]):
         j = int(idx[i])
@@ -79,16 +62,6 @@ def near_miss_break(cache, slot_mapping, D: int):
             break
         out[i] = cache[slot, :D].float()
     return out
-
-
-# callers: the substitution applies where compiled code calls the loop function
-def indexer_step(cache, slot_mapping, block_size: int, D: int):
-    return read_indexer_cache(cache, slot_mapping, block_size, D) * 1.0
-
-
-def offsets_step(seq_lens, query_lens):
-    ks, ke = causal_window_offsets(seq_lens, query_lens)
-    return ks, ke - ks
 
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -132,18 +105,25 @@ def test_found_by_scanning_and_reported(fresh):
     assert gather_rows_range in loops.LIFTED
     rep = dsa_inductor.report()
     assert "lifted read_indexer_cache" in rep and "lifted causal_window_offsets" in rep
+    assert "unbacked size" in rep and "capture_scalar_outputs" not in rep
     assert "refused near_miss_shifted_write" in rep and "out[i - 1]" in rep
-    assert "`break`" in loops.REFUSED[near_miss_break].reason
-    assert "mutates `seen`" in loops.REFUSED[near_miss_list_mutation].reason
-    assert "out[i - 1]" in loops.REFUSED[near_miss_shifted_write].reason
     assert "refused near_miss_break" in rep and "refused near_miss_list_mutation" in rep
+    # the loops of this module's tests (over calls, examples) are not per-token: neither lifted nor reported
+    assert not [r for r in loops.REFUSED.values() if r.name.startswith("test_")
+                and r.location.startswith("tests/test_loops_lifting.py")], dsa_inductor.report()
     # eager calls still run the original function object, untouched
     assert read_indexer_cache.__code__.co_name == "read_indexer_cache"
 
 
-def test_near_misses_left_alone(fresh):
-    for fn in (near_miss_shifted_write, near_miss_list_mutation, near_miss_break):
+def test_near_misses_left_alone_with_reason(fresh):
+    """out[i-1] writes, a list mutated and used after the loop, a `break`: refused, and compiled == eager."""
+    reasons = {near_miss_shifted_write: "only `out[i]` with the loop index i",
+               near_miss_list_mutation: "mutates `seen`",
+               near_miss_break: "`break`: the trip count depends on the data"}
+    for fn, reason in reasons.items():
         assert fn not in loops.LIFTED and fn in loops.REFUSED, fn.__name__
+        assert reason in loops.REFUSED[fn].reason, loops.REFUSED[fn].reason
+        assert f"refused {fn.__name__} at " in dsa_inductor.report()
     cache = torch.randn(6, D)
     sm = torch.tensor([3, 0, -1, 5])
     for fn in (near_miss_shifted_write, near_miss_break):
@@ -157,6 +137,12 @@ def test_near_misses_left_alone(fresh):
 
 @settings(max_examples=200)
 @given(slots_strategy, st.booleans())
+@example((3, [-1, -2, -7, -1], torch.int32), False)  # all slots invalid
+@example((3, [-1, -2, -7, -1], torch.int64), True)
+@example((2, [], torch.int64), False)  # empty batch
+@example((2, [], torch.int32), True)
+@example((3, [0, BLOCK - 1, BLOCK, 2 * BLOCK - 1, 2 * BLOCK, 3 * BLOCK - 1], torch.int32), False)  # page boundaries
+@example((3, [3 * BLOCK - 1, 2 * BLOCK, 2 * BLOCK - 1, BLOCK, BLOCK - 1, 0], torch.int64), True)
 def test_fp8_cache_read_lifted_equals_original(case, slots_on_cpu):
     pages, slots, dtype = case
     lifted = loops.lift_function(read_indexer_cache)
@@ -172,6 +158,36 @@ def test_fp8_cache_read_lifted_equals_original(case, slots_on_cpu):
                     lifted.vectorized(cache, sm, BLOCK, D)
             continue
         same(lifted.vectorized(cache, sm, BLOCK, D), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_fp8_cache_read_slots_and_cache_on_different_devices_meta(dtype):
+    """CPU slot_mapping, cache on another device: the device plumbing of the lifted code (slots, masks and
+    indices moved to the cache's device, output on the cache's device) without a GPU, on the `meta` device
+    (shapes, dtypes and devices only: meta tensors have no values).  The value check is the CUDA test below."""
+    lifted = loops.lift_function(read_indexer_cache)
+    cache = torch.empty(5, BLOCK * (D + 4), dtype=torch.uint8, device="meta")
+    for slots in ([0, -1, 5 * BLOCK - 1, BLOCK], [], [-1, -1]):
+        sm = torch.tensor(slots, dtype=dtype)
+        want = read_indexer_cache(cache, sm, BLOCK, D)
+        got = lifted.vectorized(cache, sm, BLOCK, D)
+        assert (got.shape, got.dtype, got.device) == (want.shape, want.dtype, want.device) == \
+            ((len(slots), D), torch.float32, torch.device("meta"))
+        assert sm.device.type == "cpu"  # the caller's slot_mapping is left where it was
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA: a CPU slot_mapping with the cache on the GPU")
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_fp8_cache_read_cpu_slots_cuda_cache(fresh, dtype):
+    cache = make_cache(6, "cuda", seed=3)
+    lifted = loops.lift_function(read_indexer_cache)
+    step = torch.compile(indexer_step, backend=CountingBackend(inductor=True), dynamic=True)
+    for slots in ([0, -1, 6 * BLOCK - 1, BLOCK, BLOCK - 1], [-1] * 5, [], list(range(6 * BLOCK))):
+        sm = torch.tensor(slots, dtype=dtype)  # stays on the CPU
+        want = read_indexer_cache(cache, sm, BLOCK, D)
+        assert want.device.type == "cuda"
+        same(lifted.vectorized(cache, sm, BLOCK, D), want)
+        same(step(cache, sm, BLOCK, D), indexer_step(cache, sm, BLOCK, D))
 
 
 def test_fp8_cache_read_compiled_many_examples(fresh):
@@ -194,20 +210,31 @@ def test_fp8_cache_read_compiled_many_examples(fresh):
             assert be.n <= (3 if device == "cpu" else 6), be.n
 
 
+# 16 to 64 requests x up to 1024 tokens on a GPU; on the CPU the same property at fewer tokens per request
+MAX_TOKENS = 1024 if CUDA else 48
+
+
+def _serving_batch(rng, max_tokens):
+    """(requests, tokens per request): 16 to 64 requests of 1..max_tokens tokens."""
+    return [rng.randint(1, max_tokens) for _ in range(rng.randint(16, 64))]
+
+
 def test_fp8_cache_read_compile_count_inductor(fresh):
-    """20 calls, 16 to 64 requests x varying tokens and padding: at most 2 Inductor compilations."""
+    """The loop as written, 20 calls of 16 to 64 requests x varying tokens and padding (no config set):
+    at most 2 Inductor compilations, outputs equal to the eager loop."""
+    assert not torch._dynamo.config.capture_scalar_outputs
+    device = DEVICES[-1]
     be = CountingBackend(inductor=True)
     step = torch.compile(indexer_step, backend=be)
     rng = random.Random(1)
-    pages, block, d = 64, 16, 32
-    cache = torch.randint(0, 256, (pages, block * (d + 4)), dtype=torch.uint8)
+    block, d = 16, 32
+    pages = 64 * MAX_TOKENS // block + 1
+    cache = torch.randint(0, 256, (pages, block * (d + 4)), dtype=torch.uint8).to(device)
     for call in range(20):
-        reqs = rng.randint(16, 64)
         slots = []
-        for _ in range(reqs):
-            n = rng.randint(1, 24)
-            slots += [rng.randint(0, pages * block - 1) for _ in range(n)] + [-1] * rng.randint(0, 3)  # padding
-        sm = torch.tensor(slots, dtype=torch.int64)
+        for n in _serving_batch(rng, MAX_TOKENS):
+            slots += [rng.randint(0, pages * block - 1) for _ in range(n)] + [-1] * rng.randint(0, 7)  # padding
+        sm = torch.tensor(slots, dtype=torch.int64, device=device)
         got = step(cache, sm, block, d)
         if call in (0, 1, 19):
             same(got, indexer_step(cache, sm, block, d))
@@ -226,34 +253,58 @@ def test_range_loop_with_item(fresh):
 
 @settings(max_examples=200)
 @given(st.lists(st.tuples(st.integers(0, 12), st.integers(-2, 12)), min_size=0, max_size=10))
+@example([])  # empty batch
+@example([(5, 0), (0, 0), (7, 0)])  # every request padded (no query token)
+@example([(4, 4), (9, 1), (0, 0), (3, 3)])
 def test_offsets_lifted_equals_original_exactly(reqs):
     lifted = loops.lift_function(causal_window_offsets)
     seq = torch.tensor([s for s, _ in reqs], dtype=torch.int64)
     q = torch.tensor([min(s, ql) for s, ql in reqs], dtype=torch.int32)
     want, got = causal_window_offsets(seq, q), lifted.vectorized(seq, q)
     for w, g in zip(want, got):
-        assert g.dtype == w.dtype and torch.equal(g, w)
+        assert g.dtype == w.dtype and g.device == w.device and torch.equal(g, w)
 
 
-def test_offsets_compile_count_exact(fresh):
+def test_offsets_compile_count_without_config(fresh):
+    """20 calls of 16 to 64 requests x up to 1024 tokens, padded requests and context, no Dynamo config:
+    one graph per call (the output length is an unbacked size), at most 2 compilations, exact outputs."""
+    from torch._dynamo.utils import counters
+
+    assert not torch._dynamo.config.capture_scalar_outputs
+    assert not torch._dynamo.config.capture_dynamic_output_shape_ops
+    counters.clear()
     rng = random.Random(2)
-    be = CountingBackend()
-    with torch._dynamo.config.patch(capture_scalar_outputs=True):
-        f = torch.compile(offsets_step, backend=be)
-        for _ in range(20):
-            b = rng.randint(16, 64)
-            q = torch.tensor([rng.randint(0, 40) for _ in range(b)])
-            seq = q + torch.tensor([rng.randint(0, 100) for _ in range(b)])
-            for g, w in zip(f(seq, q), offsets_step(seq, q)):
-                assert g.dtype == w.dtype and torch.equal(g, w)
+    be = CountingBackend(inductor=True)
+    f = torch.compile(offsets_step, backend=be)
+    for call in range(20):
+        q = torch.tensor([n if rng.random() > 0.15 else 0 for n in _serving_batch(rng, 1024)])  # 0: padded
+        seq = q + torch.tensor([rng.randint(0, 2048) for _ in range(q.shape[0])])  # context before the queries
+        for g, w in zip(f(seq, q), offsets_step(seq, q)):
+            assert g.dtype == w.dtype and torch.equal(g, w)
     assert be.n <= 2, be.n
+    assert not counters["graph_break"], dict(counters["graph_break"])
 
 
-def test_offsets_without_scalar_capture_falls_back_correctly(fresh):
-    f = torch.compile(offsets_step, backend=CountingBackend())
-    seq, q = torch.tensor([5, 9]), torch.tensor([2, 4])
-    for g, w in zip(f(seq, q), offsets_step(seq, q)):
+def test_offsets_fullgraph_and_scalar_capture(fresh):
+    """With fullgraph=True (or capture_scalar_outputs) the same single graph: ragged_rows' size allocation
+    takes the public ``new_dynamic_size`` path."""
+    seq, q = torch.tensor([5, 9, 3]), torch.tensor([2, 4, 0])
+    for g, w in zip(torch.compile(offsets_step, fullgraph=True, backend=CountingBackend())(seq, q),
+                    offsets_step(seq, q)):
         assert torch.equal(g, w)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(capture_scalar_outputs=True, capture_dynamic_output_shape_ops=True):
+        for g, w in zip(torch.compile(offsets_step, backend=CountingBackend())(seq, q), offsets_step(seq, q)):
+            assert torch.equal(g, w)
+
+
+def test_ragged_rows_op():
+    rid, pos = runtime.ragged_rows(torch.tensor([2, 0, -3, 3]))
+    assert rid.tolist() == [0, 0, 3, 3, 3] and pos.tolist() == [0, 1, 0, 1, 2]
+    with pytest.raises(ValueError, match="reps"):
+        runtime.ragged_rows(torch.tensor([[1]]))
+    torch.library.opcheck(runtime.ragged_rows, (torch.tensor([1, 4, 0, 2]),),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
 def test_verify_mode_catches_a_wrong_lift(fresh, monkeypatch):

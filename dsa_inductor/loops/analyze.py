@@ -63,7 +63,7 @@ class Plan:
     location: str
     kinds: list  # "map" / "ragged", one per lifted loop
     source: str  # the vectorized function, as ``def _vectorized(...)``
-    needs_scalar_capture: bool  # ragged loops have a data-dependent length
+    data_dependent_length: bool  # ragged loops: output length = a sum of the inputs' values (unbacked)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -639,20 +639,37 @@ def function_def(fn) -> ast.FunctionDef:
 
 
 def _per_token_body(loop: ast.For) -> bool:
-    """The body writes tensor rows, appends to lists, or holds another loop (not just calls)."""
+    """The loop looks per-token: it stores into a subscript indexed by a loop variable (``out[i] = ...``,
+    ``out[i - 1] = ...``) or appends a value computed from one (``ks.append(start + t)``), counting the
+    variables of nested loops too.  Loops that never index or emit by their loop variable (over layers,
+    files, config entries) are not candidates, so they are neither lifted nor reported."""
+    loop_vars = _names_stored([n.target for n in ast.walk(loop) if isinstance(n, (ast.For, ast.comprehension))])
     for n in ast.walk(loop):
-        if isinstance(n, ast.Subscript) and isinstance(n.ctx, ast.Store):
+        if isinstance(n, ast.Subscript) and isinstance(n.ctx, ast.Store) and _names_loaded([n.slice]) & loop_vars:
             return True
-        if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "append":
-            return True
-        if n is not loop and isinstance(n, ast.For):
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr in ("append", "extend") \
+                and _names_loaded(n.args) & loop_vars:
             return True
     return False
 
 
+def _token_header(it) -> bool:
+    """The header walks token data: ``.tolist()`` of a tensor somewhere in it, or ``range(...)`` (possibly in
+    ``enumerate``/``zip``).  ``enumerate(blocks)`` / ``zip(names, layers)`` over Python containers is not."""
+    for n in ast.walk(it):
+        if _is_tolist(n) or (isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "range"):
+            return True
+    return False
+
+
+def _per_token_loop(n) -> bool:
+    return isinstance(n, ast.For) and _known_header(n.iter) and _token_header(n.iter) and _per_token_body(n)
+
+
 def has_candidate_loop(fdef: ast.AST) -> bool:
-    """A ``for`` over ``t.tolist()``/``range``/``enumerate``/``zip`` whose body writes rows or appends."""
-    return any(isinstance(n, ast.For) and _known_header(n.iter) and _per_token_body(n) for n in ast.walk(fdef))
+    """A ``for`` over ``t.tolist()``/``range``/``enumerate``/``zip`` whose body looks per-token
+    (:func:`_per_token_body`)."""
+    return any(_per_token_loop(n) for n in ast.walk(fdef))
 
 
 def _module_helpers(fn) -> dict:
@@ -705,7 +722,7 @@ def _analyze(fn, fdef: ast.FunctionDef, loc: str) -> Plan:
     for k, stmt in enumerate(body):
         if isinstance(stmt, ast.FunctionDef):
             helpers[stmt.name] = stmt
-        if not (isinstance(stmt, ast.For) and _known_header(stmt.iter) and _per_token_body(stmt)):
+        if not _per_token_loop(stmt):
             if has_candidate_loop(stmt):
                 raise Refuse("the per-token loop is not a top-level statement of the function", stmt)
             lines.append(ast.unparse(stmt))

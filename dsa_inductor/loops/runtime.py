@@ -204,18 +204,49 @@ def write_rows(out, valid, value, value_batched: bool):
     out[:n] = torch.where(mask, value, cur)
 
 
+@torch.library.custom_op("dsa_inductor::ragged_rows", mutates_args=())
+def ragged_rows(reps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expand per-request repeat counts into per-element (row id, position within the row).
+
+    Args:
+        reps: int64 ``[B]`` elements per row; negative counts are taken as 0 (``range(n)`` of a negative n).
+
+    Returns:
+        ``(rid, pos)``: int64 ``[T]`` each, on ``reps``' device, ``T = sum(max(reps, 0))``; element ``e`` is
+        position ``pos[e]`` of row ``rid[e]``, rows in order (``torch.repeat_interleave`` semantics).
+
+    T depends on the values of ``reps``: the fake implementation gives it an unbacked size, so Dynamo
+    traces this op into the graph without ``capture_scalar_outputs`` / ``capture_dynamic_output_shape_ops``
+    (the op itself, not Dynamo, reads the sizes; Inductor calls it as an extern kernel).
+    """
+    if reps.dim() != 1 or reps.dtype != torch.int64:
+        raise ValueError(f"ragged_rows: `reps` must be a 1-D int64 tensor, got {tuple(reps.shape)} {reps.dtype}")
+    reps = reps.clamp(min=0)
+    rid = torch.repeat_interleave(torch.arange(reps.shape[0], device=reps.device), reps)
+    starts = torch.cumsum(reps, 0) - reps
+    return rid, torch.arange(rid.shape[0], device=reps.device, dtype=torch.int64) - starts[rid]
+
+
+@ragged_rows.register_fake
+def _(reps):
+    ctx = torch.library.get_ctx()
+    try:  # allowed when the user enabled capture_dynamic_output_shape_ops or fullgraph=True
+        total = ctx.new_dynamic_size()
+    except torch._subclasses.fake_tensor.DynamicOutputShapeException:
+        # Otherwise Dynamo would graph-break here and run the *original* loop (its frame is then traced as
+        # stock torch.compile does: a recompile per batch).  The size is ours to allocate: an unbacked
+        # symbol that the op's real output binds at run time, as ``new_dynamic_size`` would.
+        total = ctx._shape_env.create_unbacked_symint()
+        torch._check(total >= 0)
+    return reps.new_empty((total,), dtype=torch.int64), reps.new_empty((total,), dtype=torch.int64)
+
+
 def ragged(reps):
     """Row id per emitted element and position within its row, for ``for t in range(reps[b])``.
 
-    Returns ``(rid [T], t [T])`` with T = sum(max(reps, 0)).  T is data-dependent: without
-    ``torch._dynamo.config.capture_scalar_outputs`` Dynamo graph-breaks here and the original loop is
-    traced instead (what stock torch.compile does)."""
-    reps = reps.clamp(min=0)
-    total = int(reps.sum())
-    torch._check(total >= 0)
-    rid = torch.repeat_interleave(torch.arange(reps.shape[0], device=reps.device), reps, output_size=total)
-    starts = torch.cumsum(reps, 0) - reps
-    return rid, torch.arange(total, device=reps.device, dtype=torch.int64) - starts[rid]
+    Returns ``(rid [T], t [T])`` with T = sum(max(reps, 0)), through :func:`ragged_rows` (one graph, no
+    Dynamo config needed: T is an unbacked size)."""
+    return ragged_rows(reps.to(torch.int64))
 
 
 def exclusive_cumsum(x, init):
