@@ -15,19 +15,24 @@ Masked positions take the value ``fill`` rounded to the result dtype, exactly as
 ``torch.where`` give them; a row with fewer than ``k`` kept positions is padded with masked positions,
 as eager pads it.  Indices are valid positions in ``[0, N)``; ties may pick other indices than eager.
 
-CUDA path (``masked_topk_triton``): one Triton program per row (or per chunk of a long row) holds the
-row's order-preserving uint32 keys in registers, loading only kept positions and never writing a masked
-copy.  For range rows the lanes cover only ``[row_start, row_end)``, in a register block of the size the
-range needs.  Phase 1 bisects the k-th largest key's high bits over all lanes (one ``sum(key >= t)``
-per bit) until at most ``SMALL`` keys share the decided prefix; keys above that band are selected.
-Phase 2 copies the band to a scratch row and decides the remaining bits over it, four per reduction.
-One prefix scan compacts the winners, lowest index first among ties (as PyTorch's CUDA ``gatherTopK``
-takes them).  Rows longer than ``BLOCK_MAX`` are cut into chunks whose top-k candidates merge stages
-reduce.  A range row with at most ``k`` kept positions and ``fill == -inf`` short-circuits: its
-selection is every in-range position plus padding, and no score is read unless values are needed.
-``sorted=True`` orders the winners afterwards with ``torch.sort`` on their values.  The key transform
-and select-then-compact structure follow the radix top-k kernels written for the DSA indexer (SGLang's
-and vLLM's DeepSeek-V3.2 ``topk``, FlashInfer's radix top-k); bench/NOTES.md has the measurements.
+CUDA path (``masked_topk_triton``, design ``impl="v5"`` by default; ``impl="v4"`` keeps the previous one).
+v5, rows of at most ``BLOCK_MAX`` positions: one program per row (longest causal rows first) holds only
+the row's order-preserving uint32 keys in registers, loading only kept positions (for range rows only
+``[row_start, row_end)``, in a register block of the size the range needs) and never writing a masked
+copy, and bisects the k-th largest key (one or two bits per block reduction, stopping once exactly k
+keys share the decided prefix).  After those registers are dead it re-reads the row in tiles and writes
+the winners with a running output offset (one packed prefix scan per tile; ties lowest position first,
+as PyTorch's CUDA ``gatherTopK`` takes them), so about half the registers of v4 are live and twice as
+many programs fit on an SM.  Longer rows (decode) are split over chunk programs: radix passes of 8 key
+bits each add per-chunk histograms into a per-row global histogram with atomics, every later program
+replays the decided digits from those histograms, and a chunked compaction reserves output slots with
+a per-row atomic counter (fixed launch sizes, no host sync: CUDA-graph safe).  A range row with at most
+``k`` kept positions and ``fill == -inf`` short-circuits: its selection is every in-range position plus
+padding.  ``sorted=True`` orders the winners afterwards with ``torch.sort`` on their values.  v4: the
+row in registers, a banded two-phase bisection and one compaction scan, chunk + merge stages for long
+rows.  The key transform and select-then-compact structure follow the radix top-k kernels written for
+the DSA indexer (SGLang's and vLLM's DeepSeek-V3.2 ``topk``, FlashInfer's radix top-k);
+bench/NOTES.md has the measurements.
 
 CPU path: plain torch (what eager computes), which Inductor can compile to C++ when the op is traced.
 """
