@@ -1,7 +1,10 @@
 """Tuning sweep for the masked_topk kernel (direct calls, no compile): band size, chunk, warps.
 
-Usage (GPU): ``python bench/tune_mask_topk.py [causal|decode|sort]`` prints one line per configuration
-with the do_bench median and a correctness check against eager.
+Usage (GPU): ``python bench/tune_mask_topk.py [causal|decode|sort] [--variants]`` prints one line per
+configuration with the do_bench median, registers/spills of each launch and a correctness check against eager.
+Without ``--variants``: the v4 sweep (band size, chunk/merge, warps).  With ``--variants``: v4's default
+against the v5 designs and knobs (``impl``, ``bits``, ``phases``, ``tile``, ``num_warps``, ``maxnreg``;
+``chunk`` for split decode rows), the rows bench/NOTES.md's v5 table asks for.
 """
 
 import sys
@@ -36,9 +39,52 @@ def bench(x, ends, k, **kw):
     return f"{us:8.1f}us [{regs}]{' BAD ' + bad if bad else ''}"
 
 
+CAUSAL_VARIANTS = [("v4 default", dict(impl="v4"))] + [
+    (f"v5 {phases} bits {bits} tile {tile} warps {warps}" + (f" maxnreg {reg}" if reg else ""),
+     dict(impl="v5", phases=phases, bits=bits, tile=tile, num_warps=warps, maxnreg=reg))
+    for phases in ("fused", "two") for bits in (1, 2) for tile in (1024, 2048) for warps in (4, 8)
+    for reg in ((None, 128) if warps == 4 else (None,))
+]
+DECODE_VARIANTS = [("v4 default", dict(impl="v4"))] + [
+    (f"v5 split chunk {chunk} tile {tile} warps {warps}",
+     dict(impl="v5", chunk=chunk, tile=tile, num_warps=warps))
+    for chunk in (2048, 4096, 8192, 16384) for tile in (2048, 4096) if tile <= chunk for warps in (4, 8)
+]
+
+
+def variants(which, t, k):
+    """us per variant (unsorted, then the default of each impl sorted) for the causal and decode cases."""
+    cases = []
+    if "causal" in which:
+        x = torch.randn(t, t, device="cuda")
+        cases.append(("causal", x, torch.arange(1, t + 1, device="cuda", dtype=torch.int32), CAUSAL_VARIANTS))
+    if "decode" in which:
+        dx = torch.randn(64, 65536, device="cuda")
+        cases.append(("decode", dx, torch.randint(32768, 65537, (64,), device="cuda", dtype=torch.int32),
+                      DECODE_VARIANTS))
+    for case, x, ends, table in cases:
+        for name, kw in table:
+            try:
+                r = bench(x, ends, k, sorted=False, **kw)
+            except Exception as e:  # a knob the installed Triton rejects: report, go on
+                r = f"FAILED {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+            print(f"{case} {name:50s}: unsorted {r}", flush=True)
+        for impl in ("v4", "v5"):
+            print(f"{case} {impl} default{'':39s}: sorted   {bench(x, ends, k, sorted=True, impl=impl)}", flush=True)
+        # The same problem in bf16 (16-bit keys: fewer radix passes / bisection rounds).
+        xb = x.to(torch.bfloat16)
+        for impl in ("v4", "v5"):
+            print(f"{case} {impl} default bf16{'':34s}: unsorted {bench(xb, ends, k, sorted=False, impl=impl)}",
+                  flush=True)
+
+
 def main():
     t, k = 8192, 2048
-    which = sys.argv[1:] or ["causal", "decode", "sort"]
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    which = args or ["causal", "decode", "sort"]
+    if "--variants" in sys.argv:
+        variants(which, t, k)
+        return
     if "causal" in which:
         x = torch.randn(t, t, device="cuda")
         ends = torch.arange(1, t + 1, device="cuda", dtype=torch.int32)
@@ -50,17 +96,17 @@ def main():
         for small in (256,):
             for warps in (4, 8):
                 print(f"causal small {small:4d} warps {warps}: unsorted "
-                      f"{bench(x, ends, k, sorted=False, small=small, num_warps=warps)}", flush=True)
-        print(f"causal default: sorted {bench(x, ends, k, sorted=True)}", flush=True)
+                      f"{bench(x, ends, k, sorted=False, small=small, num_warps=warps, impl='v4')}", flush=True)
+        print(f"causal v4 default: sorted {bench(x, ends, k, sorted=True, impl='v4')}", flush=True)
     if "decode" in which:
         dx = torch.randn(64, 65536, device="cuda")
         dends = torch.randint(32768, 65537, (64,), device="cuda", dtype=torch.int32)
         for chunk, merge in ((4096, 8192), (8192, 8192), (8192, 16384), (16384, 8192)):
             for warps in (4, 8):
                 print(f"decode chunk {chunk:5d} merge {merge:5d} warps {warps}: unsorted "
-                      f"{bench(dx, dends, k, sorted=False, chunk=chunk, merge=merge, num_warps=warps)}",
+                      f"{bench(dx, dends, k, sorted=False, chunk=chunk, merge=merge, num_warps=warps, impl='v4')}",
                       flush=True)
-        print(f"decode default: sorted {bench(dx, dends, k, sorted=True)}", flush=True)
+        print(f"decode v4 default: sorted {bench(dx, dends, k, sorted=True, impl='v4')}", flush=True)
     if "sort" in which:  # what sorting the k winners costs outside the kernel, for comparison
         v = torch.randn(t, k, device="cuda")
         us = triton.testing.do_bench(lambda: v.sort(dim=-1, descending=True), warmup=10, rep=50,

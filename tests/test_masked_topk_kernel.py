@@ -18,6 +18,8 @@ MAX_N = 9000 if CUDA else 200
 BLOCK_MAX = [16384, 2048] if CUDA else [16, 32, 64, 256]
 SMALL = [256, 16] if CUDA else [2, 4, 16]
 FLOATS = [torch.float32, torch.float16, torch.bfloat16]
+TILES = [2048, 256] if CUDA else [16, 64]
+IMPLS = ["v5", "v5", "v4"]  # v5 (the default) drawn twice as often as v4 (kept for A/B runs)
 
 
 @st.composite
@@ -52,9 +54,19 @@ def problems(draw, max_n=MAX_N):
     opts = dict(fill=fill, sorted=draw(st.booleans()), need_values=draw(st.booleans()),
                 index_dtype=draw(st.sampled_from([torch.int32, torch.int64])))
     opts["block_max"] = draw(st.sampled_from(BLOCK_MAX))
-    # Phase-2 band size (ties and wide bands take the other path when it is small) and chunk size.
-    opts["small"] = draw(st.sampled_from(SMALL))
-    opts["chunk"] = draw(st.sampled_from([None, opts["block_max"] // 2]))
+    opts["impl"] = impl = draw(st.sampled_from(IMPLS))
+    if impl == "v4":
+        # Phase-2 band size (ties and wide bands take the other path when it is small) and chunk size.
+        opts["small"] = draw(st.sampled_from(SMALL))
+        opts["chunk"] = draw(st.sampled_from([None, opts["block_max"] // 2]))
+    else:
+        # Row program (fused or two kernels, 1 or 2 bits per reduction) or split rows (radix histograms
+        # over chunks, forced at any length); tiles small enough that rows take several.
+        opts["split"] = draw(st.sampled_from([None, True]))
+        opts["bits"] = draw(st.sampled_from([1, 2]))
+        opts["phases"] = draw(st.sampled_from(["fused", "two"]))
+        opts["tile"] = draw(st.sampled_from(TILES))
+        opts["chunk"] = draw(st.sampled_from([None, opts["block_max"] // 2, opts["block_max"]]))
     return x.to(dtype), k, kw, opts
 
 
@@ -72,6 +84,50 @@ def test_kernel_equals_eager(problem):
     why = topk_mismatch(masked, k, values, indices, opts["sorted"], opts["need_values"])
     assert why is None, why
     assert indices.dtype == opts["index_dtype"]
+
+
+@st.composite
+def tie_problems(draw, max_n=MAX_N):
+    """Rows drawn from a tiny alphabet (runs of equal keys, -inf, NaN, +inf), any row bounds."""
+    rows = draw(st.integers(1, 4))
+    n = draw(st.integers(1, max_n))
+    k = draw(st.one_of(st.integers(1, n), st.just(n)))
+    alphabet = draw(st.lists(st.sampled_from([float("-inf"), -1.0, 0.0, 0.5, 1.0, float("nan"), float("inf")]),
+                             min_size=1, max_size=3, unique=True))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    x = torch.tensor(alphabet)[torch.randint(0, len(alphabet), (rows, n), generator=g)]
+    kw = {}
+    if draw(st.booleans()):
+        kw["row_ends"] = torch.randint(0, n + 1, (rows,), generator=g)
+        kw["row_starts"] = torch.randint(0, n + 1, (rows,), generator=g) if draw(st.booleans()) else None
+    opts = dict(fill=draw(st.sampled_from([float("-inf"), 0.0])), sorted=draw(st.booleans()),
+                need_values=draw(st.booleans()), split=draw(st.sampled_from([None, True])),
+                bits=draw(st.sampled_from([1, 2])), tile=draw(st.sampled_from(TILES)),
+                chunk=draw(st.sampled_from([None, 32])), block_max=draw(st.sampled_from(BLOCK_MAX)))
+    return x.to(draw(st.sampled_from(FLOATS))), k, {n_: v for n_, v in kw.items() if v is not None}, opts
+
+
+@settings(max_examples=25 if not CUDA else 200)
+@given(tie_problems())
+def test_v5_ties_and_special_values(problem):
+    """v5 takes exactly ``ties`` keys equal to the threshold (row program: lowest positions first;
+    split rows: any, through the row's atomic counter)."""
+    x, k, kw, opts = problem
+    x, kw = x.to(DEVICE), _to(kw, DEVICE)
+    values, indices = masked_topk_triton(x, k, **kw, impl="v5", **opts)
+    masked = masked_logits(x, **kw, fill=opts["fill"])
+    why = topk_mismatch(masked, k, values, indices, opts["sorted"], opts["need_values"])
+    assert why is None, why
+
+
+def test_impl_knobs_are_checked():
+    x = torch.randn(2, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="`impl`"):
+        masked_topk_triton(x, 2, impl="v3")
+    with pytest.raises(ValueError, match="`bits`"):
+        masked_topk_triton(x, 2, impl="v5", bits=3)
+    with pytest.raises(ValueError, match="`phases`"):
+        masked_topk_triton(x, 2, impl="v5", phases="three")
 
 
 @pytest.mark.parametrize("batch", [(2, 3), (1,), ()])
@@ -93,12 +149,13 @@ def test_kernel_non_contiguous_logits():
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA (the interpreter is too slow at these sizes)")
+@pytest.mark.parametrize("impl", ["v5", "v4"])
 @pytest.mark.parametrize("rows,n,k", [(8192, 8192, 2048), (64, 65536, 2048), (4, 200000, 2048), (16, 8192, 8192)])
-def test_kernel_deepseek_shapes(rows, n, k):
+def test_kernel_deepseek_shapes(rows, n, k, impl):
     x = torch.randn(rows, n, device="cuda")
     ends = torch.randint(0, n + 1, (rows,), device="cuda")
     for sorted_ in (True, False):
-        values, indices = masked_topk_triton(x, k, row_ends=ends, sorted=sorted_)
+        values, indices = masked_topk_triton(x, k, row_ends=ends, sorted=sorted_, impl=impl)
         assert topk_mismatch(masked_logits(x, row_ends=ends), k, values, indices, sorted_) is None
 
 

@@ -18,19 +18,24 @@ NaN ranks above +inf (``torch.topk``'s order, on CPU and CUDA); among equal valu
 fill included) which indices are picked is unspecified, in eager too.  The contract is
 ``dsa_inductor.testing.topk_mismatch``.
 
-CUDA path (``masked_topk_triton``): one Triton program per row (or per chunk of a long row) holds the
-row's order-preserving uint32 keys in registers, loading only kept positions and never writing a masked
-copy.  For range rows the lanes cover only ``[row_start, row_end)``, in a register block of the size the
-range needs.  Phase 1 bisects the k-th largest key's high bits over all lanes (one ``sum(key >= t)``
-per bit) until at most ``SMALL`` keys share the decided prefix; keys above that band are selected.
-Phase 2 copies the band to a scratch row and decides the remaining bits over it, four per reduction.
-One prefix scan compacts the winners, lowest index first among ties (as PyTorch's CUDA ``gatherTopK``
-takes them).  Rows longer than ``BLOCK_MAX`` are cut into chunks whose top-k candidates merge stages
-reduce.  A range row with at most ``k`` kept positions and ``fill == -inf`` short-circuits: its
-selection is every in-range position plus padding, and no score is read unless values are needed.
-``sorted=True`` orders the winners afterwards with ``torch.sort`` on their values.  The key transform
-and select-then-compact structure follow the radix top-k kernels written for the DSA indexer (SGLang's
-and vLLM's DeepSeek-V3.2 ``topk``, FlashInfer's radix top-k); bench/NOTES.md has the measurements.
+CUDA path (``masked_topk_triton``, design ``impl="v5"`` by default; ``impl="v4"`` keeps the previous one).
+v5, rows of at most ``BLOCK_MAX`` positions: one program per row (longest causal rows first) holds only
+the row's order-preserving uint32 keys in registers, loading only kept positions (for range rows only
+``[row_start, row_end)``, in a register block of the size the range needs) and never writing a masked
+copy, and bisects the k-th largest key (one or two bits per block reduction, stopping once exactly k
+keys share the decided prefix).  After those registers are dead it re-reads the row in tiles and writes
+the winners with a running output offset (one packed prefix scan per tile; ties lowest position first,
+as PyTorch's CUDA ``gatherTopK`` takes them), so about half the registers of v4 are live and twice as
+many programs fit on an SM.  Longer rows (decode) are split over chunk programs: radix passes of 8 key
+bits each add per-chunk histograms into a per-row global histogram with atomics, every later program
+replays the decided digits from those histograms, and a chunked compaction reserves output slots with
+a per-row atomic counter (fixed launch sizes, no host sync: CUDA-graph safe).  A range row with at most
+``k`` kept positions and ``fill == -inf`` short-circuits: its selection is every in-range position plus
+padding.  ``sorted=True`` orders the winners afterwards with ``torch.sort`` on their values.  v4: the
+row in registers, a banded two-phase bisection and one compaction scan, chunk + merge stages for long
+rows.  The key transform and select-then-compact structure follow the radix top-k kernels written for
+the DSA indexer (SGLang's and vLLM's DeepSeek-V3.2 ``topk``, FlashInfer's radix top-k);
+bench/NOTES.md has the measurements.
 
 CPU path: plain torch (what eager computes), which Inductor can compile to C++ when the op is traced.
 """
@@ -450,12 +455,381 @@ if triton is not None:
                               OUT_DTYPE, BLOCK, SMALL)
 
 
+    # ------------------------------------------------------------------------------------------------
+    # v5: occupancy split.  A row program finds the threshold with only the row's uint32 keys and a few
+    # scalars live, then (after those registers are dead) re-reads the row in tiles and compacts the
+    # winners with a running offset.  Rows longer than BLOCK_MAX (decode) are split over many programs
+    # that build per-row radix histograms in global memory with atomics, then compact with a per-row
+    # atomic output counter.  See bench/NOTES.md ("v5").
+
+    @triton.jit
+    def _row_bounds(row, S, N, st_ptr, sts0, sts1, en_ptr, ens0, ens1,
+                    HAS_STARTS: tl.constexpr, HAS_ENDS: tl.constexpr):
+        a = row // S
+        s = row % S
+        N = N.to(tl.int64)
+        lo = N * 0
+        hi = N
+        if HAS_STARTS:
+            lo = tl.minimum(tl.maximum(tl.load(st_ptr + a * sts0 + s * sts1).to(tl.int64), 0), N)
+        if HAS_ENDS:
+            hi = tl.minimum(tl.maximum(tl.load(en_ptr + a * ens0 + s * ens1).to(tl.int64), lo), N)
+        return a, s, lo, hi
+
+    @triton.jit
+    def _fill_key(fill, LOW_BIT: tl.constexpr):
+        fill = tl.cast(fill, tl.float32)  # already rounded to OUT_DTYPE by the caller
+        fill_key = _sortable_key(fill)
+        if LOW_BIT > 0:
+            fill_key = tl.maximum((fill_key >> LOW_BIT) << LOW_BIT, 1 << LOW_BIT)
+        return fill_key
+
+    @triton.jit
+    def _short_row(row, a, s, lo, hi, K, fill, x_ptr, xs0, xs1, xs2, val_ptr, idx_ptr,
+                   WRITE_VALUES: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+        """A range row with at most K kept positions: every kept position, then the first masked
+        positions as padding (value fill, -inf here)."""
+        lane = tl.arange(0, BLOCK)
+        out = row * K
+        n_keep = hi - lo
+        fill = tl.cast(fill, tl.float32)
+        for start in range(lo, hi, BLOCK):
+            cols = start + lane
+            ok = cols < hi
+            tl.store(idx_ptr + out + (cols - lo), cols, mask=ok)
+            if WRITE_VALUES:
+                x = tl.load(x_ptr + a * xs0 + s * xs1 + cols * xs2, mask=ok, other=0.0)
+                tl.store(val_ptr + out + (cols - lo), x.to(OUT_DTYPE), mask=ok)
+        for start in range(0, K - n_keep, BLOCK):
+            j = start + lane
+            ok = j < K - n_keep
+            tl.store(idx_ptr + out + n_keep + j, tl.where(j < lo, j, j + n_keep), mask=ok)
+            if WRITE_VALUES:
+                tl.store(val_ptr + out + n_keep + j, tl.zeros_like(j).to(OUT_DTYPE) + fill.to(OUT_DTYPE), mask=ok)
+
+    @triton.jit
+    def _add2(a0, b0, a1, b1):
+        return a0 + a1, b0 + b1
+
+    @triton.jit
+    def _row_threshold(a, s, lo, hi, base, end, K, fill_key,
+                       x_ptr, xs0, xs1, xs2, m_ptr, ms0, ms1, ms2, b_ptr, bs0, bs1, bs2,
+                       MASK_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_DTYPE: tl.constexpr,
+                       LOW_BIT: tl.constexpr, BLOCK: tl.constexpr, BITS: tl.constexpr):
+        """The K-th largest key of positions [base, end) (at most BLOCK of them, at least K).
+
+        Only the keys (one uint32 per lane) and scalars are live.  Bitwise bisection from the top bit,
+        BITS (1 or 2) bits per block reduction: BITS=2 counts three candidates in one two-operand
+        reduction (two counts packed in 16-bit halves, so BLOCK <= 32768).  Stops as soon as exactly K
+        keys reach the decided prefix.  Returns ``(t_ge, t_eq, ties)``: take every key >= t_ge, plus
+        ``ties`` keys equal to t_eq (ties == 0 when the prefix split exactly)."""
+        lane = tl.arange(0, BLOCK)
+        cols = base + lane.to(tl.int64)
+        exist = cols < end
+        key = _keys_at(cols, a, s, lo, hi, fill_key, x_ptr, xs0, xs1, xs2, m_ptr, ms0, ms1, ms2,
+                       b_ptr, bs0, bs1, bs2, MASK_MODE, HAS_BIAS, OUT_DTYPE, LOW_BIT)
+        key = tl.where(exist, key, 0)  # 0: no element (every real key is >= 1)
+        # Invariant: c_lo = #(key >= t), c_hi = #(key >= t + 2**(bit + 1)), c_hi < K <= c_lo.
+        t = fill_key * 0
+        K = K.to(tl.int32)
+        c_lo = K * 0 + BLOCK
+        c_hi = K * 0
+        bit = K * 0 + 31
+        if BITS == 1:
+            while (bit >= LOW_BIT) & (c_lo != K):
+                cand = t | (t * 0 + 1) << bit.to(tl.uint32)
+                c = tl.sum((key >= cand).to(tl.int32), 0)
+                accept = c >= K
+                t = tl.where(accept, cand, t)
+                c_lo = tl.where(accept, c, c_lo)
+                c_hi = tl.where(accept, c_hi, c)
+                bit -= 1
+        else:
+            while (bit >= LOW_BIT) & (c_lo != K):
+                sh = tl.maximum(bit - 1, LOW_BIT)
+                two = sh < bit  # two bits (bit, bit - 1) decided this round, else only bit
+                one = (t * 0 + 1) << sh.to(tl.uint32)
+                c1 = t | one
+                c2 = t | (one * 2)
+                c3 = t | (one * 3)
+                p = (key >= c1).to(tl.int32) + ((key >= c3).to(tl.int32) << 16)
+                q = (key >= c2).to(tl.int32)
+                sp, sq = tl.reduce((p, q), 0, _add2)
+                n1 = sp & 0xFFFF
+                n2 = tl.where(two, sq, 0)
+                n3 = tl.where(two, sp >> 16, 0)
+                j = tl.where(n3 >= K, 3, tl.where(n2 >= K, 2, tl.where(n1 >= K, 1, 0)))
+                n_j = tl.where(j == 3, n3, tl.where(j == 2, n2, n1))
+                n_next = tl.where(j == 0, n1, tl.where(j == 1, n2, n3))
+                top = tl.where(two, 3, 1)
+                t = t | (j.to(tl.uint32) << sh.to(tl.uint32))
+                c_lo = tl.where(j > 0, n_j, c_lo)
+                c_hi = tl.where(j == top, c_hi, n_next)
+                bit = sh - 1
+        exact = c_lo == K
+        t_ge = tl.where(exact, t, t + 1)  # keys are integers: key >= t + 1 <=> key > t
+        ties = tl.where(exact, 0, K - c_hi)  # c_hi = #(key > t) once every bit is decided
+        return t_ge, t, ties
+
+    @triton.jit
+    def _compact_tiles(a, s, lo, hi, base, end, K, out, t_ge, t_eq, ties, fill_key,
+                       x_ptr, xs0, xs1, xs2, m_ptr, ms0, ms1, ms2, b_ptr, bs0, bs1, bs2, val_ptr, idx_ptr,
+                       MASK_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_DTYPE: tl.constexpr,
+                       LOW_BIT: tl.constexpr, WRITE_VALUES: tl.constexpr, TILE: tl.constexpr):
+        """Stream positions [base, end) in TILE-lane tiles (keys recomputed from memory) and write the
+        winners: keys >= t_ge at slots [0, K - ties) in position order, then the first ``ties`` keys
+        equal to t_eq.  One packed scan per tile; stops once all K slots are written."""
+        lane = tl.arange(0, TILE)
+        n_above = K - ties
+        off_a = ties * 0
+        off_e = ties * 0
+        start = base
+        while (start < end) & ((off_a < n_above) | (off_e < ties)):
+            cols = start + lane.to(tl.int64)
+            exist = cols < end
+            key = _keys_at(cols, a, s, lo, hi, fill_key, x_ptr, xs0, xs1, xs2, m_ptr, ms0, ms1, ms2,
+                           b_ptr, bs0, bs1, bs2, MASK_MODE, HAS_BIAS, OUT_DTYPE, LOW_BIT)
+            above = exist & (key >= t_ge)
+            equal = exist & (key == t_eq)
+            packed = above.to(tl.int32) + (equal.to(tl.int32) << 16)
+            ranks = tl.cumsum(packed, 0) - packed
+            e_rank = off_e + (ranks >> 16)
+            take = above | (equal & (e_rank < ties))
+            pos = tl.where(above, off_a + (ranks & 0xFFFF), n_above + e_rank)
+            tl.store(idx_ptr + out + pos, cols, mask=take)
+            if WRITE_VALUES:
+                tl.store(val_ptr + out + pos, _key_to_value(key, LOW_BIT).to(OUT_DTYPE), mask=take)
+            tot = tl.sum(packed, 0)
+            off_a += tot & 0xFFFF
+            off_e += tot >> 16
+            start += TILE
+
+    @triton.jit(do_not_specialize=["S", "N", "K"])
+    def _v5_row_kernel(
+        x_ptr, xs0, xs1, xs2,
+        st_ptr, sts0, sts1, en_ptr, ens0, ens1,
+        m_ptr, ms0, ms1, ms2,
+        b_ptr, bs0, bs1, bs2,
+        val_ptr, idx_ptr, thr_ptr,
+        S, N, K, fill,
+        HAS_STARTS: tl.constexpr, HAS_ENDS: tl.constexpr, MASK_MODE: tl.constexpr,
+        HAS_BIAS: tl.constexpr, RANGE_ONLY: tl.constexpr, WRITE_VALUES: tl.constexpr, LOW_BIT: tl.constexpr,
+        BLOCK: tl.constexpr, TILE: tl.constexpr, BITS: tl.constexpr, PHASE: tl.constexpr, OUT_DTYPE: tl.constexpr,
+    ):
+        """One program per row (N <= BLOCK), last row first (causal rows longest first).
+
+        PHASE 0: threshold then compaction in one program (the keys' registers are dead before the
+        compaction's tile loop starts).  PHASE 1: threshold only, written to ``thr_ptr`` [rows, 4]
+        int32; PHASE 2: compaction only, reading it.  RANGE_ONLY (bounds only, fill -inf): lanes cover
+        [lo, hi) in a register block of BLOCK, BLOCK/2 or BLOCK/4 lanes, and a row with at most K in
+        range short-circuits; otherwise lanes cover [0, N) (masked positions hold ``fill``)."""
+        row = (tl.num_programs(0) - 1 - tl.program_id(0)).to(tl.int64)
+        a, s, lo, hi = _row_bounds(row, S, N, st_ptr, sts0, sts1, en_ptr, ens0, ens1, HAS_STARTS, HAS_ENDS)
+        fill_key = _fill_key(fill, LOW_BIT)
+        short = (hi - lo) < 0
+        if RANGE_ONLY:
+            short = (hi - lo) <= K
+        if short:
+            if PHASE != 1:
+                _short_row(row, a, s, lo, hi, K, fill, x_ptr, xs0, xs1, xs2, val_ptr, idx_ptr,
+                           WRITE_VALUES, OUT_DTYPE, TILE)
+        else:
+            if RANGE_ONLY:
+                base = lo
+                end = hi
+            else:
+                base = lo * 0
+                end = N.to(tl.int64)
+            if PHASE == 2:
+                t_ge = tl.load(thr_ptr + row * 4).to(tl.uint32, bitcast=True)
+                t_eq = tl.load(thr_ptr + row * 4 + 1).to(tl.uint32, bitcast=True)
+                ties = tl.load(thr_ptr + row * 4 + 2)
+            else:
+                if RANGE_ONLY and BLOCK >= 64:
+                    lanes = end - base
+                    if lanes <= BLOCK // 4:
+                        t_ge, t_eq, ties = _row_threshold(
+                            a, s, lo, hi, base, end, K, fill_key, x_ptr, xs0, xs1, xs2, m_ptr, ms0, ms1, ms2,
+                            b_ptr, bs0, bs1, bs2, MASK_MODE, HAS_BIAS, OUT_DTYPE, LOW_BIT, BLOCK // 4, BITS)
+                    elif lanes <= BLOCK // 2:
+                        t_ge, t_eq, ties = _row_threshold(
+                            a, s, lo, hi, base, end, K, fill_key, x_ptr, xs0, xs1, xs2, m_ptr, ms0, ms1, ms2,
+                            b_ptr, bs0, bs1, bs2, MASK_MODE, HAS_BIAS, OUT_DTYPE, LOW_BIT, BLOCK // 2, BITS)
+                    else:
+                        t_ge, t_eq, ties = _row_threshold(
+                            a, s, lo, hi, base, end, K, fill_key, x_ptr, xs0, xs1, xs2, m_ptr, ms0, ms1, ms2,
+                            b_ptr, bs0, bs1, bs2, MASK_MODE, HAS_BIAS, OUT_DTYPE, LOW_BIT, BLOCK, BITS)
+                else:
+                    t_ge, t_eq, ties = _row_threshold(
+                        a, s, lo, hi, base, end, K, fill_key, x_ptr, xs0, xs1, xs2, m_ptr, ms0, ms1, ms2,
+                        b_ptr, bs0, bs1, bs2, MASK_MODE, HAS_BIAS, OUT_DTYPE, LOW_BIT, BLOCK, BITS)
+                if PHASE == 1:
+                    tl.store(thr_ptr + row * 4, t_ge.to(tl.int32, bitcast=True))
+                    tl.store(thr_ptr + row * 4 + 1, t_eq.to(tl.int32, bitcast=True))
+                    tl.store(thr_ptr + row * 4 + 2, ties)
+            if PHASE != 1:
+                _compact_tiles(a, s, lo, hi, base, end, K, row * K, t_ge, t_eq, ties, fill_key,
+                               x_ptr, xs0, xs1, xs2, m_ptr, ms0, ms1, ms2, b_ptr, bs0, bs1, bs2, val_ptr, idx_ptr,
+                               MASK_MODE, HAS_BIAS, OUT_DTYPE, LOW_BIT, WRITE_VALUES, TILE)
+
+    @triton.jit
+    def _radix_chain(h_ptr, K, NUSE: tl.constexpr, DIGIT: tl.constexpr):
+        """Replay the first NUSE radix passes of a row from its histograms ``h_ptr[p, 2**DIGIT]``.
+
+        Pass p counted, among the keys whose bits above ``32 - DIGIT * p`` equal the prefix decided so
+        far, each value of the next DIGIT bits.  Returns ``(prefix, k_rem, done)``: the decided bits,
+        how many keys still to take among those sharing the prefix, and whether the keys >= prefix are
+        exactly the K winners (then later passes are skipped)."""
+        BINS: tl.constexpr = 1 << DIGIT
+        bins = tl.arange(0, BINS)
+        prefix = (K * 0).to(tl.uint32)
+        k_rem = K.to(tl.int32)
+        done = K.to(tl.int32) * 0
+        for p in tl.static_range(NUSE):
+            if done == 0:
+                h = tl.load(h_ptr + p * BINS + bins)
+                ge = tl.sum(h, 0) - tl.cumsum(h, 0) + h  # keys with digit >= b
+                b = tl.max(tl.where(ge >= k_rem, bins, 0), 0)
+                ge_b = tl.sum(tl.where(bins == b, ge, 0), 0)
+                h_b = tl.sum(tl.where(bins == b, h, 0), 0)
+                prefix = prefix | (b.to(tl.uint32) << (32 - DIGIT * (p + 1)))
+                done = (ge_b == k_rem).to(tl.int32)
+                k_rem = k_rem - (ge_b - h_b)
+        return prefix, k_rem, done
+
+    @triton.jit(do_not_specialize=["S", "N", "K", "CHUNK"])
+    def _v5_hist_kernel(
+        x_ptr, xs0, xs1, xs2,
+        st_ptr, sts0, sts1, en_ptr, ens0, ens1,
+        m_ptr, ms0, ms1, ms2,
+        b_ptr, bs0, bs1, bs2,
+        h_ptr,
+        S, N, K, CHUNK, fill,
+        HAS_STARTS: tl.constexpr, HAS_ENDS: tl.constexpr, MASK_MODE: tl.constexpr,
+        HAS_BIAS: tl.constexpr, RANGE_ONLY: tl.constexpr, LOW_BIT: tl.constexpr,
+        TILE: tl.constexpr, PASS: tl.constexpr, NPASS: tl.constexpr, DIGIT: tl.constexpr, OUT_DTYPE: tl.constexpr,
+    ):
+        """Radix pass PASS over one chunk of a row (grid: rows x chunks): replay passes < PASS from the
+        row's histograms, then add this chunk's histogram of the next DIGIT key bits (of the keys that
+        share the prefix) to ``h_ptr[row, PASS]`` with atomics."""
+        BINS: tl.constexpr = 1 << DIGIT
+        SH: tl.constexpr = 32 - DIGIT * (PASS + 1)
+        row = tl.program_id(0).to(tl.int64)
+        chunk = tl.program_id(1).to(tl.int64)
+        a, s, lo, hi = _row_bounds(row, S, N, st_ptr, sts0, sts1, en_ptr, ens0, ens1, HAS_STARTS, HAS_ENDS)
+        fill_key = _fill_key(fill, LOW_BIT)
+        if RANGE_ONLY:
+            base = lo
+            end = hi
+            skip = (hi - lo) <= K
+        else:
+            base = lo * 0
+            end = N.to(tl.int64)
+            skip = (hi - lo) < 0
+        c0 = base + chunk * CHUNK
+        c1 = tl.minimum(c0 + CHUNK, end)
+        h_row = h_ptr + row * (NPASS << DIGIT)
+        if (c0 < end) & (skip == 0):
+            prefix, k_rem, done = _radix_chain(h_row, K, PASS, DIGIT)
+            if done == 0:
+                bins = tl.arange(0, BINS)
+                lane = tl.arange(0, TILE)
+                h = tl.zeros([BINS], dtype=tl.int32)
+                miss = tl.sum(h, 0)
+                for start in range(c0, c1, TILE):
+                    cols = start + lane.to(tl.int64)
+                    exist = cols < c1
+                    key = _keys_at(cols, a, s, lo, hi, fill_key, x_ptr, xs0, xs1, xs2, m_ptr, ms0, ms1, ms2,
+                                   b_ptr, bs0, bs1, bs2, MASK_MODE, HAS_BIAS, OUT_DTYPE, LOW_BIT)
+                    if PASS > 0:
+                        match = exist & ((key >> (SH + DIGIT)) == (prefix >> (SH + DIGIT)))
+                    else:
+                        match = exist
+                    d = tl.where(match, (key >> SH) & (BINS - 1), 0).to(tl.int32)
+                    h += tl.histogram(d, BINS)
+                    miss += tl.sum((~match).to(tl.int32), 0)  # counted in bin 0 above
+                h = h - tl.where(bins == 0, miss, 0)
+                tl.atomic_add(h_row + PASS * BINS + bins, h, mask=h > 0, sem="relaxed")
+
+    @triton.jit(do_not_specialize=["S", "N", "K", "CHUNK"])
+    def _v5_split_compact_kernel(
+        x_ptr, xs0, xs1, xs2,
+        st_ptr, sts0, sts1, en_ptr, ens0, ens1,
+        m_ptr, ms0, ms1, ms2,
+        b_ptr, bs0, bs1, bs2,
+        h_ptr, ctr_ptr, val_ptr, idx_ptr,
+        S, N, K, CHUNK, fill,
+        HAS_STARTS: tl.constexpr, HAS_ENDS: tl.constexpr, MASK_MODE: tl.constexpr,
+        HAS_BIAS: tl.constexpr, RANGE_ONLY: tl.constexpr, WRITE_VALUES: tl.constexpr, LOW_BIT: tl.constexpr,
+        TILE: tl.constexpr, NPASS: tl.constexpr, DIGIT: tl.constexpr, OUT_DTYPE: tl.constexpr,
+    ):
+        """Compaction of one chunk of a row after the radix passes (grid: rows x chunks).
+
+        Keys above the threshold go to slots [0, K - ties), the taken ties after them; each tile
+        reserves its slots with one 64-bit atomic on the row's counter ``ctr_ptr[row]`` (above count in
+        the low word, equal count in the high word), so slot order follows tile arrival order (the
+        output is unsorted; ties may pick any of the equal positions)."""
+        row = tl.program_id(0).to(tl.int64)
+        chunk = tl.program_id(1).to(tl.int64)
+        a, s, lo, hi = _row_bounds(row, S, N, st_ptr, sts0, sts1, en_ptr, ens0, ens1, HAS_STARTS, HAS_ENDS)
+        fill_key = _fill_key(fill, LOW_BIT)
+        if RANGE_ONLY:
+            base = lo
+            end = hi
+            short = (hi - lo) <= K
+        else:
+            base = lo * 0
+            end = N.to(tl.int64)
+            short = (hi - lo) < 0
+        if short:
+            if chunk == 0:
+                _short_row(row, a, s, lo, hi, K, fill, x_ptr, xs0, xs1, xs2, val_ptr, idx_ptr,
+                           WRITE_VALUES, OUT_DTYPE, TILE)
+        else:
+            c0 = base + chunk * CHUNK
+            c1 = tl.minimum(c0 + CHUNK, end)
+            if c0 < end:
+                prefix, k_rem, done = _radix_chain(h_ptr + row * (NPASS << DIGIT), K, NPASS, DIGIT)
+                # Not done after every pass: the prefix is the K-th key itself (bits below LOW_BIT are 0).
+                t_ge = tl.where(done != 0, prefix, prefix + 1)
+                t_eq = prefix
+                ties = tl.where(done != 0, 0, k_rem)
+                n_above = K - ties
+                out = row * K
+                lane = tl.arange(0, TILE)
+                for start in range(c0, c1, TILE):
+                    cols = start + lane.to(tl.int64)
+                    exist = cols < c1
+                    key = _keys_at(cols, a, s, lo, hi, fill_key, x_ptr, xs0, xs1, xs2, m_ptr, ms0, ms1, ms2,
+                                   b_ptr, bs0, bs1, bs2, MASK_MODE, HAS_BIAS, OUT_DTYPE, LOW_BIT)
+                    above = exist & (key >= t_ge)
+                    equal = exist & (key == t_eq)
+                    packed = above.to(tl.int32) + (equal.to(tl.int32) << 16)
+                    tot = tl.sum(packed, 0)
+                    if tot != 0:
+                        inc = (tot & 0xFFFF).to(tl.int64) + ((tot >> 16).to(tl.int64) << 32)
+                        old = tl.atomic_add(ctr_ptr + row, inc, sem="relaxed")
+                        ranks = tl.cumsum(packed, 0) - packed
+                        e_rank = (old >> 32).to(tl.int32) + (ranks >> 16)
+                        take = above | (equal & (e_rank < ties))
+                        pos = tl.where(above, (old & 0xFFFFFFFF).to(tl.int32) + (ranks & 0xFFFF), n_above + e_rank)
+                        tl.store(idx_ptr + out + pos, cols, mask=take)
+                        if WRITE_VALUES:
+                            tl.store(val_ptr + out + pos, _key_to_value(key, LOW_BIT).to(OUT_DTYPE), mask=take)
+
+
 
 _TL_DTYPES = {}
 if triton is not None:
     _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 SMALL = 256  # phase-2 band size (lanes); see _select_stage
+IMPL = "v5"  # default design of masked_topk_triton ("v4": the previous one, kept for A/B runs)
+V5_TILE = 2048  # lanes per compaction / histogram tile
+V5_BITS = 1  # bisection bits per block reduction in the v5 row program (1 or 2)
+V5_PHASES = "fused"  # "fused": threshold + compaction in one row kernel; "two": two kernels
+V5_CHUNK = 4096  # positions per program of a split (long) row
+V5_DIGIT = 8  # radix bits per histogram pass of a split row (256 bins)
 LAST_LAUNCHES: list = []  # what the last direct call launched (compiled kernels: n_regs, n_spills; for tuning)
 
 
@@ -469,18 +843,36 @@ def _default_warps(grid, block):
 
 def masked_topk_triton(logits, k, row_starts=None, row_ends=None, mask=None, mask_keeps=True, bias=None,
                        fill=float("-inf"), sorted=True, index_dtype=torch.int64, need_values=True,
-                       block_max=BLOCK_MAX, num_warps=None, chunk=None, small=None, merge=None):
+                       block_max=BLOCK_MAX, num_warps=None, chunk=None, small=None, merge=None, impl=None,
+                       tile=None, bits=None, phases=None, split=None, maxnreg=None):
     """Run the Triton kernels (the op's CUDA path; tests and tuning call it directly).
 
-    A row of at most ``block_max`` positions is one program with the row in registers.  A longer row
-    is cut into chunks of ``chunk`` (default ``block_max``) positions: each chunk keeps its top-k
-    candidates, and merge stages select among them (repeated while a row has more than ``block_max``
-    candidates).  ``small`` is the phase-2 band size.  Tests shrink ``block_max`` and ``small`` to run
-    every path at small sizes under ``TRITON_INTERPRET=1``.
+    ``impl`` picks the design (default ``IMPL``): ``"v5"`` (threshold then streaming compaction; rows
+    longer than ``block_max`` split over programs with global radix histograms) or ``"v4"`` (row in
+    registers, chunk + merge stages).  Knobs of both: ``block_max`` (most positions one row program
+    holds in registers), ``chunk`` (positions per program of a split row), ``num_warps``.
+
+    v4: a longer row is cut into chunks of ``chunk`` (default ``block_max``) positions, each chunk keeps
+    its top-k candidates and merge stages (``merge`` candidates per program) select among them.
+    ``small`` is the phase-2 band size.
+
+    v5: ``tile`` (lanes per compaction / histogram tile), ``bits`` (1 or 2 bisection bits per block
+    reduction), ``phases`` (``"fused"``: one kernel; ``"two"``: a threshold kernel and a compaction
+    kernel), ``split`` (None: rows longer than ``block_max``; True: every row, for tests and tuning),
+    ``maxnreg`` (register cap per thread passed to Triton, None: ptxas decides).
+
+    Tests shrink ``block_max``, ``small``, ``chunk`` and ``tile`` to run every path at small sizes under
+    ``TRITON_INTERPRET=1``.
     """
     if triton is None:
         raise RuntimeError("masked_topk: triton is not installed")
     _check_args(logits, k, row_starts, row_ends, mask, bias, index_dtype)
+    impl = impl or IMPL
+    if impl == "v5":
+        return _masked_topk_v5(logits, k, row_starts, row_ends, mask, mask_keeps, bias, fill, sorted, index_dtype,
+                               need_values, block_max, num_warps, chunk, tile, bits, phases, split, maxnreg)
+    if impl != "v4":
+        raise ValueError(f"masked_topk: `impl` must be 'v5' or 'v4', got {impl!r}")
     n = logits.shape[-1]
     if n >= 2**31 - 1:
         raise ValueError(f"masked_topk: the last dim of `logits` ({n}) must be < 2**31 - 1")
@@ -558,6 +950,84 @@ def masked_topk_triton(logits, k, row_starts=None, row_ends=None, mask=None, mas
             values = vbuf
     return values, indices
 
+
+
+def _masked_topk_v5(logits, k, row_starts, row_ends, mask, mask_keeps, bias, fill, sorted, index_dtype,
+                    need_values, block_max, num_warps, chunk, tile, bits, phases, split, maxnreg):
+    """v5 launches (see masked_topk_triton): one row program when the row fits ``block_max``, else
+    radix passes over chunks of ``chunk`` positions plus a chunked compaction.  No host sync and no
+    data-dependent launch sizes (CUDA-graph safe)."""
+    n = logits.shape[-1]
+    if n >= 2**31 - 1:
+        raise ValueError(f"masked_topk: the last dim of `logits` ({n}) must be < 2**31 - 1")
+    phases = phases or V5_PHASES
+    if phases not in ("fused", "two"):
+        raise ValueError(f"masked_topk: `phases` must be 'fused' or 'two', got {phases!r}")
+    bits = bits or V5_BITS
+    if bits not in (1, 2):
+        raise ValueError(f"masked_topk: `bits` must be 1 or 2, got {bits!r}")
+    out_dtype = _result_dtype(logits, bias)
+    batch = _batch_shape(logits, row_starts, row_ends, mask, bias)
+    rows = math.prod(batch)
+    values = logits.new_empty(*batch, k if need_values else 0, dtype=out_dtype)
+    indices = logits.new_empty(*batch, k, dtype=index_dtype)
+    LAST_LAUNCHES.clear()
+    if rows == 0 or k == 0:
+        return values, indices
+    write_values = need_values or sorted  # sorted: the values order the winners (torch.sort below)
+    x3 = _rows3(logits, batch, n)
+    vbuf = values if need_values else logits.new_empty(*batch, k, dtype=out_dtype) if sorted else x3
+    st3 = _rows3(row_starts.unsqueeze(-1), batch, 1) if row_starts is not None else x3
+    en3 = _rows3(row_ends.unsqueeze(-1), batch, 1) if row_ends is not None else x3
+    m3 = _rows3(mask, batch, n) if mask is not None else x3
+    b3 = _rows3(bias, batch, n) if bias is not None else x3
+    fill = _round_to(float(fill), out_dtype)
+    low_bit = {torch.bfloat16: 16, torch.float16: 13, torch.float32: 0}[out_dtype]
+    common = dict(
+        HAS_STARTS=row_starts is not None, HAS_ENDS=row_ends is not None,
+        MASK_MODE=0 if mask is None else (1 if mask_keeps else 2), HAS_BIAS=bias is not None,
+        RANGE_ONLY=(mask is None and bias is None and fill == float("-inf")),
+        LOW_BIT=low_bit, OUT_DTYPE=_TL_DTYPES[out_dtype],
+    )
+    args = (x3, *x3.stride(), st3, *st3.stride()[:2], en3, *en3.stride()[:2], m3, *m3.stride(), b3, *b3.stride())
+    s_dim = batch[-1] if len(batch) else 1
+    if maxnreg is not None:  # only when asked: a launch option Triton checks per backend
+        common["maxnreg"] = maxnreg
+    block_max = min(block_max, 1 << 15)  # 16-bit packed counts (bisection, compaction scans)
+    if split is None:
+        split = n > block_max
+    if not split:
+        block = max(16, triton.next_power_of_2(n))
+        til = min(triton.next_power_of_2(tile or V5_TILE), block)
+        warps = num_warps or _default_warps((rows, 1), block)
+        thr = torch.empty(rows, 4, dtype=torch.int32, device=logits.device) if phases == "two" else x3
+        for phase in ((0,) if phases == "fused" else (1, 2)):
+            LAST_LAUNCHES.append(_v5_row_kernel[(rows,)](
+                *args, vbuf, indices, thr, s_dim, n, k, fill, WRITE_VALUES=write_values, BLOCK=block, TILE=til,
+                BITS=bits, PHASE=phase, num_warps=warps, **common))
+    else:
+        chunk = chunk or V5_CHUNK
+        til = min(triton.next_power_of_2(tile or V5_TILE), max(16, triton.next_power_of_2(chunk)), 1 << 15)
+        n_chunks = triton.cdiv(n, chunk)
+        npass = triton.cdiv(32 - low_bit, V5_DIGIT)
+        hw = npass << V5_DIGIT  # histogram words per row
+        buf = torch.zeros(rows * (hw // 2 + 1), dtype=torch.int64, device=logits.device)  # one memset
+        hist = buf[: rows * hw // 2].view(torch.int32)
+        ctr = buf[rows * hw // 2:]
+        warps = num_warps or 4
+        for p in range(npass):
+            LAST_LAUNCHES.append(_v5_hist_kernel[(rows, n_chunks)](
+                *args, hist, s_dim, n, k, chunk, fill, TILE=til, PASS=p, NPASS=npass, DIGIT=V5_DIGIT,
+                num_warps=warps, **common))
+        LAST_LAUNCHES.append(_v5_split_compact_kernel[(rows, n_chunks)](
+            *args, hist, ctr, vbuf, indices, s_dim, n, k, chunk, fill, WRITE_VALUES=write_values, TILE=til,
+            NPASS=npass, DIGIT=V5_DIGIT, num_warps=warps, **common))
+    if sorted:
+        vbuf, order = vbuf.sort(dim=-1, descending=True)
+        indices = indices.gather(-1, order)
+        if need_values:
+            values = vbuf
+    return values, indices
 
 
 @fused_op(OP_NAME)
