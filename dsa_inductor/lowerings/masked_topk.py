@@ -824,9 +824,9 @@ if triton is not None:
     _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 SMALL = 256  # phase-2 band size (lanes); see _select_stage
-IMPL = "v5"  # default design of masked_topk_triton ("v4": the previous one, kept for A/B runs)
-V5_TILE = 2048  # lanes per compaction / histogram tile
-V5_BITS = 1  # bisection bits per block reduction in the v5 row program (1 or 2)
+IMPL = None  # None: the design measured faster for the shape (_auto_impl); "v4" / "v5" force one
+V5_TILE = 1024  # lanes per compaction / histogram tile
+V5_BITS = 2  # bisection bits per block reduction in the v5 row program (1 or 2)
 V5_PHASES = "fused"  # "fused": threshold + compaction in one row kernel; "two": two kernels
 V5_CHUNK = 4096  # positions per program of a split (long) row
 V5_DIGIT = 8  # radix bits per histogram pass of a split row (256 bins)
@@ -841,13 +841,21 @@ def _default_warps(grid, block):
     return 4 if programs >= 1024 else 8
 
 
+def _auto_impl(n: int, k: int, block_max: int) -> str:
+    """v5 for rows that fit one program, v4 for longer rows it can hold, measured on an H100 with Triton
+    3.6 (bench/NOTES.md, v5 section): causal 8192 x 8192, k 2048: v5 (2 bits, tiles of 1024, 4 warps)
+    296 us, v4 470-484 us; decode 64 x 65536: v4's chunk + merge stages 129 us, v5's split row 176-180 us.
+    v4 falls back to torch past ``2 k > block_max`` for long rows, v5's split path does not."""
+    return "v5" if n <= block_max or 2 * k > block_max else "v4"
+
+
 def masked_topk_triton(logits, k, row_starts=None, row_ends=None, mask=None, mask_keeps=True, bias=None,
                        fill=float("-inf"), sorted=True, index_dtype=torch.int64, need_values=True,
                        block_max=BLOCK_MAX, num_warps=None, chunk=None, small=None, merge=None, impl=None,
                        tile=None, bits=None, phases=None, split=None, maxnreg=None):
     """Run the Triton kernels (the op's CUDA path; tests and tuning call it directly).
 
-    ``impl`` picks the design (default ``IMPL``): ``"v5"`` (threshold then streaming compaction; rows
+    ``impl`` picks the design (default ``IMPL``, else ``_auto_impl``): ``"v5"`` (threshold then streaming compaction; rows
     longer than ``block_max`` split over programs with global radix histograms) or ``"v4"`` (row in
     registers, chunk + merge stages).  Knobs of both: ``block_max`` (most positions one row program
     holds in registers), ``chunk`` (positions per program of a split row), ``num_warps``.
@@ -867,7 +875,7 @@ def masked_topk_triton(logits, k, row_starts=None, row_ends=None, mask=None, mas
     if triton is None:
         raise RuntimeError("masked_topk: triton is not installed")
     _check_args(logits, k, row_starts, row_ends, mask, bias, index_dtype)
-    impl = impl or IMPL
+    impl = impl or IMPL or _auto_impl(logits.shape[-1], k, block_max)
     if impl == "v5":
         return _masked_topk_v5(logits, k, row_starts, row_ends, mask, mask_keeps, bias, fill, sorted, index_dtype,
                                need_values, block_max, num_warps, chunk, tile, bits, phases, split, maxnreg)
