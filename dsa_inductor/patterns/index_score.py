@@ -39,6 +39,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..canonicalize import trace_fn
 from ..lowerings import index_score as _op_module  # noqa: F401  (defines the op)
+from ..report import stats_for
 from .common import _HAS_PATTERN_NAME, Rule, Variant, tensor_meta, with_signature
 
 aten = torch.ops.aten
@@ -305,7 +306,12 @@ class IndexScoreRule(Rule):
     def apply(self, graph: torch.fx.Graph) -> int:
         if self.candidates(graph):
             _normalize_dims(graph)
-        return super().apply(graph)
+        matched = super().apply(graph)
+        if matched:
+            from .mask_topk import bound_index_scores  # the chain: score -> range top-k
+
+            bound_index_scores(graph, stats_for(self.name, self.op))
+        return matched
 
     def diagnose(self, node: torch.fx.Node) -> str:
         val = _val(node)
