@@ -216,3 +216,59 @@ def test_opcheck_ranges():
     starts = torch.tensor([[0, 1, 1, 2, 0], [0, 3, 5, 6, 7]], device=DEVICE, dtype=torch.int32)
     torch.library.opcheck(torch.ops.dsa_inductor.index_score.default,
                           (kw["q"], kw["k"], kw["weights"], 0.5, False, ends, starts, -1, False))
+
+
+# ---- FP8 e4m3 q/k with scales (DeepSeek's fp8_index) ---------------------------------------------------------
+
+@st.composite
+def fp8_problems(draw):
+    b = draw(st.integers(1, 2))
+    s = draw(st.integers(1, 40))
+    t = draw(st.integers(1, 70))
+    h = draw(st.integers(1, 4))
+    d = draw(st.sampled_from([16, 32]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    q = (torch.randn(b, s, h, d, generator=g) * 8).to(torch.float8_e4m3fn)
+    k = (torch.randn(draw(st.sampled_from([1, b])), t, d, generator=g) * 8).to(torch.float8_e4m3fn)
+    if draw(st.booleans()):
+        k.view(torch.uint8)[0, 0, 0] = 0x7F  # an FP8 NaN
+    w = torch.randn(b, s, h, generator=g) * torch.rand(b, s, h, generator=g)  # q scale folded in
+    k_scale = torch.rand(draw(st.sampled_from([1, b])), t, generator=g) + 0.01 if draw(st.booleans()) else None
+    ends = (torch.arange(s) + 1 + max(t - s, 0)).expand(b, s).contiguous() if draw(st.booleans()) else None
+    tiles = dict(block_s=draw(st.sampled_from([16, 32])), block_t=draw(st.sampled_from([16, 32])))
+    return q, k, w, draw(st.sampled_from([1.0, d ** -0.5])), ends, k_scale, tiles
+
+
+@settings(max_examples=100 if CUDA else 20)
+@given(fp8_problems())
+def test_fp8_kernel_matches_reference(problem):
+    """FP8 q and k read directly (no dequantized copy), k scale on the head sum: equals the fp32 formula
+    out = k_scale * sum_h w * relu(q8.float() . k8.float() * scale)."""
+    q, k, w, scale, ends, k_scale, tiles = (_dev(x) for x in problem)
+    out = index_score_triton(q, k, w, scale, False, ends, k_scale=k_scale, **tiles)
+    ref = index_score_reference(q, k, w, scale, False, ends, k_scale=k_scale)
+    eager = torch.relu(torch.einsum("bshd,btd->bsht", q.float(), k.float().expand(q.shape[0], -1, -1)) * scale)
+    eager = torch.einsum("bsht,bsh->bst", eager, w)
+    if k_scale is not None:
+        eager = eager * k_scale[:, None, :]
+    if ends is not None:
+        eager = eager.masked_fill(torch.arange(k.shape[1], device=q.device) >= ends[..., None], float("-inf"))
+    tol = tolerance(q, k, w, scale, ends, k_scale=k_scale)
+    assert score_mismatch(ref, eager, tol) is None
+    assert score_mismatch(out, ref, tol) is None
+
+
+def test_fp8_opcheck_and_bad_scale():
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 5, 2, 16, generator=g).to(torch.float8_e4m3fn).to(DEVICE)
+    k = torch.randn(1, 7, 16, generator=g).to(torch.float8_e4m3fn).to(DEVICE)
+    w = torch.randn(1, 5, 2, generator=g).to(DEVICE)
+    ks = torch.rand(1, 7, generator=g).to(DEVICE)
+    # test_schema compares inputs with ops that CPU float8 lacks ("mul_cpu_reduced_float"): the others run
+    torch.library.opcheck(torch.ops.dsa_inductor.index_score.default, (q, k, w, 1.0, False, None, None, -1,
+                                                                       False, ks),
+                          test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
+    with pytest.raises((TypeError, ValueError, RuntimeError), match="`k_scale`"):
+        torch.ops.dsa_inductor.index_score(q, k, w, 1.0, False, None, None, -1, False, ks.half())
+    with pytest.raises((TypeError, ValueError, RuntimeError), match="`k_scale`"):
+        torch.ops.dsa_inductor.index_score(q, k, w, 1.0, False, None, None, -1, False, ks[:, :3])

@@ -31,7 +31,17 @@ Row bounds (optional ``row_starts`` / ``row_ends``, int32/int64 ``[B, S]``): eac
   it writes no values (``sorted=False``, ``need_values=False``).  The CPU path writes NaN at undefined
   positions, so a consumer that reads one shows it in the tests.
 
-Rounding: bf16/fp16 products are exact in fp32, so the only differences with eager are the order of the
+FP8 (DeepSeek's reference ``fp8_index``, ``inference/kernel.py``): ``q`` and ``k`` may both be
+``float8_e4m3fn`` (the kernel reads the FP8 bytes and runs an FP8 ``tl.dot``; there is no dequantized
+copy), with the per-token-head q scale folded into ``weights`` by the caller (as DeepSeek's ``Indexer``
+does: ``weights * q_scale * softmax_scale``) and an optional per-token k scale ``k_scale [B, T]`` (or
+``[1, T]``) fp32, applied to the head sum::
+
+    out[b,s,t] = k_scale[b,t] * sum_h weights[b,s,h] * relu(q8[b,s,h,:].float() . k8[b,t,:].float() * scale)
+
+``k_scale`` is accepted with any input dtype.
+
+Rounding: FP8 and bf16/fp16 products are exact in fp32, so the only differences with eager are the order of the
 fp32 sums over ``D`` and ``H`` (the scale, the relu and the weight are applied per element in eager's
 order).  Tolerance (``tolerance()``):
 ``|ours - eager| <= (D + H + 8) * 2**-24 * M`` elementwise, where ``M`` is this op on ``|q|, |k|,
@@ -65,14 +75,16 @@ OP_NAME = "dsa_inductor::index_score"
 VERIFY = False  # set by register_dsa_passes(verify=True): check each CUDA call against eager
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_QK_DTYPES = _FLOATS + (torch.float8_e4m3fn,)
 
 
-def _check_args(q, k, weights, scale, row_ends, row_starts=None, short_k=-1, outside_undefined=False):
+def _check_args(q, k, weights, scale, row_ends, row_starts=None, short_k=-1, outside_undefined=False,
+                k_scale=None):
     """Raise ValueError/TypeError naming the offending argument."""
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
         raise ValueError(f"index_score: `q` must be a [B, S, H, D] tensor, got {getattr(q, 'shape', type(q))}")
-    if q.dtype not in _FLOATS:
-        raise TypeError(f"index_score: `q` must be float32, float16 or bfloat16, got {q.dtype}")
+    if q.dtype not in _QK_DTYPES:
+        raise TypeError(f"index_score: `q` must be float32, float16, bfloat16 or float8_e4m3fn, got {q.dtype}")
     if not isinstance(k, torch.Tensor) or k.dim() != 3:
         raise ValueError(f"index_score: `k` must be a [B, T, D] tensor, got {getattr(k, 'shape', type(k))}")
     if k.dtype != q.dtype:
@@ -82,7 +94,8 @@ def _check_args(q, k, weights, scale, row_ends, row_starts=None, short_k=-1, out
                          f"{getattr(weights, 'shape', type(weights))}")
     if weights.dtype not in _FLOATS:
         raise TypeError(f"index_score: `weights` must be float32, float16 or bfloat16, got {weights.dtype}")
-    for name, t in (("k", k), ("weights", weights), ("row_ends", row_ends), ("row_starts", row_starts)):
+    for name, t in (("k", k), ("weights", weights), ("row_ends", row_ends), ("row_starts", row_starts),
+                    ("k_scale", k_scale)):
         if t is not None and t.device != q.device:
             raise ValueError(f"index_score: `{name}` is on {t.device}, `q` on {q.device}")
     b, s, h, d = q.shape
@@ -102,6 +115,14 @@ def _check_args(q, k, weights, scale, row_ends, row_starts=None, short_k=-1, out
                             f"{getattr(t, 'dtype', type(t).__name__)}")
         torch._check(t.dim() == 2 and t.shape[0] == b and t.shape[1] == s,
                      lambda: f"index_score: `{name}` has shape {tuple(t.shape)}, expected [B, S] = {(b, s)}")
+    if k_scale is not None:
+        if not isinstance(k_scale, torch.Tensor) or k_scale.dtype != torch.float32:
+            raise TypeError(f"index_score: `k_scale` must be a float32 tensor, got "
+                            f"{getattr(k_scale, 'dtype', type(k_scale).__name__)}")
+        torch._check(k_scale.dim() == 2 and (k_scale.shape[0] == b or k_scale.shape[0] == 1)
+                     and k_scale.shape[1] == k.shape[1],
+                     lambda: f"index_score: `k_scale` has shape {tuple(k_scale.shape)}, expected [B, T] or [1, T] "
+                             f"= {(b, k.shape[1])}")
     if not outside_undefined and short_k >= 0:
         raise ValueError(f"index_score: `short_k` ({short_k}) >= 0 needs outside_undefined=True (a short row "
                          "is left unwritten)")
@@ -125,13 +146,15 @@ def defined_mask(t, row_starts=None, row_ends=None, short_k=-1, rows=None):
 
 
 def index_score_reference(q, k, weights, scale=1.0, scale_after_relu=False, row_ends=None, row_starts=None,
-                          short_k=-1, outside_undefined=False):
+                          short_k=-1, outside_undefined=False, k_scale=None):
     """Plain-torch definition of the op, spelled as transformers spells it (the CPU path and test oracle).
 
     Undefined positions (``outside_undefined=True``) are NaN here."""
     x = torch.matmul(q.float(), k.transpose(-1, -2).float().unsqueeze(1))
     y = torch.relu(x) * scale if scale_after_relu else torch.relu(x * scale)
     out = torch.matmul(weights.float().unsqueeze(-2), y).squeeze(-2)
+    if k_scale is not None:
+        out = out * k_scale.unsqueeze(1)
     if row_starts is not None or row_ends is not None or outside_undefined:
         keep = defined_mask(out.shape[-1], row_starts, row_ends, short_k if outside_undefined else -1,
                             rows=out.new_empty(out.shape[:-1]))
@@ -139,16 +162,18 @@ def index_score_reference(q, k, weights, scale=1.0, scale_after_relu=False, row_
     return out
 
 
-def tolerance(q, k, weights, scale=1.0, row_ends=None, row_starts=None):
+def tolerance(q, k, weights, scale=1.0, row_ends=None, row_starts=None, k_scale=None):
     """Elementwise bound on ``|ours - eager|``: ``(D + H + 8) * 2**-24 * M`` (see the module docstring)."""
     # Non-finite inputs give a non-finite result (compared exactly) or an exact 0 after the relu: they
     # take no part in the rounding bound.
     def fin(x):
         return torch.where(torch.isfinite(x), x.abs(), 0).to(x.dtype)
 
-    mag = index_score_reference(fin(q), fin(k), fin(weights), abs(scale), False, row_ends, row_starts)
+    ks = fin(k_scale) if k_scale is not None else None
+    mag = index_score_reference(fin(q.float()), fin(k.float()), fin(weights), abs(scale), False, row_ends,
+                                row_starts, k_scale=ks)
     mag = torch.where(torch.isfinite(mag), mag, 0.0)
-    return (q.shape[-1] + q.shape[-2] + 8) * 2.0**-24 * mag
+    return (q.shape[-1] + q.shape[-2] + 9) * 2.0**-24 * mag
 
 
 def score_mismatch(ours, ref, tol) -> Optional[str]:
@@ -168,12 +193,22 @@ def score_mismatch(ours, ref, tol) -> Optional[str]:
 
 if triton is not None:
 
+    @triton.jit
+    def _upcast(x, FP8: tl.constexpr):
+        """To fp32 (the interpreter's bf16 and fp8 dots are unreliable); FP8 e4m3fn NaN (0x7F / 0xFF) stays
+        NaN, which the interpreter's own conversion gets wrong."""
+        if FP8:
+            bits = x.to(tl.uint8, bitcast=True)
+            return tl.where((bits & 0x7F) == 0x7F, float("nan"), x.to(tl.float32))
+        return x.to(tl.float32)
+
     @triton.jit(do_not_specialize=["short_k"])
     def _index_score_kernel(
         q_ptr, qs0, qs1, qs2, qs3, k_ptr, ks0, ks1, ks2, w_ptr, ws0, ws1, ws2, e_ptr, es0, es1,
-        st_ptr, sts0, sts1, o_ptr, os0, os1, os2,
+        st_ptr, sts0, sts1, ksc_ptr, kscs0, kscs1, o_ptr, os0, os1, os2,
         S, T, H, D, scale, short_k,
         SCALE_AFTER_RELU: tl.constexpr, HAS_ENDS: tl.constexpr, HAS_STARTS: tl.constexpr,
+        HAS_KSCALE: tl.constexpr, FP8: tl.constexpr,
         UNDEFINED_OUTSIDE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
         BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
@@ -216,7 +251,7 @@ if triton is not None:
             kt = tl.load(k_ptr + b * ks0 + rt[None, :] * ks1 + rd[:, None] * ks2,
                          mask=t_ok[None, :] & d_ok[:, None], other=0.0)
             if UPCAST:
-                kt = kt.to(tl.float32)
+                kt = _upcast(kt, FP8)
             q_ptrs = q_ptr + b * qs0 + rs[:, None] * qs1 + rd[None, :] * qs3
             w_ptrs = w_ptr + b * ws0 + rs * ws1
             q_ok = s_ok[:, None] & d_ok[None, :]
@@ -224,7 +259,7 @@ if triton is not None:
             for h in range(H):
                 qh = tl.load(q_ptrs + h * qs2, mask=q_ok, other=0.0)
                 if UPCAST:
-                    qh = qh.to(tl.float32)
+                    qh = _upcast(qh, FP8)
                 wh = tl.load(w_ptrs + h * ws2, mask=s_ok, other=0.0).to(tl.float32)
                 if IEEE:
                     x = tl.dot(qh, kt, input_precision="ieee")
@@ -236,6 +271,9 @@ if triton is not None:
                 else:
                     y = tl.maximum(x * scale, 0.0, propagate_nan=tl.PropagateNan.ALL)
                 acc += y * wh[:, None]
+            if HAS_KSCALE:
+                ksc = tl.load(ksc_ptr + b * kscs0 + rt * kscs1, mask=t_ok, other=0.0)
+                acc = acc * ksc[None, :]
             if not UNDEFINED_OUTSIDE and (HAS_ENDS or HAS_STARTS):
                 acc = tl.where((rt[None, :] < hi[:, None]) & (rt[None, :] >= lo[:, None]), acc, float("-inf"))
             tl.store(out_ptrs, acc, mask=out_ok)
@@ -251,13 +289,13 @@ def _default_config(q, t):
 
 
 def index_score_triton(q, k, weights, scale=1.0, scale_after_relu=False, row_ends=None, row_starts=None,
-                       short_k=-1, outside_undefined=False, launch=None,
+                       short_k=-1, outside_undefined=False, k_scale=None, launch=None,
                        block_s=None, block_t=None, num_warps=None, num_stages=None):
     """Run the Triton kernel.  ``launch`` wraps the jitted kernel (``wrap_triton`` under the op); the
     block sizes and launch options override ``_default_config`` (tests shrink them, tuning sweeps them)."""
     if triton is None:
         raise RuntimeError("index_score: triton is not installed")
-    _check_args(q, k, weights, scale, row_ends, row_starts, short_k, outside_undefined)
+    _check_args(q, k, weights, scale, row_ends, row_starts, short_k, outside_undefined, k_scale)
     b, s, h, d = q.shape
     t = k.shape[1]
     # torch.empty: with outside_undefined, positions outside the ranges and short rows are never written.
@@ -269,16 +307,20 @@ def index_score_triton(q, k, weights, scale=1.0, scale_after_relu=False, row_end
     k = k.expand(b, t, d)
     e = row_ends if row_ends is not None else out
     st = row_starts if row_starts is not None else out
+    ksc = k_scale.expand(b, t) if k_scale is not None else out
     # Triton 3.9's interpreter computes a bf16 tl.dot wrongly (values ~1e10 off): there the bf16 tiles are
     # upcast first, which is exact (bf16 -> fp32) and gives the same fp32 products.
-    upcast = q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+    fp8 = q.dtype == torch.float8_e4m3fn
+    upcast = q.dtype in (torch.bfloat16, torch.float8_e4m3fn) and os.environ.get("TRITON_INTERPRET") == "1"
     kernel = _index_score_kernel if launch is None else launch(_index_score_kernel)
     grid = (triton.cdiv(s, block_s) * triton.cdiv(t, block_t), b)
     kernel[grid](
         q, *q.stride(), k, *k.stride(), weights, *weights.stride(), e, e.stride(0), e.stride(1),
-        st, st.stride(0), st.stride(1), out, *out.stride(), s, t, h, d, float(scale),
+        st, st.stride(0), st.stride(1), ksc, ksc.stride(0), ksc.stride(1), out, *out.stride(), s, t, h, d,
+        float(scale),
         short_k if outside_undefined else -1,
         SCALE_AFTER_RELU=bool(scale_after_relu), HAS_ENDS=row_ends is not None, HAS_STARTS=row_starts is not None,
+        HAS_KSCALE=k_scale is not None, FP8=fp8,
         UNDEFINED_OUTSIDE=bool(outside_undefined), IEEE=q.dtype == torch.float32 or upcast, UPCAST=upcast,
         BLOCK_S=block_s, BLOCK_T=block_t, BLOCK_D=max(16, triton.next_power_of_2(d)),
         num_warps=num_warps or dw, num_stages=num_stages or dst)
@@ -296,11 +338,12 @@ def index_score(
     row_starts: Optional[torch.Tensor] = None,
     short_k: int = -1,
     outside_undefined: bool = False,
+    k_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Fused ``sum_h weights * relu(q . k * scale)`` over heads, as fp32 ``[B, S, T]``.
 
     Args:
-        q: ``[B, S, H, D]`` float32 / float16 / bfloat16 queries (any strides).
+        q: ``[B, S, H, D]`` float32 / float16 / bfloat16 / float8_e4m3fn queries (any strides).
         k: ``[B, T, D]`` (or ``[1, T, D]``) keys, the dtype of ``q``.
         weights: ``[B, S, H]`` float per-head weights (any float dtype above).
         scale: applied to each per-head dot product, before the relu (``scale_after_relu=False``, as
@@ -311,6 +354,8 @@ def index_score(
             computed (``-1``: none).  Must be ``-1`` (or negative) otherwise.
         outside_undefined: False: outside positions are ``-inf``.  True: they (and short rows) are left
             unwritten, for a fused consumer that never reads them (see the module docstring).
+        k_scale: optional float32 ``[B, T]`` (or ``[1, T]``) per-token k scale multiplying the head sum
+            (FP8 k, DeepSeek's ``fp8_index``).
 
     Returns:
         float32 ``[B, S, T]``.
@@ -319,19 +364,19 @@ def index_score(
         ValueError / TypeError naming the argument: bad rank, dtype, device or shape, non-finite scale,
         ``short_k >= 0`` without ``outside_undefined``.
     """
-    _check_args(q, k, weights, scale, row_ends, row_starts, short_k, outside_undefined)
+    _check_args(q, k, weights, scale, row_ends, row_starts, short_k, outside_undefined, k_scale)
     if q.device.type != "cuda":
         return index_score_reference(q, k, weights, scale, scale_after_relu, row_ends, row_starts, short_k,
-                                     outside_undefined)
+                                     outside_undefined, k_scale)
     out = index_score_triton(q, k, weights, scale, scale_after_relu, row_ends, row_starts, short_k,
-                             outside_undefined, launch=wrap_triton)
+                             outside_undefined, k_scale, launch=wrap_triton)
     if VERIFY:
         ref = index_score_reference(q, k, weights, scale, scale_after_relu, row_ends, row_starts, short_k,
-                                    outside_undefined)
+                                    outside_undefined, k_scale)
         cmp = out
         if outside_undefined:
             cmp = torch.where(defined_mask(out.shape[-1], row_starts, row_ends, short_k, out.new_empty(out.shape[:-1])), out, ref)
-        why = score_mismatch(cmp, ref, tolerance(q, k, weights, scale, row_ends, row_starts))
+        why = score_mismatch(cmp, ref, tolerance(q, k, weights, scale, row_ends, row_starts, k_scale))
         if why is not None:
             raise AssertionError(f"dsa_inductor verify: rule index_score ({OP_NAME}) differs from eager: {why}")
     return out
@@ -339,7 +384,7 @@ def index_score(
 
 @index_score.register_fake
 def _index_score_fake(q, k, weights, scale, scale_after_relu, row_ends, row_starts=None, short_k=-1,
-                      outside_undefined=False):
+                      outside_undefined=False, k_scale=None):
     # Shapes only (the launch arithmetic on sizes would specialize dynamic shapes).
-    _check_args(q, k, weights, scale, row_ends, row_starts, short_k, outside_undefined)
+    _check_args(q, k, weights, scale, row_ends, row_starts, short_k, outside_undefined, k_scale)
     return q.new_empty(q.shape[0], q.shape[1], k.shape[1], dtype=torch.float32)

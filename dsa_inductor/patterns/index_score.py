@@ -214,8 +214,9 @@ def _check(form: Form, match) -> Optional[str]:
         return "q, k or weights is not a tensor"
     if q.dim() != 4 or k.dim() != 3:
         return f"q has rank {q.dim()} and k rank {k.dim()}, expected [B, S, H, D] and [B, T, D]"
-    if q.dtype not in _FLOATS or k.dtype != q.dtype:
-        return f"q / k dtypes {q.dtype} / {k.dtype}: the op takes one of float32/float16/bfloat16 for both"
+    if q.dtype not in _FLOATS + (torch.float8_e4m3fn,) or k.dtype != q.dtype:
+        return (f"q / k dtypes {q.dtype} / {k.dtype}: the op takes one of float32/float16/bfloat16/float8_e4m3fn "
+                "for both")
     if w.dim() != 3 or w.dtype not in _FLOATS or not all(
             statically_known_true(a == b) for a, b in zip(w.shape, q.shape[:3])):
         return (f"weights {tuple(w.shape)} {w.dtype} are not one float per [B, S, H] = {tuple(q.shape[:3])} "

@@ -554,8 +554,8 @@ def bound_index_scores(graph: torch.fx.Graph, stats) -> int:
         if len(logits.users) != 1 or [a for a in node.args if a is logits] != [logits] or node.kwargs:
             stats.notes["index score -> range top-k: bounds not passed, the scores have another user"] += 1
             continue
-        args = list(logits.args) + [None, -1, False][len(logits.args) - 6:]
-        if len(args) != 9 or logits.kwargs or args[5] is not None or args[6] is not None or args[8]:
+        args = list(logits.args) + [None, -1, False, None][len(logits.args) - 6:]
+        if len(args) != 10 or logits.kwargs or args[5] is not None or args[6] is not None or args[8]:
             continue
         scores = logits.meta["val"]
         q_node = args[0]
@@ -579,7 +579,7 @@ def bound_index_scores(graph: torch.fx.Graph, stats) -> int:
             continue
         # Short rows are skipped only when masked_topk's short-circuit reads no score (no values written).
         skip_short = sorted_ is False and need_values is False
-        logits.args = (*args[:5], bounds[0], bounds[1], k if skip_short else -1, True)
+        logits.args = (*args[:5], bounds[0], bounds[1], k if skip_short else -1, True, args[9])
         if "eager_input_vals" in logits.meta:  # Inductor aligns these with the args (layout constraints)
             logits.meta["eager_input_vals"] = (
                 torch.fx.node.map_arg(logits.args, lambda a: a.meta.get("val")), {})
