@@ -2,8 +2,9 @@
 
     python bench/tune_index_score.py [--s 4096] [--t 4096]
 
-Times ``index_score_triton`` directly (``do_bench`` medians), full rows and causal ``row_ends`` (tiles past
-every row's end are skipped), and prints TFLOP/s of the full problem.
+Times ``index_score_triton`` directly (``do_bench`` medians), full rows, causal ``row_ends`` (tiles past
+every row's end are written -inf) and causal ``row_ends`` with ``outside_undefined`` (the indexer chain's
+form: those tiles are not touched), and prints TFLOP/s of the full problem.
 """
 
 from __future__ import annotations
@@ -40,11 +41,11 @@ def main() -> None:
     print(f"S={a.s} T={a.t} H={a.h} D={a.d} bf16 on {torch.cuda.get_device_name()}")
     best = {}
     for bs, bt, warps, stages in itertools.product((64, 128), (64, 128, 256), (4, 8), (2, 3, 4)):
-        for causal in (False, True):
+        for causal in (False, True, "undefined"):
             e = ends if causal else None
             try:
-                fn = lambda: index_score_triton(q, k, w, 0.088, False, e, block_s=bs, block_t=bt,  # noqa: E731
-                                                num_warps=warps, num_stages=stages)
+                fn = lambda: index_score_triton(q, k, w, 0.088, False, e, None, -1, causal == "undefined",  # noqa: E731
+                                                block_s=bs, block_t=bt, num_warps=warps, num_stages=stages)
                 out = fn()
                 why = None if causal else score_mismatch(out[:, :256], ref, tol)
                 us = triton.testing.do_bench(fn, warmup=20, rep=100, return_mode="median") * 1e3
@@ -57,7 +58,7 @@ def main() -> None:
                 best[causal] = (us, bs, bt, warps, stages)
     print("default:", f"{triton.testing.do_bench(lambda: index_score_triton(q, k, w, 0.088), return_mode='median') * 1e3:.1f} us")
     for causal, (us, *cfg) in best.items():
-        print(f"best {'causal' if causal else 'full'}: {us:.1f} us with (block_s, block_t, warps, stages) = {cfg}")
+        print(f"best {({False: 'full', True: 'causal -inf'}).get(causal, 'causal undefined')}: {us:.1f} us with (block_s, block_t, warps, stages) = {cfg}")
 
 
 if __name__ == "__main__":

@@ -215,7 +215,7 @@ def fp32_sum_bound(d: int, h: int) -> float:
     return (d + h + 8) * 2.0**-24
 
 
-def index_score_tolerance(q, k, weights, scale=1.0, row_ends=None):
+def index_score_tolerance(q, k, weights, scale=1.0, row_ends=None, row_starts=None, k_scale=None):
     """Elementwise bound on ``|ours - eager|`` for ``index_score``: ``fp32_sum_bound(D, H) * M`` where ``M``
     is the score of ``|q|, |k|, |weights|, |scale|``."""
     from .lowerings.index_score import index_score_reference
@@ -225,7 +225,9 @@ def index_score_tolerance(q, k, weights, scale=1.0, row_ends=None):
     def fin(x):
         return torch.where(torch.isfinite(x), x.abs(), 0).to(x.dtype)
 
-    mag = index_score_reference(fin(q), fin(k), fin(weights), abs(scale), False, row_ends)
+    ks = fin(k_scale) if k_scale is not None else None
+    mag = index_score_reference(fin(q.float()), fin(k.float()), fin(weights), abs(scale), False, row_ends,
+                                row_starts, k_scale=ks)
     mag = torch.where(torch.isfinite(mag), mag, 0.0)
     return fp32_sum_bound(q.shape[-1], q.shape[-2]) * mag
 

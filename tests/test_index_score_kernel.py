@@ -133,3 +133,142 @@ def test_verify_names_the_rule(monkeypatch):
     monkeypatch.setattr(mod, "index_score_triton", lambda *a, **k: real(*a, **k) + 1.0)
     with pytest.raises(AssertionError, match=r"rule index_score .* element \(0, 0, 0\)"):
         torch.ops.dsa_inductor.index_score(kw["q"], kw["k"], kw["weights"], 0.5, False, None)
+
+
+# ---- row ranges: [row_starts, row_ends) with -inf outside, or undefined outside (fused consumer only) -------
+
+from dsa_inductor.lowerings.index_score import defined_mask  # noqa: E402
+
+
+@st.composite
+def ranged_problems(draw):
+    q, k, w, scale, after, _, tiles = draw(problems())
+    b, s, t = q.shape[0], q.shape[1], k.shape[1]
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    kind = draw(st.sampled_from(["causal", "window", "random", "ends_only", "starts_only"]))
+    pos = torch.arange(s) + max(t - s, 0)
+    if kind == "causal":
+        starts, ends = torch.zeros(b, s, dtype=torch.long), (pos + 1).expand(b, s)
+    elif kind == "window":
+        wnd = draw(st.integers(1, t + 2))
+        starts, ends = (pos + 1 - wnd).expand(b, s), (pos + 1).expand(b, s)
+    else:
+        starts = torch.randint(-3, t + 3, (b, s), generator=g)
+        ends = torch.randint(-3, t + 3, (b, s), generator=g)
+    starts = None if kind == "ends_only" else starts.to(draw(st.sampled_from([torch.int32, torch.int64])))
+    ends = None if kind == "starts_only" else ends.contiguous()
+    undefined = draw(st.booleans())
+    short_k = draw(st.sampled_from([-1, 0, 3, t // 2, t])) if undefined else -1
+    return q, k, w, scale, after, ends, starts, short_k, undefined, tiles
+
+
+@settings(max_examples=200 if CUDA else 25)
+@given(ranged_problems())
+def test_kernel_row_ranges(problem):
+    """Defined positions equal eager (transformers' spelling, then the range's masked_fill); with
+    outside_undefined the rest is never written (the buffer's prior NaN-free garbage is not checked)."""
+    q, k, w, scale, after, ends, starts, short_k, undefined, tiles = (_dev(x) for x in problem)
+    out = index_score_triton(q, k, w, scale, after, ends, starts, short_k, undefined, **tiles)
+    ref = index_score_reference(q, k, w, scale, after, ends, starts)  # -inf outside
+    if undefined:
+        keep = defined_mask(k.shape[1], starts, ends, short_k, rows=w[..., 0])
+        out = torch.where(keep, out, ref)
+    assert score_mismatch(out, ref, tolerance(q, k, w, scale, ends, starts)) is None
+
+
+def test_undefined_outside_skips_tiles_and_short_rows():
+    """Tiles outside every live row's range and short rows are neither read nor written: K is NaN there
+    and the output keeps a sentinel."""
+    g = torch.Generator().manual_seed(3)
+    s, t = 48, 64
+    q = torch.randn(1, s, 2, 16, generator=g).to(DEVICE)
+    k = torch.randn(1, t, 16, generator=g).to(DEVICE)
+    w = torch.randn(1, s, 2, generator=g).to(DEVICE)
+    ends = (torch.arange(s, device=DEVICE) + 1 + (t - s))[None]   # causal, rows of length 17..64
+    starts = torch.full_like(ends, 16)                            # keys [16, end): lengths 1..48
+    short_k = 20                                                  # rows 0..19 (length <= 20) are short
+    k[:, :16] = float("nan")  # before every start: never read
+    sentinel = 12345.0
+    real_empty = torch.empty
+    try:
+        torch.empty = lambda *a, **kw: real_empty(*a, **kw).fill_(sentinel)
+        out = index_score_triton(q, k, w, 0.5, False, ends, starts, short_k, True, block_s=16, block_t=16)
+    finally:
+        torch.empty = real_empty
+    keep = defined_mask(t, starts, ends, short_k)
+    ref = index_score_reference(q, k, w, 0.5, False, ends, starts)
+    assert not out[keep].isnan().any()
+    assert score_mismatch(torch.where(keep, out, ref), ref, tolerance(q, k, w, 0.5, ends, starts)) is None
+    assert torch.all(out[0, :16] == sentinel)          # rows 0..15: the whole first row tile is short
+    assert torch.all(out[0, 16:32, :16] == sentinel)   # the tile before every start
+    # a short row inside a computed row tile may be written; the defined positions are what counts
+
+
+def test_short_k_needs_outside_undefined():
+    kw = {n: _dev(v) for n, v in _ok().items()}
+    with pytest.raises(ValueError, match="`short_k`"):
+        torch.ops.dsa_inductor.index_score(kw["q"], kw["k"], kw["weights"], 0.5, False, None, None, 3, False)
+
+
+def test_opcheck_ranges():
+    kw = {n: _dev(v) for n, v in _ok().items()}
+    ends = torch.tensor([[1, 2, 3, 7, 0], [7, 7, 7, 7, 7]], device=DEVICE)
+    starts = torch.tensor([[0, 1, 1, 2, 0], [0, 3, 5, 6, 7]], device=DEVICE, dtype=torch.int32)
+    torch.library.opcheck(torch.ops.dsa_inductor.index_score.default,
+                          (kw["q"], kw["k"], kw["weights"], 0.5, False, ends, starts, -1, False))
+
+
+# ---- FP8 e4m3 q/k with scales (DeepSeek's fp8_index) ---------------------------------------------------------
+
+@st.composite
+def fp8_problems(draw):
+    b = draw(st.integers(1, 2))
+    s = draw(st.integers(1, 40))
+    t = draw(st.integers(1, 70))
+    h = draw(st.integers(1, 4))
+    d = draw(st.sampled_from([16, 32]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    q = (torch.randn(b, s, h, d, generator=g) * 8).to(torch.float8_e4m3fn)
+    k = (torch.randn(draw(st.sampled_from([1, b])), t, d, generator=g) * 8).to(torch.float8_e4m3fn)
+    if draw(st.booleans()):
+        k.view(torch.uint8)[0, 0, 0] = 0x7F  # an FP8 NaN
+    w = torch.randn(b, s, h, generator=g) * torch.rand(b, s, h, generator=g)  # q scale folded in
+    k_scale = torch.rand(draw(st.sampled_from([1, b])), t, generator=g) + 0.01 if draw(st.booleans()) else None
+    ends = (torch.arange(s) + 1 + max(t - s, 0)).expand(b, s).contiguous() if draw(st.booleans()) else None
+    tiles = dict(block_s=draw(st.sampled_from([16, 32])), block_t=draw(st.sampled_from([16, 32])))
+    return q, k, w, draw(st.sampled_from([1.0, d ** -0.5])), ends, k_scale, tiles
+
+
+@settings(max_examples=100 if CUDA else 20)
+@given(fp8_problems())
+def test_fp8_kernel_matches_reference(problem):
+    """FP8 q and k read directly (no dequantized copy), k scale on the head sum: equals the fp32 formula
+    out = k_scale * sum_h w * relu(q8.float() . k8.float() * scale)."""
+    q, k, w, scale, ends, k_scale, tiles = (_dev(x) for x in problem)
+    out = index_score_triton(q, k, w, scale, False, ends, k_scale=k_scale, **tiles)
+    ref = index_score_reference(q, k, w, scale, False, ends, k_scale=k_scale)
+    eager = torch.relu(torch.einsum("bshd,btd->bsht", q.float(), k.float().expand(q.shape[0], -1, -1)) * scale)
+    eager = torch.einsum("bsht,bsh->bst", eager, w)
+    if k_scale is not None:
+        eager = eager * k_scale[:, None, :]
+    if ends is not None:
+        eager = eager.masked_fill(torch.arange(k.shape[1], device=q.device) >= ends[..., None], float("-inf"))
+    tol = tolerance(q, k, w, scale, ends, k_scale=k_scale)
+    assert score_mismatch(ref, eager, tol) is None
+    assert score_mismatch(out, ref, tol) is None
+
+
+def test_fp8_opcheck_and_bad_scale():
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 5, 2, 16, generator=g).to(torch.float8_e4m3fn).to(DEVICE)
+    k = torch.randn(1, 7, 16, generator=g).to(torch.float8_e4m3fn).to(DEVICE)
+    w = torch.randn(1, 5, 2, generator=g).to(DEVICE)
+    ks = torch.rand(1, 7, generator=g).to(DEVICE)
+    # test_schema compares inputs with ops that CPU float8 lacks ("mul_cpu_reduced_float"): the others run
+    torch.library.opcheck(torch.ops.dsa_inductor.index_score.default, (q, k, w, 1.0, False, None, None, -1,
+                                                                       False, ks),
+                          test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
+    with pytest.raises((TypeError, ValueError, RuntimeError), match="`k_scale`"):
+        torch.ops.dsa_inductor.index_score(q, k, w, 1.0, False, None, None, -1, False, ks.half())
+    with pytest.raises((TypeError, ValueError, RuntimeError), match="`k_scale`"):
+        torch.ops.dsa_inductor.index_score(q, k, w, 1.0, False, None, None, -1, False, ks[:, :3])

@@ -142,3 +142,32 @@ def test_near_miss_not_rewritten(fresh, fn):
 
     if fn is not nm_gelu:  # a relu of a batched matmul was seen, and the reason recorded
         assert sum(_STATS["index_score"].rejections.values()) >= 1, _STATS.get("index_score")
+
+
+# ---- FP8 q/k (DeepSeek's fp8_index written in torch): the op reads the FP8 tensors directly ----------------
+
+def fp8_index_torch(q, k, weights, k_scale):
+    # DeepSeek-V3.2 reference semantics: q scale and softmax scale folded into the weights by the caller,
+    # relu of the FP8 dot products, weighted head sum, then the per-token k scale
+    scores = F.relu(torch.matmul(q.float(), k.transpose(-1, -2).float().unsqueeze(1)))
+    index_scores = torch.matmul(weights.unsqueeze(-2), scores).squeeze(-2)
+    return index_scores * k_scale.unsqueeze(1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_q_k_compiled_equals_eager(fresh, device):
+    compiled = torch.compile(fp8_index_torch, dynamic=True, fullgraph=True)
+
+    @settings(max_examples=6)
+    @given(inputs(torch.float32, device, 2))
+    def check(args):
+        q, k, w = args
+        q8, k8 = (q * 4).to(torch.float8_e4m3fn), (k * 4).to(torch.float8_e4m3fn)
+        ks = torch.rand(k.shape[:2], device=device) + 0.1
+        with torch.no_grad():
+            out = compiled(q8, k8, w, ks)
+            eager = fp8_index_torch(q8, k8, w, ks)
+        assert score_mismatch(out, eager, tolerance(q8, k8, w, 1.0, k_scale=ks)) is None
+
+    check()
+    assert any(v.startswith("matmul_upcast:scale_none") for v in matches("index_score")), matches("index_score")

@@ -194,3 +194,28 @@ def test_verify_mode_names_rule_and_element(monkeypatch):
     monkeypatch.setattr(mod, "masked_topk_triton", broken)
     with pytest.raises(AssertionError, match=r"rule mask_topk .* row 0"):
         torch.ops.dsa_inductor.masked_topk(x, 5, None, None, mask, True, None, float("-inf"), True, torch.int64, True)
+
+
+@pytest.mark.parametrize("block_max", [8, 64])  # 8: 2k > block_max, the plain-torch fallback; 64: the kernel
+def test_short_rows_never_use_their_scores(block_max):
+    """Rows of at most k in-range positions select them all, whatever the scores there (the index score
+    leaves them undefined): the register-budget fallback path too."""
+    from dsa_inductor.lowerings.masked_topk import masked_topk_triton
+
+    g = torch.Generator().manual_seed(5)
+    n, k = 40, 6
+    logits = torch.randn(3, 5, n, generator=g)
+    starts = torch.tensor([0, 2, 10, 30, 39]).expand(3, 5).contiguous()
+    ends = torch.tensor([3, 8, 40, 36, 40]).expand(3, 5).contiguous()  # lengths 3, 6, 30, 6, 1
+    short = (ends - starts) <= k
+    garbage = logits.clone()
+    garbage[short] = float("-inf")  # undefined entries may hold anything, -inf included
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    _, idx = masked_topk_triton(garbage.to(dev), k, starts.to(dev), ends.to(dev), sorted=False,
+                                need_values=False, block_max=block_max)
+    _, ref = masked_topk_triton(logits.to(dev), k, starts.to(dev), ends.to(dev), sorted=False,
+                                need_values=False, block_max=block_max)
+    idx, ref = idx.cpu(), ref.cpu()
+    for r in zip(*short.nonzero(as_tuple=True)):
+        want = set(range(int(starts[r]), int(ends[r])))
+        assert want <= set(idx[r].tolist()), (r, idx[r])

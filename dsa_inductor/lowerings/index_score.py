@@ -12,11 +12,36 @@ Semantics (``q [B, S, H, D]``, ``k [B, T, D]`` (or ``[1, T, D]``), ``weights [B,
     y          = relu(x * scale)   if not scale_after_relu  else  relu(x) * scale
     out[b,s,t] = sum_h weights[b,s,h].float() * y[b,s,h,t]               (fp32, [B, S, T])
 
-and with ``row_ends [B, S]``: ``out[b,s,t] = -inf`` for ``t >= row_ends[b,s]`` (the causal / range mask
-that follows in the indexer, as ``masked_fill(~keep, -inf)`` writes it).  Tiles entirely past a row
-tile's largest end are written as ``-inf`` without reading q or k.
+Row bounds (optional ``row_starts`` / ``row_ends``, int32/int64 ``[B, S]``): each row's range is
+``[lo, hi)`` with ``lo = clamp(row_starts, 0, T)`` (0 without starts) and ``hi = clamp(row_ends, lo, T)``
+(T without ends), as ``masked_topk`` reads its bounds.  Positions outside the range are
 
-Rounding: bf16/fp16 products are exact in fp32, so the only differences with eager are the order of the
+* ``-inf`` (``outside_undefined=False``): the causal / range mask that follows in the indexer, as
+  ``masked_fill(~keep, -inf)`` writes it.  Key tiles entirely outside a row tile's ranges are written as
+  ``-inf`` without reading q or k;
+* **undefined** (``outside_undefined=True``): never written (the buffer is ``torch.empty``).  Only a fused
+  consumer that never reads them may see such a buffer: ``dsa_inductor::masked_topk`` with the same
+  bounds, a ``-inf`` fill and no mask or bias (the ``mask_topk`` rule's follow-up ``bound_index_scores``
+  is the one place that sets it, and only when that top-k is the scores' only user).  Key tiles outside
+  every range of a row tile are not computed at all, so causal rows cost about half of full rows.
+  Rows whose in-range length ``hi - lo`` is at most ``short_k`` (``short_k >= 0``) are wholly undefined
+  and are skipped, decided per row inside the kernel (no host sync, CUDA-graph safe): with ``k >=``
+  the in-range length, a range top-k selects every in-range position whatever the scores (SGLang's
+  short-prefill observation), and ``masked_topk`` short-circuits such rows without reading a score when
+  it writes no values (``sorted=False``, ``need_values=False``).  The CPU path writes NaN at undefined
+  positions, so a consumer that reads one shows it in the tests.
+
+FP8 (DeepSeek's reference ``fp8_index``, ``inference/kernel.py``): ``q`` and ``k`` may both be
+``float8_e4m3fn`` (the kernel reads the FP8 bytes and runs an FP8 ``tl.dot``; there is no dequantized
+copy), with the per-token-head q scale folded into ``weights`` by the caller (as DeepSeek's ``Indexer``
+does: ``weights * q_scale * softmax_scale``) and an optional per-token k scale ``k_scale [B, T]`` (or
+``[1, T]``) fp32, applied to the head sum::
+
+    out[b,s,t] = k_scale[b,t] * sum_h weights[b,s,h] * relu(q8[b,s,h,:].float() . k8[b,t,:].float() * scale)
+
+``k_scale`` is accepted with any input dtype.
+
+Rounding: FP8 and bf16/fp16 products are exact in fp32, so the only differences with eager are the order of the
 fp32 sums over ``D`` and ``H`` (the scale, the relu and the weight are applied per element in eager's
 order).  Tolerance (``tolerance()``):
 ``|ours - eager| <= (D + H + 8) * 2**-24 * M`` elementwise, where ``M`` is this op on ``|q|, |k|,
@@ -53,14 +78,16 @@ OP_NAME = "dsa_inductor::index_score"
 VERIFY = False  # set by register_dsa_passes(verify=True): check each CUDA call against eager
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_QK_DTYPES = _FLOATS + (torch.float8_e4m3fn,)
 
 
-def _check_args(q, k, weights, scale, row_ends):
+def _check_args(q, k, weights, scale, row_ends, row_starts=None, short_k=-1, outside_undefined=False,
+                k_scale=None):
     """Raise ValueError/TypeError naming the offending argument."""
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
         raise ValueError(f"index_score: `q` must be a [B, S, H, D] tensor, got {getattr(q, 'shape', type(q))}")
-    if q.dtype not in _FLOATS:
-        raise TypeError(f"index_score: `q` must be float32, float16 or bfloat16, got {q.dtype}")
+    if q.dtype not in _QK_DTYPES:
+        raise TypeError(f"index_score: `q` must be float32, float16, bfloat16 or float8_e4m3fn, got {q.dtype}")
     if not isinstance(k, torch.Tensor) or k.dim() != 3:
         raise ValueError(f"index_score: `k` must be a [B, T, D] tensor, got {getattr(k, 'shape', type(k))}")
     if k.dtype != q.dtype:
@@ -70,7 +97,8 @@ def _check_args(q, k, weights, scale, row_ends):
                          f"{getattr(weights, 'shape', type(weights))}")
     if weights.dtype not in _FLOATS:
         raise TypeError(f"index_score: `weights` must be float32, float16 or bfloat16, got {weights.dtype}")
-    for name, t in (("k", k), ("weights", weights), ("row_ends", row_ends)):
+    for name, t in (("k", k), ("weights", weights), ("row_ends", row_ends), ("row_starts", row_starts),
+                    ("k_scale", k_scale)):
         if t is not None and t.device != q.device:
             raise ValueError(f"index_score: `{name}` is on {t.device}, `q` on {q.device}")
     b, s, h, d = q.shape
@@ -82,22 +110,58 @@ def _check_args(q, k, weights, scale, row_ends):
                          f"{(b, s, h)}")
     if not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"index_score: `scale` must be a finite number, got {scale!r}")
-    if row_ends is not None:
-        if row_ends.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"index_score: `row_ends` must be int32 or int64, got {row_ends.dtype}")
-        torch._check(row_ends.dim() == 2 and row_ends.shape[0] == b and row_ends.shape[1] == s,
-                     lambda: f"index_score: `row_ends` has shape {tuple(row_ends.shape)}, expected [B, S] = "
-                             f"{(b, s)}")
+    for name, t in (("row_ends", row_ends), ("row_starts", row_starts)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"index_score: `{name}` must be an int32 or int64 tensor, got "
+                            f"{getattr(t, 'dtype', type(t).__name__)}")
+        torch._check(t.dim() == 2 and t.shape[0] == b and t.shape[1] == s,
+                     lambda: f"index_score: `{name}` has shape {tuple(t.shape)}, expected [B, S] = {(b, s)}")
+    if k_scale is not None:
+        if not isinstance(k_scale, torch.Tensor) or k_scale.dtype != torch.float32:
+            raise TypeError(f"index_score: `k_scale` must be a float32 tensor, got "
+                            f"{getattr(k_scale, 'dtype', type(k_scale).__name__)}")
+        torch._check(k_scale.dim() == 2 and (k_scale.shape[0] == b or k_scale.shape[0] == 1)
+                     and k_scale.shape[1] == k.shape[1],
+                     lambda: f"index_score: `k_scale` has shape {tuple(k_scale.shape)}, expected [B, T] or [1, T] "
+                             f"= {(b, k.shape[1])}")
+    if not outside_undefined and short_k >= 0:
+        raise ValueError(f"index_score: `short_k` ({short_k}) >= 0 needs outside_undefined=True (a short row "
+                         "is left unwritten)")
 
 
-def index_score_reference(q, k, weights, scale=1.0, scale_after_relu=False, row_ends=None):
-    """Plain-torch definition of the op, spelled as transformers spells it (the CPU path and test oracle)."""
+def row_range(row_starts, row_ends, t, rows=None):
+    """``(lo, hi)`` ``[B, S]`` int64: the clamped range ``[lo, hi)`` of each row (``rows``: the ``[B, S]``
+    shape and device as a tensor, needed when neither bound is given)."""
+    ref = row_starts if row_starts is not None else row_ends if row_ends is not None else rows
+    lo = row_starts.long().clamp(0, t) if row_starts is not None else torch.zeros_like(ref, dtype=torch.long)
+    hi = torch.maximum(row_ends.long(), lo).clamp(max=t) if row_ends is not None else torch.full_like(lo, t)
+    return lo, hi
+
+
+def defined_mask(t, row_starts=None, row_ends=None, short_k=-1, rows=None):
+    """bool ``[B, S, T]``: the positions an ``outside_undefined=True`` call defines (in range, row not short)."""
+    lo, hi = row_range(row_starts, row_ends, t, rows)
+    pos = torch.arange(t, device=lo.device)
+    keep = (pos >= lo.unsqueeze(-1)) & (pos < hi.unsqueeze(-1))
+    return keep & ((hi - lo) > short_k).unsqueeze(-1)
+
+
+def index_score_reference(q, k, weights, scale=1.0, scale_after_relu=False, row_ends=None, row_starts=None,
+                          short_k=-1, outside_undefined=False, k_scale=None):
+    """Plain-torch definition of the op, spelled as transformers spells it (the CPU path and test oracle).
+
+    Undefined positions (``outside_undefined=True``) are NaN here."""
     x = torch.matmul(q.float(), k.transpose(-1, -2).float().unsqueeze(1))
     y = torch.relu(x) * scale if scale_after_relu else torch.relu(x * scale)
     out = torch.matmul(weights.float().unsqueeze(-2), y).squeeze(-2)
-    if row_ends is not None:
-        pos = torch.arange(out.shape[-1], device=out.device)
-        out = out.masked_fill(pos >= row_ends.unsqueeze(-1), float("-inf"))
+    if k_scale is not None:
+        out = out * k_scale.unsqueeze(1)
+    if row_starts is not None or row_ends is not None or outside_undefined:
+        keep = defined_mask(out.shape[-1], row_starts, row_ends, short_k if outside_undefined else -1,
+                            rows=out.new_empty(out.shape[:-1]))
+        out = out.masked_fill(~keep, float("nan") if outside_undefined else float("-inf"))
     return out
 
 
@@ -107,11 +171,22 @@ tolerance = index_score_tolerance  # the bound lives in dsa_inductor.testing
 if triton is not None:
 
     @triton.jit
+    def _upcast(x, FP8: tl.constexpr):
+        """To fp32 (the interpreter's bf16 and fp8 dots are unreliable); FP8 e4m3fn NaN (0x7F / 0xFF) stays
+        NaN, which the interpreter's own conversion gets wrong."""
+        if FP8:
+            bits = x.to(tl.uint8, bitcast=True)
+            return tl.where((bits & 0x7F) == 0x7F, float("nan"), x.to(tl.float32))
+        return x.to(tl.float32)
+
+    @triton.jit(do_not_specialize=["short_k"])
     def _index_score_kernel(
         q_ptr, qs0, qs1, qs2, qs3, k_ptr, ks0, ks1, ks2, w_ptr, ws0, ws1, ws2, e_ptr, es0, es1,
-        o_ptr, os0, os1, os2,
-        S, T, H, D, scale,
-        SCALE_AFTER_RELU: tl.constexpr, HAS_ENDS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+        st_ptr, sts0, sts1, ksc_ptr, kscs0, kscs1, o_ptr, os0, os1, os2,
+        S, T, H, D, scale, short_k,
+        SCALE_AFTER_RELU: tl.constexpr, HAS_ENDS: tl.constexpr, HAS_STARTS: tl.constexpr,
+        HAS_KSCALE: tl.constexpr, FP8: tl.constexpr,
+        UNDEFINED_OUTSIDE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
         BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """One (row tile, key tile) of one batch; key tiles of a row tile are adjacent programs."""
@@ -128,18 +203,32 @@ if triton is not None:
         d_ok = rd < D
         out_ptrs = o_ptr + b * os0 + rs[:, None] * os1 + rt[None, :] * os2
         out_ok = s_ok[:, None] & t_ok[None, :]
-        skip = pid_t < 0
+        t_len = T.to(tl.int64)
+        lo = rs * 0
+        hi = lo + t_len
+        if HAS_STARTS:
+            lo = tl.minimum(tl.maximum(tl.load(st_ptr + b * sts0 + rs * sts1, mask=s_ok, other=0).to(tl.int64),
+                                       0), t_len)
         if HAS_ENDS:
-            ends = tl.load(e_ptr + b * es0 + rs * es1, mask=s_ok, other=0).to(tl.int64)
-            skip = pid_t * BLOCK_T >= tl.max(ends, 0)
+            hi = tl.minimum(tl.maximum(tl.load(e_ptr + b * es0 + rs * es1, mask=s_ok, other=0).to(tl.int64),
+                                       lo), t_len)
+        # Rows whose values matter here: real rows, and (undefined outside) not short.
+        live = s_ok
+        if UNDEFINED_OUTSIDE:
+            live = live & (hi - lo > short_k)
+        t0 = pid_t * BLOCK_T
+        skip = tl.max(tl.where(live, hi, 0), 0) <= t0
+        if HAS_STARTS:
+            skip = skip | (tl.min(tl.where(live, lo, t_len), 0) >= t0 + BLOCK_T)
         if skip:
-            # Every position of the tile is past its row's end: eager's masked_fill writes -inf there.
-            tl.store(out_ptrs, tl.full([BLOCK_S, BLOCK_T], float("-inf"), tl.float32), mask=out_ok)
+            if not UNDEFINED_OUTSIDE:
+                # Every position of the tile is outside its row's range: eager's masked_fill writes -inf.
+                tl.store(out_ptrs, tl.full([BLOCK_S, BLOCK_T], float("-inf"), tl.float32), mask=out_ok)
         else:
             kt = tl.load(k_ptr + b * ks0 + rt[None, :] * ks1 + rd[:, None] * ks2,
                          mask=t_ok[None, :] & d_ok[:, None], other=0.0)
             if UPCAST:
-                kt = kt.to(tl.float32)
+                kt = _upcast(kt, FP8)
             q_ptrs = q_ptr + b * qs0 + rs[:, None] * qs1 + rd[None, :] * qs3
             w_ptrs = w_ptr + b * ws0 + rs * ws1
             q_ok = s_ok[:, None] & d_ok[None, :]
@@ -147,7 +236,7 @@ if triton is not None:
             for h in range(H):
                 qh = tl.load(q_ptrs + h * qs2, mask=q_ok, other=0.0)
                 if UPCAST:
-                    qh = qh.to(tl.float32)
+                    qh = _upcast(qh, FP8)
                 wh = tl.load(w_ptrs + h * ws2, mask=s_ok, other=0.0).to(tl.float32)
                 if IEEE:
                     x = tl.dot(qh, kt, input_precision="ieee")
@@ -159,8 +248,11 @@ if triton is not None:
                 else:
                     y = tl.maximum(x * scale, 0.0, propagate_nan=tl.PropagateNan.ALL)
                 acc += y * wh[:, None]
-            if HAS_ENDS:
-                acc = tl.where(rt[None, :] < ends[:, None], acc, float("-inf"))
+            if HAS_KSCALE:
+                ksc = tl.load(ksc_ptr + b * kscs0 + rt * kscs1, mask=t_ok, other=0.0)
+                acc = acc * ksc[None, :]
+            if not UNDEFINED_OUTSIDE and (HAS_ENDS or HAS_STARTS):
+                acc = tl.where((rt[None, :] < hi[:, None]) & (rt[None, :] >= lo[:, None]), acc, float("-inf"))
             tl.store(out_ptrs, acc, mask=out_ok)
 
 
@@ -173,15 +265,17 @@ def _default_config(q, t):
     return 64, 256 if t >= 256 else 128, 8, 3
 
 
-def index_score_triton(q, k, weights, scale=1.0, scale_after_relu=False, row_ends=None,
+def index_score_triton(q, k, weights, scale=1.0, scale_after_relu=False, row_ends=None, row_starts=None,
+                       short_k=-1, outside_undefined=False, k_scale=None,
                        block_s=None, block_t=None, num_warps=None, num_stages=None):
     """Run the Triton kernel (the op's CUDA path).  The block sizes and launch options override
     ``_default_config`` (tests shrink them, tuning sweeps them)."""
     if triton is None:
         raise RuntimeError("index_score: triton is not installed")
-    _check_args(q, k, weights, scale, row_ends)
+    _check_args(q, k, weights, scale, row_ends, row_starts, short_k, outside_undefined, k_scale)
     b, s, h, d = q.shape
     t = k.shape[1]
+    # torch.empty: with outside_undefined, positions outside the ranges and short rows are never written.
     out = torch.empty(b, s, t, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out
@@ -189,14 +283,21 @@ def index_score_triton(q, k, weights, scale=1.0, scale_after_relu=False, row_end
     block_s, block_t = block_s or ds, block_t or dt
     k = k.expand(b, t, d)
     e = row_ends if row_ends is not None else out
+    st = row_starts if row_starts is not None else out
+    ksc = k_scale.expand(b, t) if k_scale is not None else out
     # Triton 3.9's interpreter computes a bf16 tl.dot wrongly (values ~1e10 off): there the bf16 tiles are
     # upcast first, which is exact (bf16 -> fp32) and gives the same fp32 products.
-    upcast = q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+    fp8 = q.dtype == torch.float8_e4m3fn
+    upcast = q.dtype in (torch.bfloat16, torch.float8_e4m3fn) and os.environ.get("TRITON_INTERPRET") == "1"
     grid = (triton.cdiv(s, block_s) * triton.cdiv(t, block_t), b)
     _index_score_kernel[grid](
         q, *q.stride(), k, *k.stride(), weights, *weights.stride(), e, e.stride(0), e.stride(1),
-        out, *out.stride(), s, t, h, d, float(scale),
-        SCALE_AFTER_RELU=bool(scale_after_relu), HAS_ENDS=row_ends is not None, IEEE=q.dtype == torch.float32 or upcast, UPCAST=upcast,
+        st, st.stride(0), st.stride(1), ksc, ksc.stride(0), ksc.stride(1), out, *out.stride(), s, t, h, d,
+        float(scale),
+        short_k if outside_undefined else -1,
+        SCALE_AFTER_RELU=bool(scale_after_relu), HAS_ENDS=row_ends is not None, HAS_STARTS=row_starts is not None,
+        HAS_KSCALE=k_scale is not None, FP8=fp8,
+        UNDEFINED_OUTSIDE=bool(outside_undefined), IEEE=q.dtype == torch.float32 or upcast, UPCAST=upcast,
         BLOCK_S=block_s, BLOCK_T=block_t, BLOCK_D=max(16, triton.next_power_of_2(d)),
         num_warps=num_warps or dw, num_stages=num_stages or dst)
     return out
@@ -210,37 +311,56 @@ def index_score(
     scale: float,
     scale_after_relu: bool,
     row_ends: Optional[torch.Tensor],
+    row_starts: Optional[torch.Tensor] = None,
+    short_k: int = -1,
+    outside_undefined: bool = False,
+    k_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Fused ``sum_h weights * relu(q . k * scale)`` over heads, as fp32 ``[B, S, T]``.
 
     Args:
-        q: ``[B, S, H, D]`` float32 / float16 / bfloat16 queries (any strides).
+        q: ``[B, S, H, D]`` float32 / float16 / bfloat16 / float8_e4m3fn queries (any strides).
         k: ``[B, T, D]`` (or ``[1, T, D]``) keys, the dtype of ``q``.
         weights: ``[B, S, H]`` float per-head weights (any float dtype above).
         scale: applied to each per-head dot product, before the relu (``scale_after_relu=False``, as
             transformers does) or after it.
-        row_ends: optional int32/int64 ``[B, S]``: positions ``t >= row_ends[b, s]`` are ``-inf``.
+        row_ends: optional int32/int64 ``[B, S]``: positions ``t >= row_ends[b, s]`` are outside the row.
+        row_starts: optional int32/int64 ``[B, S]``: positions ``t < row_starts[b, s]`` are outside the row.
+        short_k: with ``outside_undefined``, rows whose clamped in-range length is ``<= short_k`` are not
+            computed (``-1``: none).  Must be ``-1`` (or negative) otherwise.
+        outside_undefined: False: outside positions are ``-inf``.  True: they (and short rows) are left
+            unwritten, for a fused consumer that never reads them (see the module docstring).
+        k_scale: optional float32 ``[B, T]`` (or ``[1, T]``) per-token k scale multiplying the head sum
+            (FP8 k, DeepSeek's ``fp8_index``).
 
     Returns:
         float32 ``[B, S, T]``.
 
     Raises:
-        ValueError / TypeError naming the argument: bad rank, dtype, device or shape, non-finite scale.
+        ValueError / TypeError naming the argument: bad rank, dtype, device or shape, non-finite scale,
+        ``short_k >= 0`` without ``outside_undefined``.
     """
     if q.device.type != "cuda":  # (on CUDA, the *_triton function checks them)
-        _check_args(q, k, weights, scale, row_ends)
-        return index_score_reference(q, k, weights, scale, scale_after_relu, row_ends)
-    out = index_score_triton(q, k, weights, scale, scale_after_relu, row_ends)
+        _check_args(q, k, weights, scale, row_ends, row_starts, short_k, outside_undefined, k_scale)
+        return index_score_reference(q, k, weights, scale, scale_after_relu, row_ends, row_starts, short_k,
+                                     outside_undefined, k_scale)
+    out = index_score_triton(q, k, weights, scale, scale_after_relu, row_ends, row_starts, short_k,
+                             outside_undefined, k_scale)
     if VERIFY:
-        ref = index_score_reference(q, k, weights, scale, scale_after_relu, row_ends)
-        why = score_mismatch(out, ref, tolerance(q, k, weights, scale, row_ends))
+        ref = index_score_reference(q, k, weights, scale, scale_after_relu, row_ends, row_starts, short_k,
+                                    outside_undefined, k_scale)
+        cmp = out
+        if outside_undefined:
+            cmp = torch.where(defined_mask(out.shape[-1], row_starts, row_ends, short_k, out.new_empty(out.shape[:-1])), out, ref)
+        why = score_mismatch(cmp, ref, tolerance(q, k, weights, scale, row_ends, row_starts, k_scale))
         if why is not None:
             raise AssertionError(f"dsa_inductor verify: rule index_score ({OP_NAME}) differs from eager: {why}")
     return out
 
 
 @index_score.register_fake
-def _index_score_fake(q, k, weights, scale, scale_after_relu, row_ends):
+def _index_score_fake(q, k, weights, scale, scale_after_relu, row_ends, row_starts=None, short_k=-1,
+                      outside_undefined=False, k_scale=None):
     # Shapes only (the launch arithmetic on sizes would specialize dynamic shapes).
-    _check_args(q, k, weights, scale, row_ends)
+    _check_args(q, k, weights, scale, row_ends, row_starts, short_k, outside_undefined, k_scale)
     return q.new_empty(q.shape[0], q.shape[1], k.shape[1], dtype=torch.float32)

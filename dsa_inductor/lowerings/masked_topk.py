@@ -894,6 +894,20 @@ def masked_topk_triton(logits, k, row_starts=None, row_ends=None, mask=None, mas
     chunk = min(chunk or block_max, block_max)
     if k > block_max or (n > block_max and (2 * k > block_max or k > chunk)):
         # Beyond the register budget of one program (k is then a large part of the row anyway).
+        if mask is None and bias is None and fill == float("-inf") and not (need_values or sorted) and (
+                row_starts is not None or row_ends is not None):
+            # As the kernel's short-circuit: a row of at most k in-range positions selects them all
+            # whatever its scores, which may be undefined there (index_score(outside_undefined=True)).
+            lo = row_starts.long().clamp(0, n) if row_starts is not None else None
+            hi = row_ends.long().clamp(0, n) if row_ends is not None else None
+            if lo is None:
+                length = hi
+            elif hi is None:
+                length = n - lo
+            else:
+                length = (hi - lo).clamp(min=0)
+            logits = torch.where((length <= k).unsqueeze(-1), torch.zeros((), dtype=logits.dtype,
+                                                                        device=logits.device), logits)
         v, i = masked_topk_reference(logits, k, row_starts, row_ends, mask, mask_keeps, bias, fill, sorted,
                                      index_dtype, True)
         return (v if need_values else values), i

@@ -40,6 +40,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from .. import testing
 from ..canonicalize import trace_fn
 from ..lowerings import index_score as _op_module  # noqa: F401  (defines the op)
+from ..report import stats_for
 from .common import _HAS_PATTERN_NAME, Rule, Variant, tensor_meta, with_signature
 
 aten = torch.ops.aten
@@ -221,8 +222,9 @@ def _check(form: Form, match) -> Optional[str]:
         return "q, k or weights is not a tensor"
     if q.dim() != 4 or k.dim() != 3:
         return f"q has rank {q.dim()} and k rank {k.dim()}, expected [B, S, H, D] and [B, T, D]"
-    if q.dtype not in _FLOATS or k.dtype != q.dtype:
-        return f"q / k dtypes {q.dtype} / {k.dtype}: the op takes one of float32/float16/bfloat16 for both"
+    if q.dtype not in _FLOATS + (torch.float8_e4m3fn,) or k.dtype != q.dtype:
+        return (f"q / k dtypes {q.dtype} / {k.dtype}: the op takes one of float32/float16/bfloat16/float8_e4m3fn "
+                "for both")
     if w.dim() != 3 or w.dtype not in _FLOATS or not all(
             statically_known_true(a == b) for a, b in zip(w.shape, q.shape[:3])):
         return (f"weights {tuple(w.shape)} {w.dtype} are not one float per [B, S, H] = {tuple(q.shape[:3])} "
@@ -313,7 +315,12 @@ class IndexScoreRule(Rule):
     def apply(self, graph: torch.fx.Graph) -> int:
         if self.candidates(graph):
             _normalize_dims(graph)
-        return super().apply(graph)
+        matched = super().apply(graph)
+        if matched:
+            from .mask_topk import bound_index_scores  # the chain: score -> range top-k
+
+            bound_index_scores(graph, stats_for(self.name, self.op))
+        return matched
 
     def diagnose(self, node: torch.fx.Node) -> str:
         val = _val(node)

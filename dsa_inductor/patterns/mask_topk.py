@@ -441,6 +441,172 @@ def _new_node(graph, target, args):
     return new
 
 
+def _permutation_scatters(node: torch.fx.Node) -> Optional[list]:
+    """The ``scatter(x, -1, indices, value)`` nodes fed by ``node`` (top-k indices, through index casts)
+    whose ``x`` has exactly the indices' shape; None if any use is something else."""
+    found = []
+    for user in node.users:
+        if user.target is torch.ops.prims.convert_element_type.default and user.args[1] in _INDEX_CASTS:
+            sub = _permutation_scatters(user)
+            if sub is None:
+                return None
+            found += sub
+        elif user.target is aten.scatter.value and user.args[2] is node and not isinstance(user.args[3],
+                                                                                               torch.fx.Node):
+            idx, x = node.meta.get("val"), user.args[0].meta.get("val")
+            if idx is None or x is None or user.args[1] not in (-1, idx.dim() - 1) or x.dim() != idx.dim() or \
+                    not all(statically_known_true(a == b) for a, b in zip(x.shape, idx.shape)):
+                return None
+            found.append(user)
+        else:
+            return None
+    return found
+
+
+def _k_is_n(k, n) -> bool:
+    """``k == n``: statically, or (dynamic ``k = min(index_topk, T)``) when this compile's sizes say so, then
+    guarded: a later call with ``T > index_topk`` recompiles once (Dynamo guards every shape decision).
+    A compile whose sizes say ``k < n`` adds no guard."""
+    if statically_known_true(k == n):
+        return True
+    # Only k = min(c, N) (transformers' `min(index_topk, T)`): the guard is then `N <= c`, a range.  A
+    # constant k would specialize N to it.
+    expr = k.node.expr if isinstance(k, torch.SymInt) else None
+    if expr is None or type(expr).__name__ != "Min" or not isinstance(n, torch.SymInt) or \
+            n.node.expr not in expr.args:
+        return False
+    eq = k == n
+    if not isinstance(eq, torch.SymBool) or getattr(eq.node, "hint", None) is not True:
+        return False
+    from torch.fx.experimental.symbolic_shapes import guard_or_false
+
+    return bool(guard_or_false(eq))
+
+
+def scatter_of_full_topk(graph: torch.fx.Graph, stats) -> int:
+    """``scatter(x, -1, topk_indices, v)`` -> ``full(x.shape, v)`` when the top-k takes all N positions.
+
+    With ``k == N`` (statically: transformers' ``topk = min(index_topk, T)`` once ``T <= index_topk``),
+    each row of indices is a permutation of ``[0, N)`` (distinct valid indices), so the scatter writes
+    ``v`` everywhere.  This is issue 4's short-sequence shortcut at graph level: the DSA index mask is
+    then constant (nothing masked), the indexer (index score, top-k) is dead code, and attention is the
+    plain causal one; no host sync, since it is decided from shapes (guarded by Dynamo like any shape).
+    """
+    done = 0
+    for node in list(graph.nodes):
+        if node.target is not torch.ops.dsa_inductor.masked_topk.default or node.args[10] is not False:
+            continue
+        logits, k = node.args[0], node.args[1]
+        k = k.meta.get("val") if isinstance(k, torch.fx.Node) else k
+        n = logits.meta["val"].shape[-1]
+        if not _k_is_n(k, n):
+            continue
+        index_users = [u for u in node.users if u.target is operator.getitem and u.args[1] == 1]
+        if len(index_users) != len(node.users):
+            continue
+        scatters = []
+        for u in index_users:
+            sub = _permutation_scatters(u)
+            if sub is None:
+                scatters = None
+                break
+            scatters += sub
+        if not scatters:
+            continue
+        for sc in scatters:
+            x = sc.args[0]
+            xv = x.meta["val"]
+            with graph.inserting_before(sc):
+                size = [_sym_size(graph, x, i) for i in range(xv.dim())]
+                full = graph.call_function(aten.full.default, (size, sc.args[3]),
+                                           dict(dtype=xv.dtype, layout=torch.strided, device=xv.device,
+                                                pin_memory=False))
+                full.meta["val"] = sc.meta["val"]
+            sc.replace_all_uses_with(full)
+            graph.erase_node(sc)
+        done += 1
+        stats.notes["top-k of all N positions only scattered: scatter -> full (short sequence: no indexer "
+                    "work)"] += 1
+    if done:
+        graph.eliminate_dead_code()
+    return done
+
+
+def _index_score_op():
+    return torch.ops.dsa_inductor.index_score.default
+
+
+def _sym_size(graph, node, dim):
+    """An int, or a ``sym_size`` node, for ``node``'s size ``dim``."""
+    size = node.meta["val"].shape[dim]
+    if isinstance(size, int):
+        return size
+    new = graph.call_function(aten.sym_size.int, (node, dim))
+    new.meta["val"] = size
+    return new
+
+
+def bound_index_scores(graph: torch.fx.Graph, stats) -> int:
+    """Pass a range top-k's bounds into the index score that feeds it (the lightning indexer chain).
+
+    ``masked_topk(index_score(q, k, w, ...), k, row_starts, row_ends, mask=None, bias=None, fill=-inf)``
+    reads its logits only inside each row's ``[row_start, row_end)``, and not at all in a row of at most
+    ``k`` in-range positions when it writes no values (``sorted=False``, ``need_values=False``).  The index
+    score then gets the same bounds with ``outside_undefined=True``: its kernel skips key tiles outside
+    every range of a row tile (causal rows: about half the work) and, with ``short_k = k``, whole short
+    rows, and leaves those entries unwritten.  Applied only when the top-k is the scores' ONLY user: any
+    other consumer would read undefined entries.
+    """
+    done = 0
+    for node in list(graph.nodes):
+        if node.target is not torch.ops.dsa_inductor.masked_topk.default:
+            continue
+        logits, k, starts, ends, mask, _keeps, bias, fill, sorted_, _idt, need_values = node.args
+        if not isinstance(logits, torch.fx.Node) or logits.target is not _index_score_op():
+            continue
+        if mask is not None or bias is not None or fill != float("-inf") or (starts is None and ends is None):
+            continue
+        if len(logits.users) != 1 or [a for a in node.args if a is logits] != [logits] or node.kwargs:
+            stats.notes["index score -> range top-k: bounds not passed, the scores have another user"] += 1
+            continue
+        args = list(logits.args) + [None, -1, False, None][len(logits.args) - 6:]
+        if len(args) != 10 or logits.kwargs or args[5] is not None or args[6] is not None or args[8]:
+            continue
+        scores = logits.meta["val"]
+        q_node = args[0]
+        bounds = []
+        for bound in (ends, starts):
+            if bound is None:
+                bounds.append(None)
+                continue
+            val = bound.meta.get("val") if isinstance(bound, torch.fx.Node) else None
+            if val is None or val.dtype not in (torch.int32, torch.int64) or val.dim() > 2 or not all(
+                    statically_known_true(a == 1) or statically_known_true(a == b)
+                    for a, b in zip(reversed(val.shape), reversed(scores.shape[:-1]))):
+                bounds = None
+                break
+            if val.dim() != 2 or not all(statically_known_true(a == b) for a, b in zip(val.shape, scores.shape)):
+                with graph.inserting_before(node), val.fake_mode:
+                    size = [_sym_size(graph, q_node, 0), _sym_size(graph, q_node, 1)]
+                    bound = _new_node(graph, aten.expand.default, (bound, size))
+            bounds.append(bound)
+        if bounds is None:
+            continue
+        # Short rows are skipped only when masked_topk's short-circuit reads no score (no values written).
+        skip_short = sorted_ is False and need_values is False
+        logits.args = (*args[:5], bounds[0], bounds[1], k if skip_short else -1, True, args[9])
+        if "eager_input_vals" in logits.meta:  # Inductor aligns these with the args (layout constraints)
+            logits.meta["eager_input_vals"] = (
+                torch.fx.node.map_arg(logits.args, lambda a: a.meta.get("val")), {})
+        # The bounds are computed before the top-k, maybe after the score: the score moves right before
+        # its only user (its own inputs precede it already).
+        node.prepend(logits)
+        done += 1
+        stats.notes["index score -> range top-k: bounds passed to the score kernel (out-of-range tiles"
+                    + (" and short rows" if skip_short else "") + " skipped)"] += 1
+    return done
+
+
 class MaskTopkRule(Rule):
     name = "mask_topk"
     op = "dsa_inductor::masked_topk"
@@ -455,6 +621,8 @@ class MaskTopkRule(Rule):
         if matched:
             mask_to_row_bounds(graph, stats_for(self.name, self.op))
             relax_unobservable_order(graph, stats_for(self.name, self.op))
+            scatter_of_full_topk(graph, stats_for(self.name, self.op))
+            bound_index_scores(graph, stats_for(self.name, self.op))
         return matched
 
     def diagnose(self, node: torch.fx.Node) -> str:
