@@ -83,7 +83,7 @@ def _check_args(q, k, v, topk_indices, row_ends, keep_mask, attn_sink, scale, dv
     if hk not in (1, h):
         raise ValueError(f"{name}: `k` has {hk} heads; must be 1 (shared latent) or H = {h}")
     if v is None:
-        if not isinstance(dv, int) or not 1 <= dv <= d:
+        if not isinstance(dv, (int, torch.SymInt)) or not 1 <= dv <= d:
             raise ValueError(f"{name}: `dv` must be in [1, Dqk = {d}] when `v` is None (v = k[..., :dv]), got {dv}")
     else:
         if not isinstance(v, torch.Tensor) or v.dim() != 4:

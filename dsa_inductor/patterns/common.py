@@ -37,6 +37,7 @@ class Variant:
     example_inputs: Callable[[], list]
     scalar_workaround: dict
     check: Callable[[Match], Optional[str]] = lambda match: None
+    trace: Optional[Callable] = None  # trace function of the search/replacement (default canonicalize.trace_fn)
 
 
 def with_signature(fn: Callable, argnames: Iterable[str]) -> Callable:
@@ -83,7 +84,7 @@ class Rule:
                         with_signature(v.search, v.argnames),
                         with_signature(self._counted(v), v.argnames),
                         v.example_inputs(),
-                        trace_fn,
+                        v.trace or trace_fn,
                         pm,
                         extra_check=self._checked(v),
                         scalar_workaround=v.scalar_workaround,
