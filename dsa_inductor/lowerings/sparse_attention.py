@@ -41,6 +41,7 @@ CPU path: plain torch, the gather form (what eager computes), which Inductor com
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -215,7 +216,7 @@ if triton is not None:
         S, T, K, H, scale_log2,
         D: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVP: tl.constexpr,
         V_IS_KA: tl.constexpr, HAS_ENDS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SINK: tl.constexpr,
-        EMPTY_ROW: tl.constexpr, PREC: tl.constexpr,
+        EMPTY_ROW: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """Shared latent (Hk = 1): one program per (b, s, block of BLOCK_H heads)."""
@@ -251,22 +252,31 @@ if triton is not None:
                 valid = valid & (tl.load(m_ptr + b * ms_b + s * ms_s + idx * ms_t, mask=valid, other=0) != 0)
             if tl.sum(valid.to(tl.int32), 0) > 0:  # a tile with no valid key (padding, causal future) is skipped
                 m_i, l_i, acc = _mla_tile(q_a, q_b, kb, ks_t, vb, vs_t, idx, valid, da, db, dvv, m_i, l_i, acc,
-                                          scale_log2, D, DV, DB, V_IS_KA, PREC)
+                                          scale_log2, D, DV, DB, V_IS_KA, PREC, UPCAST)
         out = _finish(acc, m_i, l_i, heads, hmask, sink_ptr, fill_ptr + b * fs_b, fs_h, dvv, DV,
                       HAS_SINK, EMPTY_ROW)
         o_row = o_ptr + b * os_b + s * os_s + heads[:, None] * os_h
         tl.store(o_row + dvv[None, :], out.to(o_ptr.dtype.element_ty), mask=hmask[:, None] & (dvv[None, :] < DV))
 
     @triton.jit
+    def _up(x, UPCAST: tl.constexpr):
+        # Triton 3.9's interpreter computes a 16-bit tl.dot wrongly (values ~1e10 off): under it the tiles are
+        # upcast to fp32 first, which is exact and gives the same fp32 products (see index_score).
+        if UPCAST:
+            return x.to(tl.float32)
+        return x
+
+    @triton.jit
     def _mla_tile(q_a, q_b, kb, ks_t, vb, vs_t, idx, valid, da, db, dvv, m_i, l_i, acc, scale_log2,
-                  D: tl.constexpr, DV: tl.constexpr, DB: tl.constexpr, V_IS_KA: tl.constexpr, PREC: tl.constexpr):
+                  D: tl.constexpr, DV: tl.constexpr, DB: tl.constexpr, V_IS_KA: tl.constexpr, PREC: tl.constexpr,
+                  UPCAST: tl.constexpr):
         """One gathered tile: S = q k^T (Dqk split DA + DB), online softmax (exp2), acc += P V."""
         k_rows = kb + idx * ks_t
         k_a = tl.load(k_rows[:, None] + da[None, :], mask=valid[:, None] & (da[None, :] < D), other=0.0)
-        qk = tl.dot(q_a, tl.trans(k_a), input_precision=PREC)
+        qk = tl.dot(_up(q_a, UPCAST), tl.trans(_up(k_a, UPCAST)), input_precision=PREC)
         if DB > 0:
             k_b = tl.load(k_rows[:, None] + db[None, :], mask=valid[:, None] & (db[None, :] < D), other=0.0)
-            qk = tl.dot(q_b, tl.trans(k_b), qk, input_precision=PREC)
+            qk = tl.dot(_up(q_b, UPCAST), tl.trans(_up(k_b, UPCAST)), qk, input_precision=PREC)
         qk = tl.where(valid[None, :], qk * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -278,7 +288,7 @@ if triton is not None:
         else:
             vt = tl.load((vb + idx * vs_t)[:, None] + dvv[None, :], mask=valid[:, None] & (dvv[None, :] < DV),
                          other=0.0)
-        acc = tl.dot(p.to(vt.dtype), vt, acc * alpha[:, None], input_precision=PREC)
+        acc = tl.dot(_up(p.to(vt.dtype), UPCAST), _up(vt, UPCAST), acc * alpha[:, None], input_precision=PREC)
         return m_new, l_i, acc
 
     @triton.jit
@@ -408,6 +418,7 @@ def sparse_attention_triton(q, k, v, topk_indices, row_ends=None, keep_mask=None
     else:
         fill = q.new_zeros(1, 1, 1, dtype=torch.float32)
     scale_log2 = float(scale) * _LOG2E
+    upcast = q.dtype != torch.float32 and os.environ.get("TRITON_INTERPRET") == "1"
     common = dict(HAS_ENDS=row_ends is not None, HAS_MASK=keep_mask is not None, HAS_SINK=attn_sink is not None,
                   EMPTY_ROW=int(empty_row), D=d, DV=dv, DA=da, DB=db, DVP=dvp)
     idx_args = (idx, idx.stride(0), idx.stride(1), idx.stride(2), re, re.stride(0), re.stride(1),
@@ -419,7 +430,7 @@ def sparse_attention_triton(q, k, v, topk_indices, row_ends=None, keep_mask=None
         kernel = _sparse_mla_kernel if launch is None else launch(_sparse_mla_kernel)
         kernel[(b * s, triton.cdiv(h, bh))](
             q, q.stride(0), q.stride(1), q.stride(2), k, k.stride(0), k.stride(1), vt, vt.stride(0), vt.stride(1),
-            *idx_args, V_IS_KA=v_is_ka, PREC="ieee" if q.dtype == torch.float32 else "tf32",
+            *idx_args, V_IS_KA=v_is_ka, PREC="ieee" if q.dtype == torch.float32 or upcast else "tf32", UPCAST=upcast,
             BLOCK_H=bh, BLOCK_K=block_k or BLOCK_K, num_warps=num_warps or NUM_WARPS,
             num_stages=num_stages or NUM_STAGES, **common)
     else:
