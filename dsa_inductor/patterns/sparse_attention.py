@@ -147,7 +147,7 @@ def _gather_variant(form: GatherForm) -> Variant:
         q = torch.empty(b, s, h, d, dtype=dt) if form.batched else torch.empty(s, h, d, dtype=dt)
         kv = torch.empty(b, t, d, dtype=dt) if form.batched else torch.empty(t, d, dtype=dt)
         idx = torch.empty(b, s, k, dtype=torch.int64) if form.batched else torch.empty(s, k, dtype=torch.int64)
-        sink = [torch.empty(h, dtype=torch.float32)] if form.sink else []
+        sink = [torch.empty(h, dtype=dt)] if form.sink else []  # the sink in the model dtype
         return [q, kv, idx, *sink, SCALE_MAGIC, DV_MAGIC]
 
     name = (f"gather{'' if form.batched else '_unbatched'}:{form.contraction}:{form.invalid}"
@@ -295,6 +295,20 @@ class DenseMatch:
     nodes: set = dataclasses.field(default_factory=set)
 
 
+def _peel_broadcast(node):
+    """The mask under ``unsqueeze``/``expand``/dtype casts that only add or broadcast leading dims."""
+    top = _val(node)
+    cur = node
+    while _is(cur, aten.unsqueeze.default, aten.expand.default, prims.convert_element_type.default):
+        cur = cur.args[0]
+    cv = _val(cur)
+    if cur is node or cv is None or top is None or cv.dim() < 2:
+        return node
+    if all(statically_known_true(a == b) for a, b in zip(cv.shape[-2:], top.shape[-2:])):
+        return cur
+    return node
+
+
 def _match_dense(sc: torch.fx.Node) -> DenseMatch:
     nodes = {sc}
     base, dim, idx, value = sc.args[:4]
@@ -350,7 +364,7 @@ def _match_dense(sc: torch.fx.Node) -> DenseMatch:
                 not _is(user.args[2], aten.where.self):
             scores, logits = user.args[2], user  # scores.masked_fill(index_mask, -inf)
         elif f in _MINS or f == NEG_INF:  # eager: float_mask.masked_fill(index_mask, fill) added to scores
-            base_mask = user.args[2]
+            base_mask = _peel_broadcast(user.args[2])
             if not (_is(base_mask, aten.where.self) and _full_value(base_mask.args[1]) == 0 and
                     _full_value(base_mask.args[2]) == f):
                 raise Reject("the float attention mask is not where(bool, 0, fill) with the same fill: an "
@@ -457,6 +471,9 @@ def _match_scores(m: DenseMatch):
         if len(s.users) != 1:
             raise Reject("the scores are used elsewhere")
         s = s.args[0]
+    if _is(s, aten.mul.Tensor, aten.div.Tensor) and isinstance(_val(s.args[1]), (torch.SymFloat, torch.SymInt)):
+        raise Reject("the softmax scale is a symbolic value (e.g. head_dim ** -0.5 of a dynamic dim); the op "
+                     "takes a number")
     if not _is(s, aten.bmm.default) or len(s.users) != 1:
         raise Reject("the masked scores are not a q @ k^T matmul")
     nodes.add(s)
