@@ -20,12 +20,14 @@ import bench_gather_dequant  # noqa: E402
 import bench_index_score  # noqa: E402
 import bench_indexer_module  # noqa: E402
 import bench_mask_topk  # noqa: E402
+import bench_sparse_attention  # noqa: E402
 import bench_windowed_softmax  # noqa: E402
 from harness import chart, markdown, run_case  # noqa: E402
 
 MODULES = [bench_mask_topk, bench_loops, bench_gather_dequant, bench_windowed_softmax]
 MODULES.append(bench_index_score)
 MODULES.append(bench_indexer_module)
+MODULES.append(bench_sparse_attention)
 
 
 def main() -> None:

@@ -273,3 +273,19 @@ def assert_softmax(ref, out, keep=None, what: str = "") -> None:
 
 def assert_index_score(ours, ref, q, k, weights, scale=1.0, row_ends=None, what: str = "") -> None:
     _raise(score_mismatch(ours, ref, index_score_tolerance(q, k, weights, scale, row_ends)), what)
+
+
+
+# ---- sparse attention (rule sparse_attention) ------------------------------------------------------------
+
+# Looser than TOLERANCES: eager rounds 16-bit scores and weights to the input dtype between the two matmuls,
+# the kernel keeps them in fp32.
+ATTENTION_TOLERANCES = {torch.float32: Tol(rtol=1e-4, atol=1e-5), torch.float16: Tol(rtol=1e-2, atol=2e-3),
+                        torch.bfloat16: Tol(rtol=4e-2, atol=2e-2)}
+
+
+def attention_mismatch(ref, out, atol=None, rtol=None) -> Optional[str]:
+    """Why attention output ``out`` differs from eager's ``ref`` (None if it agrees): NaN at the same
+    places, values within ``ATTENTION_TOLERANCES[ref.dtype]``."""
+    t = ATTENTION_TOLERANCES[ref.dtype]
+    return close_mismatch(out, ref, rtol or t.rtol, atol or t.atol)

@@ -4,10 +4,13 @@ from .gather_dequant import GatherDequantRule
 from .index_score import IndexScoreRule
 from .mask_topk import MaskTopkRule
 from .reroll import RerollRule
+from .sparse_attention import SparseAttentionRule
 from .windowed_softmax import WindowedSoftmaxRule
 
-# reroll first: the batched gathers it creates are then seen by the other rules
-RULES = {rule.name: rule for rule in (RerollRule, MaskTopkRule, GatherDequantRule, WindowedSoftmaxRule)}
+# reroll first: the batched gathers it creates are then seen by the other rules.  sparse_attention after
+# mask_topk: it must see masked_topk to know the selected indices are distinct.
+RULES = {rule.name: rule for rule in (RerollRule, MaskTopkRule, SparseAttentionRule, GatherDequantRule,
+                                      WindowedSoftmaxRule)}
 RULES[IndexScoreRule.name] = IndexScoreRule
 
 __all__ = ["RULES"]

@@ -40,6 +40,7 @@ class Variant:
     # verify mode: (inputs, eager outputs, fused outputs) -> why they break the rule's contract, or None
     # (None: elementwise within dsa_inductor.testing.tol(dtype))
     compare: Optional[Callable[[list, list, list], Optional[str]]] = None
+    trace: Optional[Callable] = None  # trace function of the search/replacement (default canonicalize.trace_fn)
 
 
 def with_signature(fn: Callable, argnames: Iterable[str]) -> Callable:
@@ -87,7 +88,7 @@ class Rule:
                         with_signature(v.search, v.argnames),
                         with_signature(self._counted(v), v.argnames),
                         v.example_inputs(),
-                        trace_fn,
+                        v.trace or trace_fn,
                         pm,
                         extra_check=self._checked(v),
                         scalar_workaround=v.scalar_workaround,
