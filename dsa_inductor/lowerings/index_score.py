@@ -71,20 +71,20 @@ def _check_args(q, k, weights, scale, row_ends):
         if t is not None and t.device != q.device:
             raise ValueError(f"index_score: `{name}` is on {t.device}, `q` on {q.device}")
     b, s, h, d = q.shape
-    torch._check(k.shape[-1] == d, lambda: f"index_score: `k` has head dim {k.shape[-1]}, `q` has {d}")
-    torch._check(k.shape[0] == b or k.shape[0] == 1,
-                 lambda: f"index_score: `k` has batch {k.shape[0]}, `q` has {b} (or 1 to broadcast)")
-    torch._check(weights.shape[0] == b and weights.shape[1] == s and weights.shape[2] == h,
-                 lambda: f"index_score: `weights` has shape {tuple(weights.shape)}, expected [B, S, H] = "
-                         f"{(b, s, h)}")
+    torch._check_value(k.shape[-1] == d, lambda: f"index_score: `k` has head dim {k.shape[-1]}, `q` has {d}")
+    torch._check_value(k.shape[0] == b or k.shape[0] == 1,
+                       lambda: f"index_score: `k` has batch {k.shape[0]}, `q` has {b} (or 1 to broadcast)")
+    torch._check_value(weights.shape[0] == b and weights.shape[1] == s and weights.shape[2] == h,
+                       lambda: f"index_score: `weights` has shape {tuple(weights.shape)}, expected [B, S, H] = "
+                               f"{(b, s, h)}")
     if not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"index_score: `scale` must be a finite number, got {scale!r}")
     if row_ends is not None:
         if row_ends.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"index_score: `row_ends` must be int32 or int64, got {row_ends.dtype}")
-        torch._check(row_ends.dim() == 2 and row_ends.shape[0] == b and row_ends.shape[1] == s,
-                     lambda: f"index_score: `row_ends` has shape {tuple(row_ends.shape)}, expected [B, S] = "
-                             f"{(b, s)}")
+        torch._check_value(row_ends.dim() == 2 and row_ends.shape[0] == b and row_ends.shape[1] == s,
+                           lambda: f"index_score: `row_ends` has shape {tuple(row_ends.shape)}, expected [B, S] = "
+                                   f"{(b, s)}")
 
 
 def index_score_reference(q, k, weights, scale=1.0, scale_after_relu=False, row_ends=None):
