@@ -121,8 +121,8 @@ def _check_args(values, scales, index0, index1, block_size, drop, fmt, out_dtype
         if index1 is not None and block_size > 0:
             raise ValueError(f"{_name('block_size')} must be 0 when `index1` is given")
         if block_size > 0:
-            torch._check(values.shape[1] == block_size,
-                         lambda: f"{_name('block_size')} ({block_size}) != values.shape[1] ({values.shape[1]})")
+            torch._check_value(values.shape[1] == block_size,
+                               lambda: f"{_name('block_size')} ({block_size}) != values.shape[1] ({values.shape[1]})")
     if drop is not None:
         if not isinstance(drop, torch.Tensor) or drop.dtype != torch.bool:
             raise TypeError(f"{_name('drop')} must be a bool tensor, got {getattr(drop, 'dtype', type(drop).__name__)}")
@@ -145,10 +145,19 @@ def _check_args(values, scales, index0, index1, block_size, drop, fmt, out_dtype
                 raise ValueError(f"{_name('scales')} dim 1 ({sb}) must be 1 or the page size of `values` ({vb})")
         d = _elements(values, fmt)
         g = scales.shape[-1]
-        torch._check(g >= 1 and d % g == 0,
-                     lambda: f"{_name('scales')}: {g} scale groups do not divide D = {d}")
+        torch._check_value(g >= 1 and d % g == 0,
+                           lambda: f"{_name('scales')}: {g} scale groups do not divide D = {d}")
     if out_dtype not in OUT_DTYPES:
         raise TypeError(f"{_name('out_dtype')} must be float32, bfloat16 or float16, got {out_dtype}")
+    shape = tuple(index0.shape)
+    for name, t in (("index1", index1), ("drop", drop)):
+        if t is None:
+            continue
+        try:
+            shape = tuple(torch.broadcast_shapes(shape, tuple(t.shape)))
+        except RuntimeError:
+            raise ValueError(f"{_name(name)} has shape {tuple(t.shape)}, which does not broadcast with the tokens "
+                             f"{shape} of `index0`") from None
 
 
 def _elements(values, fmt):

@@ -102,12 +102,12 @@ def _check_args(q, k, weights, scale, row_ends, row_starts=None, short_k=-1, out
         if t is not None and t.device != q.device:
             raise ValueError(f"index_score: `{name}` is on {t.device}, `q` on {q.device}")
     b, s, h, d = q.shape
-    torch._check(k.shape[-1] == d, lambda: f"index_score: `k` has head dim {k.shape[-1]}, `q` has {d}")
-    torch._check(k.shape[0] == b or k.shape[0] == 1,
-                 lambda: f"index_score: `k` has batch {k.shape[0]}, `q` has {b} (or 1 to broadcast)")
-    torch._check(weights.shape[0] == b and weights.shape[1] == s and weights.shape[2] == h,
-                 lambda: f"index_score: `weights` has shape {tuple(weights.shape)}, expected [B, S, H] = "
-                         f"{(b, s, h)}")
+    torch._check_value(k.shape[-1] == d, lambda: f"index_score: `k` has head dim {k.shape[-1]}, `q` has {d}")
+    torch._check_value(k.shape[0] == b or k.shape[0] == 1,
+                       lambda: f"index_score: `k` has batch {k.shape[0]}, `q` has {b} (or 1 to broadcast)")
+    torch._check_value(weights.shape[0] == b and weights.shape[1] == s and weights.shape[2] == h,
+                       lambda: f"index_score: `weights` has shape {tuple(weights.shape)}, expected [B, S, H] = "
+                               f"{(b, s, h)}")
     if not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"index_score: `scale` must be a finite number, got {scale!r}")
     for name, t in (("row_ends", row_ends), ("row_starts", row_starts)):
@@ -116,16 +116,16 @@ def _check_args(q, k, weights, scale, row_ends, row_starts=None, short_k=-1, out
         if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"index_score: `{name}` must be an int32 or int64 tensor, got "
                             f"{getattr(t, 'dtype', type(t).__name__)}")
-        torch._check(t.dim() == 2 and t.shape[0] == b and t.shape[1] == s,
-                     lambda: f"index_score: `{name}` has shape {tuple(t.shape)}, expected [B, S] = {(b, s)}")
+        torch._check_value(t.dim() == 2 and t.shape[0] == b and t.shape[1] == s,
+                           lambda: f"index_score: `{name}` has shape {tuple(t.shape)}, expected [B, S] = {(b, s)}")
     if k_scale is not None:
         if not isinstance(k_scale, torch.Tensor) or k_scale.dtype != torch.float32:
             raise TypeError(f"index_score: `k_scale` must be a float32 tensor, got "
                             f"{getattr(k_scale, 'dtype', type(k_scale).__name__)}")
-        torch._check(k_scale.dim() == 2 and (k_scale.shape[0] == b or k_scale.shape[0] == 1)
-                     and k_scale.shape[1] == k.shape[1],
-                     lambda: f"index_score: `k_scale` has shape {tuple(k_scale.shape)}, expected [B, T] or [1, T] "
-                             f"= {(b, k.shape[1])}")
+        torch._check_value(k_scale.dim() == 2 and (k_scale.shape[0] == b or k_scale.shape[0] == 1)
+                           and k_scale.shape[1] == k.shape[1],
+                           lambda: f"index_score: `k_scale` has shape {tuple(k_scale.shape)}, expected [B, T] or "
+                                   f"[1, T] = {(b, k.shape[1])}")
     if not outside_undefined and short_k >= 0:
         raise ValueError(f"index_score: `short_k` ({short_k}) >= 0 needs outside_undefined=True (a short row "
                          "is left unwritten)")

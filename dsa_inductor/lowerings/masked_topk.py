@@ -70,8 +70,8 @@ def _check_args(logits, k, row_starts, row_ends, mask, bias, index_dtype):
     if not logits.dtype.is_floating_point or logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"masked_topk: `logits` must be float32, float16 or bfloat16, got {logits.dtype}")
     n = logits.shape[-1]
-    torch._check(k >= 0, lambda: f"masked_topk: `k` must be >= 0, got {k}")
-    torch._check(k <= n, lambda: f"masked_topk: `k` ({k}) is larger than the last dim of `logits` ({n})")
+    torch._check_value(k >= 0, lambda: f"masked_topk: `k` must be >= 0, got {k}")
+    torch._check_value(k <= n, lambda: f"masked_topk: `k` ({k}) is larger than the last dim of `logits` ({n})")
     for name, t in (("row_starts", row_starts), ("row_ends", row_ends)):
         if t is None:
             continue
@@ -91,6 +91,32 @@ def _check_args(logits, k, row_starts, row_ends, mask, bias, index_dtype):
             raise ValueError("masked_topk: `bias` must be a >=1-d tensor on the device of `logits`")
     if index_dtype not in (torch.int32, torch.int64):
         raise TypeError(f"masked_topk: `index_dtype` must be torch.int32 or torch.int64, got {index_dtype}")
+    for name, t in (("mask", mask), ("bias", bias)):
+        if t is not None and _known_differ(t.shape[-1], n) and _known_differ(t.shape[-1], 1):
+            raise ValueError(f"masked_topk: `{name}` has last dim {t.shape[-1]}, `logits` has {n} (or 1 to broadcast)")
+    _check_rows_broadcast("masked_topk", "logits", logits.shape[:-1],
+                          (("row_starts", row_starts, False), ("row_ends", row_ends, False), ("mask", mask, True),
+                           ("bias", bias, True)))
+
+
+def _known_differ(a, b) -> bool:
+    """Sizes known to differ (a symbolic size under tracing is checked again on the real call)."""
+    return isinstance(a, int) and isinstance(b, int) and a != b
+
+
+def _check_rows_broadcast(op, base_name, rows, parts):
+    """Each of ``parts`` ((name, tensor or None, has a last position dim)) broadcasts with the rows; raise
+    ValueError naming the first that does not."""
+    shape = tuple(rows)
+    for name, t, positional in parts:
+        if t is None:
+            continue
+        own = tuple(t.shape[:-1] if positional else t.shape)
+        try:
+            shape = tuple(torch.broadcast_shapes(shape, own))
+        except RuntimeError:
+            raise ValueError(f"{op}: `{name}` ({'rows' if positional else 'shape'} {own}) does not broadcast with "
+                             f"the rows {shape} of `{base_name}`") from None
 
 
 def _result_dtype(logits, bias):

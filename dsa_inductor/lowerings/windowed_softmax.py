@@ -76,11 +76,25 @@ def _check_args(scores, row_starts, row_ends, mask, out_dtype):
             raise ValueError("windowed_softmax: `mask` must be a >=1-d bool tensor on the device of `scores`")
     if out_dtype not in _FLOATS:
         raise TypeError(f"windowed_softmax: `out_dtype` must be torch.float32, float16 or bfloat16, got {out_dtype}")
-    try:
-        _batch_shape(scores, row_starts, row_ends, mask)
-    except RuntimeError as e:
-        raise ValueError(f"windowed_softmax: `row_starts`/`row_ends`/`mask` do not broadcast with the rows of "
-                         f"`scores` {tuple(scores.shape)}: {e}") from None
+    n = scores.shape[-1]
+    if mask is not None and _known_differ(mask.shape[-1], n) and _known_differ(mask.shape[-1], 1):
+        raise ValueError(f"windowed_softmax: `mask` has last dim {mask.shape[-1]}, `scores` has {n} (or 1 to "
+                         "broadcast)")
+    shape = tuple(scores.shape[:-1])
+    for name, own in (("row_starts", row_starts), ("row_ends", row_ends), ("mask", mask)):
+        if own is None:
+            continue
+        own = tuple(own.shape[:-1] if name == "mask" else own.shape)
+        try:
+            shape = tuple(torch.broadcast_shapes(shape, own))
+        except RuntimeError:
+            raise ValueError(f"windowed_softmax: `{name}` ({'rows' if name == 'mask' else 'shape'} {own}) does not "
+                             f"broadcast with the rows {shape} of `scores`") from None
+
+
+def _known_differ(a, b) -> bool:
+    """Sizes known to differ (a symbolic size under tracing is checked again on the real call)."""
+    return isinstance(a, int) and isinstance(b, int) and a != b
 
 
 def _batch_shape(scores, row_starts, row_ends, mask):

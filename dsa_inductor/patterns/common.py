@@ -55,6 +55,34 @@ def tensor_meta(match: Match, name: str):
     return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
 
 
+def dropped_kwarg(match: Match) -> Optional[str]:
+    """A keyword argument of a matched node that the pattern matcher ignored, if it is not its default.
+
+    ``torch._inductor.pattern_matcher`` compares a node's args with its pattern's but drops the node's kwargs
+    that the pattern lacks, so ``torch.sub(x, m, alpha=2)`` matches the ``x - m`` of a decomposed softmax and
+    ``torch.add(x, b, alpha=-2)`` the additive mask ``x + b``: such a match would change the result.
+    """
+    ctx = getattr(match, "ctx", None)
+    for pattern, node in getattr(ctx, "pattern_to_node", {}).items():
+        if not isinstance(node, torch.fx.Node) or not node.kwargs or not hasattr(pattern, "kwargs"):
+            continue
+        schema = getattr(node.target, "_schema", None)
+        defaults = {a.name: a.default_value for a in schema.arguments if a.has_default_value()} if schema else {}
+        for key, value in node.kwargs.items():
+            if key in pattern.kwargs:
+                continue
+            if key not in defaults or not _same_default(value, defaults[key]):
+                return f"{node.target}: the pattern does not take its argument {key}={value!r}"
+    return None
+
+
+def _same_default(value, default) -> bool:
+    try:
+        return bool(value == default)
+    except Exception:  # e.g. a tensor-valued kwarg
+        return False
+
+
 class Rule:
     """A rewrite of one DSA idiom into one fused op.
 
@@ -115,7 +143,7 @@ class Rule:
 
     def _checked(self, v: Variant) -> Callable[[Match], bool]:
         def extra_check(match: Match) -> bool:
-            reason = v.check(match)
+            reason = dropped_kwarg(match) or v.check(match)
             if reason is not None:
                 for node in match.nodes:
                     if node.target in self.anchors:

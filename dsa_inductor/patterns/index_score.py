@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from typing import Callable, Optional
 
 import inspect
@@ -241,6 +242,8 @@ def _check(form: Form, match) -> Optional[str]:
         arg = _scale_node_arg(relu, form.scale)
         if not isinstance(arg, (int, float)):
             return "the scale is a tensor (per head or per position), the op takes one number per call"
+        if not math.isfinite(arg):  # relu(x * inf) is NaN at x == 0; the op takes finite scales only
+            return f"the scale {arg} is not finite"
     out = _val(match.output_nodes()[0])
     if out is None or out.dtype != torch.float32 or out.dim() != 3:
         return f"the head reduction gives {getattr(out, 'dtype', None)} {tuple(getattr(out, 'shape', ()))}, " \

@@ -230,10 +230,16 @@ def _check(match) -> Optional[str]:
     if _row_bound_comparison(mask):
         return ("the mask compares arange with per-row bounds in a form no range variant takes "
                 "(e.g. a <= bound, or an offset arange)")
-    bias = tensor_meta(match, "bias")
-    if bias is not None:
+    for node in match.nodes:  # the additive form's `logits + bias` (no other form has an add)
+        if node.target is not aten.add.Tensor:
+            continue
+        bias = node.args[1].meta.get("val") if isinstance(node.args[1], torch.fx.Node) else None
+        if not isinstance(bias, torch.Tensor):  # `logits + 1.5`: a number, not a mask (the op takes a tensor)
+            return f"the additive term {node.args[1]!r} is not a tensor"
         if bias.dim() == 0:
             return "additive mask is a 0-d tensor, not a per-position mask"
+        if not bias.dtype.is_floating_point:  # an int / bool term promotes, but the op adds a float mask
+            return f"additive mask has dtype {bias.dtype}, not a floating-point 0/-inf mask"
         if torch.promote_types(logits.dtype, bias.dtype) not in _FLOATS:
             return f"logits + bias has dtype {torch.promote_types(logits.dtype, bias.dtype)}"
     return None
@@ -333,7 +339,8 @@ def _comparison_bound(node, n, negate=False):
         r_val = r.meta.get("val") if isinstance(r, torch.fx.Node) else None
         if offset is None or not isinstance(r_val, torch.Tensor) or _iota_offset(r, n) is not None:
             continue
-        if r_val.dtype not in (torch.int32, torch.int64) or not statically_known_true(r_val.shape[-1] == 1):
+        if r_val.dtype not in (torch.int32, torch.int64) or r_val.dim() == 0 or \
+                not statically_known_true(r_val.shape[-1] == 1):  # a 0-d bound: no per-row side to peel
             continue
         kind, plus = _BOUND_OF[op]
         # t + c <= r <=> t < r - c + 1;  t + c < r <=> t < r - c;  t + c >= r <=> t >= r - c;  > : + 1
@@ -341,7 +348,7 @@ def _comparison_bound(node, n, negate=False):
     return None
 
 
-def _mask_as_bounds(mask, negate=False):
+def _mask_as_bounds(mask, negate=False, row_len=None):
     """Recognize ``mask = view-ops(bound comparisons of arange(T) + c)`` and say how to compute the bounds.
 
     transformers builds its causal mask as ``kv_idx <= q_idx`` from aranges, expands it over the batch
@@ -349,7 +356,11 @@ def _mask_as_bounds(mask, negate=False):
     ``(peels, {"starts"|"ends": (r, terms)}, rank)`` with
     ``bound = peels(r unsqueezed to rank).squeeze(-1) + sum(terms)``, or None.
     ``negate``: ``mask`` marks dropped positions, ``(kv > hi) | (kv < lo)`` (De Morgan).
+    ``row_len``: the last dim of the tensor the mask applies to.  A mask that broadcasts along it (e.g.
+    ``arange(1)`` compared, ``[S, 1]``) keeps or drops whole rows: no bounds (None).
     """
+    if row_len is not None and not statically_known_true(mask.meta["val"].shape[-1] == row_len):
+        return None
     peels = []
     node = mask
     while isinstance(node, torch.fx.Node) and node.target in (aten.select.int, aten.expand.default):
@@ -395,7 +406,7 @@ def mask_to_row_bounds(graph: torch.fx.Graph, stats) -> int:
         logits, k, starts, ends, mask, keeps, bias = node.args[:7]
         if mask is None or not keeps or starts is not None or ends is not None or bias is not None:
             continue
-        found = _mask_as_bounds(mask)
+        found = _mask_as_bounds(mask, row_len=logits.meta["val"].shape[-1])
         if found is None:
             continue
         peels, bounds, rank = found

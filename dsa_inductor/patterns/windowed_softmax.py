@@ -141,7 +141,7 @@ def _check(match, drop=False) -> Optional[str]:
         if t is not None and t.dtype not in (torch.int32, torch.int64):
             return f"{name} dtype {t.dtype} is not int32/int64"
     mask = match.kwargs.get("mask")
-    if isinstance(mask, torch.fx.Node) and _mask_as_bounds(mask, negate=drop) is None:
+    if isinstance(mask, torch.fx.Node) and _mask_as_bounds(mask, negate=drop, row_len=scores.shape[-1]) is None:
         return (f"the {'drop ' if drop else ''}mask is not an arange comparison with per-row bounds that "
                 "converts to a window "
                 "(stock Inductor already fuses a softmax over a materialized mask)")
@@ -152,11 +152,11 @@ def _check_drop(match) -> Optional[str]:
     return _check(match, drop=True)
 
 
-def _keep_as_bounds(mask):
+def _keep_as_bounds(mask, row_len):
     """Bounds of the op's keep mask: an arange comparison, or ``~drop`` of one (the drop_mask form)."""
     if mask.target is aten.bitwise_not.default:
-        return _mask_as_bounds(mask.args[0], negate=True)
-    return _mask_as_bounds(mask)
+        return _mask_as_bounds(mask.args[0], negate=True, row_len=row_len)
+    return _mask_as_bounds(mask, row_len=row_len)
 
 
 def mask_to_window(graph: torch.fx.Graph, stats) -> int:
@@ -168,7 +168,7 @@ def mask_to_window(graph: torch.fx.Graph, stats) -> int:
         scores, starts, ends, mask = node.args[:4]
         if mask is None or starts is not None or ends is not None:
             continue
-        found = _keep_as_bounds(mask)
+        found = _keep_as_bounds(mask, scores.meta["val"].shape[-1])
         if found is None:
             continue
         peels, bounds, rank = found
