@@ -102,7 +102,14 @@ def test_transformers_model(fresh):
     spec = importlib.util.spec_from_file_location("deepseek_v32_prefill", _ROOT / "examples" / "deepseek_v32_prefill.py")
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    model, ids = example.build(seq=96, batch=2, dtype=torch.float32)
+    # Every layer dense: transformers' MoE layer (its fp32 grouped-matmul fallback) calls offs.tolist(),
+    # which no CUDA graph can capture, with or without dsa_inductor.  The indexer is in every layer.
+    cfg = example.small_config(False)
+    cfg.first_k_dense_replace = cfg.num_hidden_layers
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = example.DeepseekV32ForCausalLM(cfg).to(device="cuda", dtype=torch.float32).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 96), device="cuda")
     with torch.no_grad():
         eager = model(ids).logits
         compiled = _graphed(model)
