@@ -518,6 +518,13 @@ CORPUS = [
              seen=False),
 ]
 
+# reroll: its own near misses (tests/test_reroll_rule.py), unrolled chains that must not be folded
+from test_reroll_rule import NEGATIVES as _REROLL_NEGATIVES  # noqa: E402
+
+CORPUS += [NearMiss(f"reroll_{name.replace(' ', '_').replace('[', '').replace(']', '').replace('-', '_')}", fn, make,
+                    "reroll", why, seen=True)
+           for name, (fn, make, why) in _REROLL_NEGATIVES.items()]
+
 assert len({c.name for c in CORPUS}) == len(CORPUS)
 
 

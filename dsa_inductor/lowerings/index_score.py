@@ -179,7 +179,7 @@ if triton is not None:
             return tl.where((bits & 0x7F) == 0x7F, float("nan"), x.to(tl.float32))
         return x.to(tl.float32)
 
-    @triton.jit(do_not_specialize=["short_k"])
+    @triton.jit(do_not_specialize=["S", "T", "short_k"])  # S, T: never constexpr 1 (T.to() needs a tensor)
     def _index_score_kernel(
         q_ptr, qs0, qs1, qs2, qs3, k_ptr, ks0, ks1, ks2, w_ptr, ws0, ws1, ws2, e_ptr, es0, es1,
         st_ptr, sts0, sts1, ksc_ptr, kscs0, kscs1, o_ptr, os0, os1, os2,
@@ -298,7 +298,7 @@ def index_score_triton(q, k, weights, scale=1.0, scale_after_relu=False, row_end
         SCALE_AFTER_RELU=bool(scale_after_relu), HAS_ENDS=row_ends is not None, HAS_STARTS=row_starts is not None,
         HAS_KSCALE=k_scale is not None, FP8=fp8,
         UNDEFINED_OUTSIDE=bool(outside_undefined), IEEE=q.dtype == torch.float32 or upcast, UPCAST=upcast,
-        BLOCK_S=block_s, BLOCK_T=block_t, BLOCK_D=max(16, triton.next_power_of_2(d)),
+        BLOCK_S=block_s, BLOCK_T=block_t, BLOCK_D=max(32 if fp8 else 16, triton.next_power_of_2(d)),  # FP8 tl.dot: K >= 32
         num_warps=num_warps or dw, num_stages=num_stages or dst)
     return out
 

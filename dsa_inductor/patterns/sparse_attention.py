@@ -590,6 +590,16 @@ class SparseAttentionRule(Rule):
     def variants(self):
         yield from gather_variants()
 
+    def pattern_pass(self):
+        if self._pass is None:
+            # trace_joint applies Inductor's joint-graph patterns, whose lazy_init registers replacements under
+            # a config patch: run it now, not nested inside our register_replacement's patch (torch 2.11
+            # asserts "prior should be empty when entering ConfigPatch").
+            from torch._inductor.fx_passes import joint_graph
+
+            joint_graph.lazy_init()
+        return super().pattern_pass()
+
     def apply(self, graph: torch.fx.Graph) -> int:
         st = stats_for(self.name, self.op)
         dense = 0
