@@ -409,19 +409,26 @@ def mask_to_row_bounds(graph: torch.fx.Graph, stats) -> int:
         found = _mask_as_bounds(mask, row_len=logits.meta["val"].shape[-1])
         if found is None:
             continue
-        peels, bounds, rank = found
-        args = list(node.args)
-        for kind, (row, terms) in bounds.items():
-            with graph.inserting_before(node), row.meta["val"].fake_mode:
-                args[2 if kind == "starts" else 3] = _bound_node(graph, row, peels, terms, rank)
-        args[4] = None
-        node.args = tuple(args)
+        replace_mask_by_bounds(graph, node, found, starts_at=2, mask_at=4, stats=stats)
         done += 1
-        stats.notes[f"bool mask -> {' and '.join(f'row_{b}' for b in sorted(bounds))}: the mask is an "
-                    "arange comparison, no mask read"] += 1
     if done:
         graph.eliminate_dead_code()
     return done
+
+
+def replace_mask_by_bounds(graph, node, found, starts_at: int, mask_at: int, stats) -> None:
+    """Rewrite the fused op ``node``: its mask argument (``args[mask_at]``) becomes None and the bounds
+    ``found`` by ``_mask_as_bounds`` go to ``args[starts_at]`` (row_starts) / ``args[starts_at + 1]``
+    (row_ends).  Shared by the mask_topk and windowed_softmax rules."""
+    peels, bounds, rank = found
+    args = list(node.args)
+    for kind, (row, terms) in bounds.items():
+        with graph.inserting_before(node), row.meta["val"].fake_mode:
+            args[starts_at if kind == "starts" else starts_at + 1] = _bound_node(graph, row, peels, terms, rank)
+    args[mask_at] = None
+    node.args = tuple(args)
+    stats.notes[f"bool mask -> {' and '.join(f'row_{b}' for b in sorted(bounds))}: the mask is an "
+                "arange comparison, no mask read"] += 1
 
 
 def _bound_node(graph, row, peels, terms, rank):

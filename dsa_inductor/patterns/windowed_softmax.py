@@ -41,7 +41,7 @@ from .. import testing
 from ..lowerings import windowed_softmax as _op_module  # noqa: F401  (defines the op)
 from ..report import stats_for
 from .common import Rule, Variant, tensor_meta
-from .mask_topk import N_MAGIC, _bound_node, _causal_keep, _mask_as_bounds, _range_keep
+from .mask_topk import N_MAGIC, _causal_keep, _mask_as_bounds, _range_keep, replace_mask_by_bounds
 
 aten = torch.ops.aten
 NEG_INF = float("-inf")
@@ -171,16 +171,8 @@ def mask_to_window(graph: torch.fx.Graph, stats) -> int:
         found = _keep_as_bounds(mask, scores.meta["val"].shape[-1])
         if found is None:
             continue
-        peels, bounds, rank = found
-        args = list(node.args)
-        for kind, (row, terms) in bounds.items():
-            with graph.inserting_before(node), row.meta["val"].fake_mode:
-                args[1 if kind == "starts" else 2] = _bound_node(graph, row, peels, terms, rank)
-        args[3] = None
-        node.args = tuple(args)
+        replace_mask_by_bounds(graph, node, found, starts_at=1, mask_at=3, stats=stats)
         done += 1
-        stats.notes[f"bool mask -> {' and '.join(f'row_{b}' for b in sorted(bounds))}: the mask is an "
-                    "arange comparison, no mask read"] += 1
     if done:
         graph.eliminate_dead_code()
     return done
