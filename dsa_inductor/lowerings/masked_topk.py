@@ -427,22 +427,8 @@ if triton is not None:
             # Every in-range position is selected, then the first masked positions as padding (value
             # fill).  Only the last stage writes it; earlier stages have nothing to do for this row.
             if FINAL:
-                lane = tl.arange(0, BLOCK)
-                out = row * K
-                for start in range(lo, hi, BLOCK):
-                    cols = start + lane
-                    ok = cols < hi
-                    tl.store(idx_ptr + out + (cols - lo), cols, mask=ok)
-                    if WRITE_VALUES:
-                        x = tl.load(x_ptr + a * xs0 + s * xs1 + cols * xs2, mask=ok, other=0.0)
-                        tl.store(val_ptr + out + (cols - lo), x.to(OUT_DTYPE), mask=ok)
-                for start in range(0, K - n_keep, BLOCK):
-                    j = start + lane
-                    ok = j < K - n_keep
-                    tl.store(idx_ptr + out + n_keep + j, tl.where(j < lo, j, j + n_keep), mask=ok)
-                    if WRITE_VALUES:
-                        tl.store(val_ptr + out + n_keep + j, tl.zeros_like(j).to(OUT_DTYPE) + fill.to(OUT_DTYPE),
-                                 mask=ok)
+                _short_row(row, a, s, lo, hi, K, fill, x_ptr, xs0, xs1, xs2, val_ptr, idx_ptr,
+                           WRITE_VALUES, OUT_DTYPE, BLOCK)
         else:
             if FROM_CANDIDATES:
                 base = chunk * CHUNK
