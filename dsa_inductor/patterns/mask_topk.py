@@ -517,8 +517,6 @@ def scatter_of_full_topk(graph: torch.fx.Graph, stats) -> int:
         logits, k = node.args[0], node.args[1]
         k = k.meta.get("val") if isinstance(k, torch.fx.Node) else k
         n = logits.meta["val"].shape[-1]
-        if not _k_is_n(k, n):
-            continue
         index_users = [u for u in node.users if u.target is operator.getitem and u.args[1] == 1]
         if len(index_users) != len(node.users):
             continue
@@ -529,7 +527,8 @@ def scatter_of_full_topk(graph: torch.fx.Graph, stats) -> int:
                 scatters = None
                 break
             scatters += sub
-        if not scatters:
+        # the shape decision last: it may add a Dynamo guard, which only a graph that uses it should carry
+        if not scatters or not _k_is_n(k, n):
             continue
         for sc in scatters:
             x = sc.args[0]
