@@ -55,7 +55,9 @@ class Toy(torch.nn.Module):
             b, t, _ = h.shape  # as transformers' DeepseekV32Indexer: q, k and head weights projected
             return index_matmul(self.wq(h).view(b, t, 2, 8), self.wk(h), self.ww(h))
         cache, scale, slots = extra
-        return gather_slots(cache, scale, slots).float() + x.sum()
+        # per-slot row t of the projection joins the gathered row t (a small mean: its rounding stays far
+        # below the tolerance, which a sum over the whole [B, T, 16] did not on CUDA)
+        return gather_slots(cache, scale, slots).float() + x.mean(dim=(0, 2))[:, None]
 
 
 def _toy_inputs(rule, t, g):

@@ -103,8 +103,8 @@ def test_broken_op_raises_with_rule_and_first_differing_element(fresh, rule, dev
     fn, mod, cpu_impl, cuda_impl, at, expected = CASES[rule]
     name = cuda_impl if device == "cuda" else cpu_impl
     monkeypatch.setattr(mod, name, _broken(getattr(mod, name), at))
-    monkeypatch.setattr(mod, "VERIFY", False)  # the op's own kernel-vs-reference check is not what is tested
-    _verified()
+    _verified()  # sets every op module's VERIFY; then the op's own kernel-vs-reference check is turned off:
+    monkeypatch.setattr(mod, "VERIFY", False)  # it is not what is tested (on CUDA it would raise first)
     args = _inputs(rule, device)
     with pytest.raises(DSAVerifyError) as info, torch.no_grad():
         torch.compile(fn, dynamic=True)(*args)

@@ -174,5 +174,5 @@ def test_verify_mode_names_rule_and_element(monkeypatch):
     torch.ops.dsa_inductor.windowed_softmax(x, None, e, None, torch.float32)
     real = mod.windowed_softmax_triton
     monkeypatch.setattr(mod, "windowed_softmax_triton", lambda *a, **k: real(*a, **k) * 0.5)
-    with pytest.raises(AssertionError, match=r"rule windowed_softmax .* element 0, 0"):
+    with pytest.raises(AssertionError, match=r"rule windowed_softmax .* element \(0, 0\)"):
         torch.ops.dsa_inductor.windowed_softmax(x, None, e, None, torch.float32)

@@ -162,6 +162,17 @@ def _static_eq(a, b) -> bool:
     return statically_known_true(a == b)
 
 
+def _group_of_product(match, g, d) -> Optional[int]:
+    """The block size read off the matched ``[..., G, group] * [..., G, 1]`` product, where the pattern's
+    literal was not captured (torch 2.11's pattern matcher ignores ints inside the reshape's size list)."""
+    for node in match.nodes:
+        val = node.meta.get("val") if node.target is aten.mul.Tensor else None
+        if isinstance(val, torch.Tensor) and val.dim() >= 2 and _static_eq(val.shape[-2], g) and \
+                _static_eq(val.shape[-2] * val.shape[-1], d) and isinstance(val.shape[-1], int):
+            return val.shape[-1]
+    return None
+
+
 def _check(form: Form, match) -> Optional[str]:
     values = tensor_meta(match, "values")
     scales = tensor_meta(match, "scales")
@@ -191,6 +202,8 @@ def _check(form: Form, match) -> Optional[str]:
     if not statically_known_true(d % g == 0):
         return f"{g} scale groups do not divide D = {d}"
     group = match.kwargs.get("group")
+    if form.scale_shape == "group" and not isinstance(group, int):
+        group = _group_of_product(match, g, d)
     if form.scale_shape == "group" and not (isinstance(group, int) and statically_known_true(group * g == d)):
         return f"blocks of {group} elements x {g} scales do not cover D = {d}"
     out = match.output_nodes()[0].meta.get("val")

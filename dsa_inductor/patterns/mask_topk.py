@@ -459,13 +459,14 @@ def _new_node(graph, target, args):
     return new
 
 
-def _permutation_scatters(node: torch.fx.Node) -> Optional[list]:
+def _permutation_scatters(node: torch.fx.Node, n) -> Optional[list]:
     """The ``scatter(x, -1, indices, value)`` nodes fed by ``node`` (top-k indices, through index casts)
-    whose ``x`` has exactly the indices' shape; None if any use is something else."""
+    whose ``x`` has the indices' shape but for the last dim, which is the top-k's ``n`` (so that with
+    ``k == n`` the shapes are equal); None if any use is something else."""
     found = []
     for user in node.users:
         if user.target is torch.ops.prims.convert_element_type.default and user.args[1] in _INDEX_CASTS:
-            sub = _permutation_scatters(user)
+            sub = _permutation_scatters(user, n)
             if sub is None:
                 return None
             found += sub
@@ -473,7 +474,8 @@ def _permutation_scatters(node: torch.fx.Node) -> Optional[list]:
                                                                                                torch.fx.Node):
             idx, x = node.meta.get("val"), user.args[0].meta.get("val")
             if idx is None or x is None or user.args[1] not in (-1, idx.dim() - 1) or x.dim() != idx.dim() or \
-                    not all(statically_known_true(a == b) for a, b in zip(x.shape, idx.shape)):
+                    not all(statically_known_true(a == b) for a, b in zip(x.shape[:-1], idx.shape[:-1])) or \
+                    not statically_known_true(x.shape[-1] == n):
                 return None
             found.append(user)
         else:
@@ -522,7 +524,7 @@ def scatter_of_full_topk(graph: torch.fx.Graph, stats) -> int:
             continue
         scatters = []
         for u in index_users:
-            sub = _permutation_scatters(u)
+            sub = _permutation_scatters(u, n)
             if sub is None:
                 scatters = None
                 break

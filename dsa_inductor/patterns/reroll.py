@@ -248,13 +248,18 @@ class _Builder:
             node.meta["val"] = target(*fargs, **fkwargs)
         return node
 
+    def iota(self, length, start, step, device) -> Node:
+        """``arange(start, start + length * step, step)`` as Inductor's decomposed graphs spell it
+        (``prims.iota``): ``aten.arange`` has no lowering post-grad (torch 2.11 asserts on it)."""
+        return self.call(torch.ops.prims.iota.default, length, start=start, step=step, dtype=torch.int64,
+                         device=device, requires_grad=False)
+
     def index_tensor(self, consts: list, device) -> Node:
         if any(not _is_static_int(c) or c < 0 for c in consts):
             raise _Reject("an index that is negative or not a static int")
         step = consts[1] - consts[0]
         if step != 0 and all(consts[k] == consts[0] + k * step for k in range(self.n)):
-            return self.call(aten.arange.start_step, consts[0], consts[0] + self.n * step, step,
-                             dtype=torch.int64, device=device)
+            return self.iota(self.n, consts[0], step, device)
         gm = self.graph.owning_module
         if gm is None:
             raise _Reject("an explicit index list needs the owning GraphModule")
@@ -323,7 +328,7 @@ class _Builder:
                             or _val(peer).shape[dim] != width for s, e, peer in zip(starts, ends, c.peers[a])):
                         raise _Reject("slices of different or clamped widths")
                     st = self.index_tensor(starts, xv.device)
-                    ar = self.call(aten.arange.start_step, 0, width, 1, dtype=torch.int64, device=xv.device)
+                    ar = self.iota(width, 0, 1, xv.device)
                     idx = self.call(aten.add.Tensor, self.call(aten.unsqueeze.default, st, 1), ar)
                     flat = self.call(aten.reshape.default, idx, [self.n * width])
                     g = self.gather(x, dim, flat)
