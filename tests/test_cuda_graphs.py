@@ -106,6 +106,7 @@ def test_transformers_model(fresh):
     # which no CUDA graph can capture, with or without dsa_inductor.  The indexer is in every layer.
     cfg = example.small_config(False)
     cfg.first_k_dense_replace = cfg.num_hidden_layers
+    cfg.mlp_layer_types = ["dense"] * cfg.num_hidden_layers  # (derived from the above only at __init__)
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     model = example.DeepseekV32ForCausalLM(cfg).to(device="cuda", dtype=torch.float32).eval()
