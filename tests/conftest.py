@@ -1,7 +1,8 @@
 """Shared test setup.
 
 * Without CUDA, Triton kernels run under ``TRITON_INTERPRET=1`` (set here, before triton is imported).
-* Hypothesis profiles: ``ci`` (default) and ``gpu``; choose with ``--hypothesis-profile``.
+* Hypothesis profiles: ``ci`` (default) and ``gpu``; choose with ``--hypothesis-profile``.  Kernel tests
+  size their examples with ``examples(cuda=..., cpu=...)``.
 * ``fresh`` fixture: Dynamo reset, FX graph / autotune caches off (a cache hit skips the pass, so match
   counts would read 0), dsa_inductor statistics cleared, passes registered; unregistered afterwards.
 """
@@ -25,6 +26,13 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 import dsa_inductor  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+CUDA = torch.cuda.is_available()
+
+
+def examples(cuda: int, cpu: int) -> int:
+    """Hypothesis examples of a kernel test: ``cuda`` on a GPU (scaled by ``DSA_GPU_EXAMPLES``, a fraction,
+    e.g. 0.1 under compute-sanitizer, which slows every launch), ``cpu`` under the Triton interpreter."""
+    return max(5, int(cuda * float(os.environ.get("DSA_GPU_EXAMPLES", "1")))) if CUDA else cpu
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ under ``TRITON_INTERPRET=1`` (set by conftest).
 
 import pytest
 import torch
+from conftest import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -194,7 +195,7 @@ def _dev(args):
     return [a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args]
 
 
-@settings(max_examples=300 if CUDA else 80)
+@settings(max_examples=examples(cuda=300, cpu=80))
 @given(problems())
 def test_kernel_equals_reference(problem):
     args = _dev(problem)

@@ -7,6 +7,7 @@ with the default tiles too.
 
 import pytest
 import torch
+from conftest import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -52,7 +53,7 @@ def _dev(x):
     return x.to(DEVICE) if isinstance(x, torch.Tensor) else x
 
 
-@settings(max_examples=300 if CUDA else 30)
+@settings(max_examples=examples(cuda=300, cpu=30))
 @given(problems())
 def test_kernel_matches_eager(problem):
     q, k, w, scale, after, ends, tiles = (_dev(x) for x in problem)
@@ -162,7 +163,7 @@ def ranged_problems(draw):
     return q, k, w, scale, after, ends, starts, short_k, undefined, tiles
 
 
-@settings(max_examples=200 if CUDA else 25)
+@settings(max_examples=examples(cuda=200, cpu=25))
 @given(ranged_problems())
 def test_kernel_row_ranges(problem):
     """Defined positions equal eager (transformers' spelling, then the range's masked_fill); with
@@ -239,7 +240,7 @@ def fp8_problems(draw):
     return q, k, w, draw(st.sampled_from([1.0, d ** -0.5])), ends, k_scale, tiles
 
 
-@settings(max_examples=100 if CUDA else 20)
+@settings(max_examples=examples(cuda=100, cpu=20))
 @given(fp8_problems())
 def test_fp8_kernel_matches_reference(problem):
     """FP8 q and k read directly (no dequantized copy), k scale on the head sum: equals the fp32 formula

@@ -7,6 +7,7 @@ sinks all run; on CUDA also at the DeepSeek-V3.2 shape (dqk 576 = 512 + 64, dv 5
 
 import pytest
 import torch
+from conftest import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -56,7 +57,7 @@ def _call(fn, q, k, v, dv, kw, **extra):
               kw["dedup"], q.dtype, **extra)
 
 
-@settings(max_examples=200 if CUDA else 40)
+@settings(max_examples=examples(cuda=200, cpu=40))
 @given(problems())
 def test_kernel_equals_reference(problem):
     q, k, v, dv, kw, tiles = problem

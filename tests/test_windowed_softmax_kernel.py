@@ -7,6 +7,7 @@ sizes with the real tile as well.
 
 import pytest
 import torch
+from conftest import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -74,7 +75,7 @@ def _to(kw, device):
     return {k: v.to(device) for k, v in kw.items()}
 
 
-@settings(max_examples=300 if CUDA else 60)
+@settings(max_examples=examples(cuda=300, cpu=60))
 @given(problems())
 def test_kernel_equals_eager(problem):
     x, kw, out_dtype, block = problem

@@ -978,12 +978,20 @@ def masked_topk_triton(logits, k, row_starts=None, row_ends=None, mask=None, mas
     if sorted:
         # Ordering the winners with tl.sort in-kernel measured slower than torch.sort on H100 (2048
         # winners: ~1.4 ms per 8192 rows) and was wrong on one bf16 case under Triton 3.6: torch.sort it is.
-        vbuf, order = vbuf.sort(dim=-1, descending=True)
+        vbuf, order = _sort_descending(vbuf)
         indices = indices.gather(-1, order)
         if need_values:
             values = vbuf
     return values, indices
 
+
+
+def _sort_descending(v: torch.Tensor):
+    """``v.sort(dim=-1, descending=True)`` with every NaN first, as ``torch.topk`` ranks them.  CUDA's radix
+    sort orders floats by their bits, so a NaN with the sign bit set (``-x`` of a NaN) would come last:
+    NaNs are made the positive one first (their payload is not observable)."""
+    v = torch.where(v.isnan(), torch.full((), float("nan"), dtype=v.dtype, device=v.device), v)
+    return v.sort(dim=-1, descending=True)
 
 
 def _masked_topk_v5(logits, k, row_starts, row_ends, mask, mask_keeps, bias, fill, sorted, index_dtype,
@@ -1057,7 +1065,7 @@ def _masked_topk_v5(logits, k, row_starts, row_ends, mask, mask_keeps, bias, fil
             *args, hist, ctr, vbuf, indices, s_dim, n, k, chunk, fill, WRITE_VALUES=write_values, TILE=til,
             NPASS=npass, DIGIT=V5_DIGIT, num_warps=warps, **common))
     if sorted:
-        vbuf, order = vbuf.sort(dim=-1, descending=True)
+        vbuf, order = _sort_descending(vbuf)
         indices = indices.gather(-1, order)
         if need_values:
             values = vbuf
