@@ -61,6 +61,61 @@ def canonicalize_broadcasts(graph: torch.fx.Graph) -> int:
     return changed
 
 
+def _squeezed0(node):
+    """``a`` for ``node = squeeze(a, 0)`` (``squeeze.dim`` or ``squeeze.dims [0]``) of a rank-3 ``a``."""
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function":
+        return None
+    if node.target is aten.squeeze.dim and node.args[1] == 0 or \
+            node.target is aten.squeeze.dims and list(node.args[1]) == [0]:
+        return node.args[0] if _rank(node.args[0]) == 3 else None
+    return None
+
+
+def mm_to_bmm(graph: torch.fx.Graph) -> list:
+    """Undo Inductor's GPU-only joint-graph rewrite ``bmm_to_mm`` (``joint_graph.py``): for batch 1,
+    ``unsqueeze(mm(squeeze(a, 0), squeeze(b, 0)), 0)`` -> ``bmm(a, b)``, the form our patterns are traced
+    in (on the CPU) and the form the same code takes for any other batch.  Values are unchanged.  Returns
+    the bmm nodes made, for ``bmm_to_mm`` to put back the ones no rule consumed."""
+    made = []
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not aten.unsqueeze.default or node.args[1] != 0:
+            continue
+        mm = node.args[0]
+        if not isinstance(mm, torch.fx.Node) or mm.target is not aten.mm.default or len(mm.users) != 1:
+            continue
+        a, b = _squeezed0(mm.args[0]), _squeezed0(mm.args[1])
+        if a is None or b is None or "val" not in node.meta:
+            continue
+        with graph.inserting_before(node):
+            bmm = graph.call_function(aten.bmm.default, (a, b))
+        bmm.meta.update(node.meta)
+        node.replace_all_uses_with(bmm)
+        for dead in (node, mm, *mm.args):
+            if not dead.users:
+                graph.erase_node(dead)
+        made.append(bmm)
+    return made
+
+
+def bmm_to_mm(graph: torch.fx.Graph, made: list) -> None:
+    """Put back Inductor's batch-1 ``mm`` form for the ``mm_to_bmm`` nodes still in the graph."""
+    alive = set(graph.nodes)
+    for bmm in made:
+        if bmm not in alive or bmm.target is not aten.bmm.default:
+            continue
+        a, b = bmm.args
+        with graph.inserting_before(bmm):
+            sa = graph.call_function(aten.squeeze.dim, (a, 0))
+            sb = graph.call_function(aten.squeeze.dim, (b, 0))
+            mm = graph.call_function(aten.mm.default, (sa, sb))
+            out = graph.call_function(aten.unsqueeze.default, (mm, 0))
+        sa.meta["val"], sb.meta["val"] = a.meta["val"].squeeze(0), b.meta["val"].squeeze(0)
+        mm.meta["val"] = torch.mm(sa.meta["val"], sb.meta["val"])
+        out.meta.update(bmm.meta)
+        bmm.replace_all_uses_with(out)
+        graph.erase_node(bmm)
+
+
 def trace_fn(fn, args, **kwargs):
     """``fwd_only`` plus the normalizations above: the trace function of every dsa_inductor pattern.
 

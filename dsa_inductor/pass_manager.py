@@ -24,7 +24,7 @@ from typing import Any, Optional
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from .canonicalize import canonicalize_broadcasts
+from .canonicalize import bmm_to_mm, canonicalize_broadcasts, mm_to_bmm
 from .report import note_graph
 
 _PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
@@ -77,12 +77,16 @@ class DSAPassManager(CustomGraphPass):
         if not self.enabled or not self.rules:
             return
         note_graph()
-        if not any(rule.candidates(graph) for rule in self.rules.values()):
-            return
-        canonicalize_broadcasts(graph)
-        for rule in self.rules.values():
-            rule.verify = self.verify
-            rule.apply(graph)
+        batch1 = mm_to_bmm(graph)  # (GPU graphs: Inductor's batch-1 bmm -> mm, undone while we match)
+        try:
+            if not any(rule.candidates(graph) for rule in self.rules.values()):
+                return
+            canonicalize_broadcasts(graph)
+            for rule in self.rules.values():
+                rule.verify = self.verify
+                rule.apply(graph)
+        finally:
+            bmm_to_mm(graph, batch1)
 
     def uuid(self) -> Optional[Any]:
         prior_ids = []

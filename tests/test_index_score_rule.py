@@ -171,3 +171,42 @@ def test_fp8_q_k_compiled_equals_eager(fresh, device):
 
     check()
     assert any(v.startswith("matmul_upcast:scale_none") for v in matches("index_score")), matches("index_score")
+
+
+def test_gpu_batch1_mm_form_matches(fresh, monkeypatch):
+    """On a GPU, Inductor's joint-graph pass turns a batch-1 bmm into ``unsqueeze(mm(squeeze, squeeze))``
+    (``joint_graph.bmm_to_mm``); the pass undoes it while matching.  Here the GPU branch is forced on CPU."""
+    from torch._inductor.fx_passes import joint_graph
+
+    monkeypatch.setattr(joint_graph, "check_device", lambda *args, **kwargs: True)
+    seen = []
+
+    def spy(graph):
+        seen.append({str(n.target) for n in graph.nodes})
+
+    q, k, w = torch.randn(1, 5, 3, 16).half(), torch.randn(1, 7, 16).half(), torch.randn(1, 5, 3)
+    with torch._inductor.config.patch(post_grad_custom_post_pass=spy), torch.no_grad():
+        out = torch.compile(einsum_scale_after_mulsum, dynamic=True, fullgraph=True)(q, k, w)
+    assert score_mismatch(out, einsum_scale_after_mulsum(q, k, w), tolerance(q, k, w, 0.5)) is None
+    assert matches("index_score") == {"einsum_upcast:scale_post:mulsum:bs1": 1}, matches("index_score")
+    assert "aten.bmm.default" not in seen[0] and "dsa_inductor.index_score.default" in seen[0], seen
+
+
+def test_gpu_batch1_mm_form_is_restored_when_nothing_matches(fresh, monkeypatch):
+    """A batch-1 mm that no rule takes leaves the pass in Inductor's mm form."""
+    from torch._inductor.fx_passes import joint_graph
+
+    monkeypatch.setattr(joint_graph, "check_device", lambda *args, **kwargs: True)
+    seen = []
+
+    def plain_bmm(q, k, weights):  # a near miss: gelu, not relu
+        return torch.einsum("bsht,bsh->bst", F.gelu(torch.einsum("bshd,btd->bsht", q, k)), weights)
+
+    q, k, w = torch.randn(1, 5, 3, 16), torch.randn(1, 7, 16), torch.randn(1, 5, 3)
+    with torch._inductor.config.patch(post_grad_custom_post_pass=lambda g: seen.append(
+            [str(n.target) for n in g.nodes])), torch.no_grad():
+        out = torch.compile(plain_bmm, dynamic=True, fullgraph=True)(q, k, w)
+    torch.testing.assert_close(out, plain_bmm(q, k, w))
+    assert matches("index_score") == {}
+    # q . k (batch 1) stays Inductor's mm; the head reduction (batch B*S) is a bmm either way
+    assert seen[0].count("aten.mm.default") == 1 and seen[0].count("aten.bmm.default") == 1, seen
