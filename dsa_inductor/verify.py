@@ -9,10 +9,11 @@ same graph) on those inputs in plain eager PyTorch, compares with the rule's con
 (``dsa_inductor.testing``), and raises ``DSAVerifyError`` naming the rule, the variant and the first
 differing element.  It returns copies of the fused outputs (a custom op may not return its inputs).
 
-Why not inside the op: on CPU the fused op's body is plain torch that Inductor traces and compiles into
-its C++ kernels, so a Python check in that body would be traced too (and a data-dependent ``.any()`` cannot
-be).  An opaque op downstream of the fused op checks whatever Inductor generated for it, on CPU (C++) and
-CUDA (Triton) alike, against real eager, and leaves the fused op's own code generation unchanged.
+Why not inside the op: the check must see what the compiled graph computed, on CPU (the op's plain torch
+path) and CUDA (its Triton kernels) alike, and compare it with the eager subgraph the rule removed, which
+the op itself does not know (each op's own ``VERIFY`` flag compares its CUDA kernel with its CPU path,
+not with the user's code).  An opaque op downstream of the fused op does that and leaves the fused op
+unchanged.
 
 Cost: the eager subgraph runs beside the compiled one on every call (verify mode is for debugging and CI).
 The mode is part of the pass manager's ``uuid()``, so a graph compiled without it is never served with it.

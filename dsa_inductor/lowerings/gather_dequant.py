@@ -62,7 +62,8 @@ elements, loading each row's bytes with 16-byte vector loads (row bases are mult
 strides are), converting in registers and writing the result once; offsets are int64.  Host-side hints
 (``EVEN_D``: no column mask; ``VEC_V`` / ``VEC_O``: row offsets' power-of-two divisors) make the vector
 width independent of argument specialization; ``tiles`` / ``store_cs`` are tuning knobs.
-CPU path: plain torch (the reference), which Inductor compiles to C++ when the op is traced.
+CPU path: plain torch (the reference); the compiled graph calls the op as an extern kernel, so these
+torch ops run eagerly inside it (Inductor does not trace into the op).
 """
 
 from __future__ import annotations

@@ -53,7 +53,8 @@ accumulation; fp32 inputs with ``input_precision="ieee"``, as eager's fp32 matmu
 times the head's weight, summed into an fp32 ``[BLOCK_S, BLOCK_T]`` register tile.  Programs of one row tile
 are adjacent so its q rows are read from L2 by every key tile.
 
-CPU path: plain torch, exactly transformers' spelling (Inductor compiles it to C++ when traced).
+CPU path: plain torch, exactly transformers' spelling, run eagerly inside the compiled graph (the op is an
+extern kernel call there; Inductor does not trace into it).
 """
 
 from __future__ import annotations

@@ -37,7 +37,8 @@ rows.  The key transform and select-then-compact structure follow the radix top-
 the DSA indexer (SGLang's and vLLM's DeepSeek-V3.2 ``topk``, FlashInfer's radix top-k);
 bench/NOTES.md has the measurements.
 
-CPU path: plain torch (what eager computes), which Inductor can compile to C++ when the op is traced.
+CPU path: plain torch (what eager computes); the compiled graph calls the op as an extern kernel, so
+these torch ops run eagerly inside it (Inductor does not trace into the op).
 """
 
 from __future__ import annotations

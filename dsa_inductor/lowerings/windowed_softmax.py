@@ -29,7 +29,8 @@ writes ``exp(x - max) / sum``; every other tile only stores zeros.  The output i
 so the zero stores are most of the traffic: a 128-wide window over 8192 x 8192 fp32 reads 4 MiB but
 must write 256 MiB (80 us at 3.35 TB/s on an H100).
 
-CPU path: plain torch (what eager computes), which Inductor can compile to C++ when the op is traced.
+CPU path: plain torch (what eager computes); the compiled graph calls the op as an extern kernel, so
+these torch ops run eagerly inside it (Inductor does not trace into the op).
 """
 
 from __future__ import annotations
