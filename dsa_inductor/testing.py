@@ -275,6 +275,10 @@ def assert_topk(masked, k, values, indices, sorted=True, need_values=True, what:
     _raise(topk_mismatch(masked, k, values, indices, sorted, need_values), what)
 
 
+def assert_attention(ref, out, what: str = "") -> None:
+    _raise(attention_mismatch(ref, out), what)
+
+
 def assert_softmax(ref, out, keep=None, what: str = "") -> None:
     _raise(softmax_mismatch(ref, out, keep), what)
 

@@ -13,7 +13,7 @@ import inspect
 from typing import Callable, Iterable, Optional
 
 import torch
-from torch._inductor.pattern_matcher import Match, PatternMatcherPass, register_replacement
+from torch._inductor.pattern_matcher import Match, PatternMatcherPass, fx_to_pattern, is_match, register_replacement
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
 from ..canonicalize import trace_fn
@@ -83,16 +83,81 @@ def _same_default(value, default) -> bool:
         return False
 
 
+_IGNORED = (int, float, list, torch.device, torch.dtype)
+
+
+def generic_pattern(v: Variant):
+    """The variant's search graph with every int, float, list, device and dtype ignored (the first,
+    shape-free match; ``specific_mismatch`` then checks the shapes)."""
+    gm = (v.trace or trace_fn)(with_signature(v.search, v.argnames), v.example_inputs())
+    return fx_to_pattern(gm, ignore_types=_IGNORED, argnames=v.argnames, scalar_workaround=v.scalar_workaround)
+
+
+def specific_mismatch(v: Variant, match: Match) -> Optional[str]:
+    """Re-trace the search function on the matched shapes and match it exactly (ints included).
+
+    What ``register_replacement`` does itself, except that *every* distinct size symbol is a pattern
+    input: torch passes only symbols it can prove distinct from the first one (``statically_known_true
+    (v != a)``), so with unrelated dynamic sizes its re-trace reads ``sym_size(x, i)`` (or shares one product
+    of sizes among several views) where Dynamo's graph has the size's own placeholder, and no dynamic graph
+    would match.  Scalar arguments (``v.scalar_workaround``) come last in ``v.argnames``; the re-trace uses
+    their matched values.
+    """
+    scalar_names = [n for n in v.argnames if n in v.scalar_workaround]
+    if list(v.argnames[len(v.argnames) - len(scalar_names):]) != scalar_names:
+        return "internal: the variant's scalar arguments are not last"
+    tensors = [tensor_meta(match, n) for n in v.argnames if n not in v.scalar_workaround]
+    if any(t is None for t in tensors):
+        return "an input of the match is not a tensor"
+    fake_mode = torch._dynamo.utils.detect_fake_mode(tensors)
+    if fake_mode is None:
+        return "no fake values on the matched inputs"
+    with fake_mode:
+        args = [torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=t.device) for t in tensors]
+        syms, seen = [], set()
+        for t in args:
+            for d in (*t.shape, *t.stride()):
+                if isinstance(d, torch.SymInt) and d.node.expr.is_Symbol and d.node.expr not in seen:
+                    seen.add(d.node.expr)
+                    syms.append(d)
+        # the matched scalars themselves (a magic value would trace a slice [:DV_MAGIC] as a no-op, say)
+        scalars = [match.kwargs[n] if isinstance(match.kwargs.get(n), (int, float)) else v.scalar_workaround[n]
+                   for n in scalar_names]
+        n_sym = len(syms)
+
+        def search(*a):
+            return v.search(*a[n_sym:])
+
+        try:
+            gm = (v.trace or trace_fn)(search, syms + args + scalars)
+        except RuntimeError as e:  # e.g. shapes the search function cannot take
+            return f"the search function does not trace on the matched shapes: {e}"
+    names = [f"sym{i}" for i in range(n_sym)] + list(v.argnames)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, name in zip(placeholders, names):
+        node.target = name
+        node.name = name
+    pattern = fx_to_pattern(gm, argnames=names, scalar_workaround=v.scalar_workaround)
+    if not is_match(pattern.match(match.output_nodes()[0])):
+        return "the matched graph differs from the variant on its shapes (an int, a dim or a permutation)"
+    return None
+
+
 class Rule:
     """A rewrite of one DSA idiom into one fused op.
 
     Subclasses set ``name``, ``op`` (the fused op's qualified name), ``anchors`` (the aten targets whose
     nodes are this rule's candidates) and implement ``variants()`` and ``diagnose(node)``.
+
+    ``exact_retrace``: match first with a shape-free pattern (``generic_pattern``), then re-trace on the
+    matched shapes with every size symbol an input (``specific_mismatch``), instead of
+    ``register_replacement``'s own re-trace, which no graph with several unrelated dynamic sizes passes.
     """
 
     name: str = ""
     op: str = ""
     anchors: tuple = ()
+    exact_retrace: bool = False
 
     def __init__(self) -> None:
         self._pass: Optional[PatternMatcherPass] = None
@@ -120,6 +185,7 @@ class Rule:
                         pm,
                         extra_check=self._checked(v),
                         scalar_workaround=v.scalar_workaround,
+                        search_fn_pattern=generic_pattern(v) if self.exact_retrace else None,
                         skip_duplicates=True,
                         **kwargs,
                     )
@@ -143,7 +209,8 @@ class Rule:
 
     def _checked(self, v: Variant) -> Callable[[Match], bool]:
         def extra_check(match: Match) -> bool:
-            reason = dropped_kwarg(match) or v.check(match)
+            reason = dropped_kwarg(match) or v.check(match) or (specific_mismatch(v, match) if self.exact_retrace
+                                                                else None)
             if reason is not None:
                 for node in match.nodes:
                     if node.target in self.anchors:

@@ -29,20 +29,16 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from typing import Callable, Optional
-
-import inspect
+from typing import Optional
 
 import torch
-from torch._inductor.pattern_matcher import PatternMatcherPass, fx_to_pattern, is_match, register_replacement
-from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .. import testing
 from ..canonicalize import trace_fn
 from ..lowerings import index_score as _op_module  # noqa: F401  (defines the op)
 from ..report import stats_for
-from .common import _HAS_PATTERN_NAME, Rule, Variant, tensor_meta, with_signature
+from .common import Rule, Variant, tensor_meta
 
 aten = torch.ops.aten
 SCALE_MAGIC = 0.3711  # stands for the scale while tracing
@@ -124,18 +120,14 @@ def _make_variant(form: Form) -> Variant:
         scale = args[3] if has_scale else 1.0
         return testing.score_mismatch(actual[0], expected[0], testing.index_score_tolerance(q, k, w, scale))
 
-    variant = Variant(form.name, argnames, search, replace, example_inputs, workaround, compare=compare)
-    variant.check = lambda m: _check(form, m) or _specific_mismatch(variant, m)
-    return variant
+    return Variant(form.name, argnames, search, replace, example_inputs, workaround, compare=compare,
+                   check=lambda m: _check(form, m), trace=_trace)
 
 
-_IGNORED = (int, float, list, torch.device, torch.dtype)
-
-
-def _trace(fn, args):
+def _trace(fn, args, **kwargs):
     """``trace_fn`` plus the joint-graph pass that Dynamo's graphs have been through and ``fwd_only``'s are
     not: ``permute(permute(x, p1), p2)`` composing to the identity is ``x`` (einsum emits such pairs)."""
-    gm = trace_fn(fn, args)
+    gm = trace_fn(fn, args, **kwargs)
     changed = False
     for node in list(gm.graph.nodes):
         inner = node.args[0] if node.target is aten.permute.default else None
@@ -149,53 +141,6 @@ def _trace(fn, args):
         gm.graph.eliminate_dead_code()
         gm.recompile()
     return gm
-
-
-def _generic_pattern(v: Variant):
-    """The variant's search graph with every int, float, list, device and dtype ignored."""
-    gm = _trace(with_signature(v.search, v.argnames), v.example_inputs())
-    return fx_to_pattern(gm, ignore_types=_IGNORED, argnames=v.argnames, scalar_workaround=v.scalar_workaround)
-
-
-def _specific_mismatch(v: Variant, match) -> Optional[str]:
-    """Re-trace the search function on the matched shapes and match it exactly (ints included).
-
-    What ``register_replacement`` does itself, except that *every* distinct size symbol is a pattern
-    input: torch passes only symbols it can prove distinct from the first one (``statically_known_true
-    (v != a)``), so with unrelated dynamic sizes the re-trace reads ``sym_size(weights, 1)`` where Dynamo's
-    graph has the size's own placeholder, and no dynamic graph would ever match.
-    """
-    tensors = [tensor_meta(match, n) for n in v.argnames if n != "scale"]
-    fake_mode = torch._dynamo.utils.detect_fake_mode(tensors)
-    if fake_mode is None:
-        return "no fake values on the matched inputs"
-    with fake_mode:
-        args = [torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=t.device) for t in tensors]
-        syms, seen = [], set()
-        for t in args:
-            for d in (*t.shape, *t.stride()):
-                if isinstance(d, torch.SymInt) and d.node.expr.is_Symbol and d.node.expr not in seen:
-                    seen.add(d.node.expr)
-                    syms.append(d)
-        scalars = [SCALE_MAGIC] if "scale" in v.argnames else []
-        n_sym = len(syms)
-
-        def search(*a):
-            return v.search(*a[n_sym:])
-
-        try:
-            gm = _trace(search, syms + args + scalars)
-        except RuntimeError as e:  # e.g. shapes the search function cannot take
-            return f"the search function does not trace on the matched shapes: {e}"
-    names = [f"sym{i}" for i in range(n_sym)] + list(v.argnames)
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for node, name in zip(placeholders, names):
-        node.target = name
-        node.name = name
-    pattern = fx_to_pattern(gm, argnames=names, scalar_workaround=v.scalar_workaround)
-    if not is_match(pattern.match(match.output_nodes()[0])):
-        return "the matched graph differs from the variant on its shapes (an int, a dim or a permutation)"
-    return None
 
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -282,33 +227,12 @@ class IndexScoreRule(Rule):
     name = "index_score"
     op = "dsa_inductor::index_score"
     anchors = (aten.relu.default,)
+    exact_retrace = True  # S, T, H, D all dynamic: see common.specific_mismatch
 
     def variants(self):
         for score, upcast, scale, reduce, bs1 in itertools.product(SCORE_FORMS, (True, False), SCALES,
                                                                    REDUCTIONS, (False, True)):
             yield _make_variant(Form(score, upcast, scale, reduce, bs1))
-
-    def pattern_pass(self) -> PatternMatcherPass:
-        """As ``Rule.pattern_pass``, but the exact re-trace is ours (``_specific_mismatch``), run in the check."""
-        if self._pass is None:
-            pm = PatternMatcherPass(pass_name=f"dsa_{self.name}")
-            with torch._guards.tracing(None), unset_fake_temporarily(), FakeTensorMode():
-                for v in self.variants():
-                    kwargs = {"pattern_name": f"dsa_{self.name}:{v.name}"} if _HAS_PATTERN_NAME else {}
-                    register_replacement(
-                        with_signature(v.search, v.argnames),
-                        with_signature(self._counted(v), v.argnames),
-                        v.example_inputs(),
-                        trace_fn,
-                        pm,
-                        extra_check=self._checked(v),
-                        scalar_workaround=v.scalar_workaround,
-                        search_fn_pattern=_generic_pattern(v),
-                        skip_duplicates=True,
-                        **kwargs,
-                    )
-            self._pass = pm
-        return self._pass
 
     def candidates(self, graph: torch.fx.Graph) -> list:
         """Relus of a batched matmul's output (4-d): the only relus this rule could rewrite."""

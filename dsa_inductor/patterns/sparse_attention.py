@@ -586,6 +586,7 @@ class SparseAttentionRule(Rule):
     name = "sparse_attention"
     op = "dsa_inductor::sparse_attention"
     anchors = (aten.scatter.value, aten.index.Tensor)
+    exact_retrace = True  # the gather variants under dynamic B, S, T, K (common.specific_mismatch)
 
     def variants(self):
         yield from gather_variants()
