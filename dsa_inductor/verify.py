@@ -36,21 +36,21 @@ class DSAVerifyError(AssertionError):
 _VARIANTS: dict = {}
 
 
-def default_compare(args, expected: list, actual: list) -> Optional[str]:
-    """Elementwise within ``testing.tol(dtype)`` (exact for integer results)."""
-    for j, (e, a) in enumerate(zip(expected, actual)):
-        why = testing.close_mismatch(a, e)
-        if why is not None:
-            return f"output {j}: {why}"
-    return None
+def _per_output(mismatch: Callable) -> Callable[[list, list, list], Optional[str]]:
+    """A variant comparison applying ``mismatch(actual, expected)`` to each output, naming the first that fails."""
+
+    def compare(args, expected: list, actual: list) -> Optional[str]:
+        for j, (e, a) in enumerate(zip(expected, actual)):
+            why = mismatch(a, e)
+            if why is not None:
+                return f"output {j}: {why}"
+        return None
+
+    return compare
 
 
-def exact_compare(args, expected: list, actual: list) -> Optional[str]:
-    for j, (e, a) in enumerate(zip(expected, actual)):
-        why = testing.exact_mismatch(a, e)
-        if why is not None:
-            return f"output {j}: {why}"
-    return None
+default_compare = _per_output(testing.close_mismatch)  # within testing.tol(dtype), exact for integer results
+exact_compare = _per_output(testing.exact_mismatch)
 
 
 @torch.library.custom_op("dsa_inductor::rule_verify", mutates_args=())

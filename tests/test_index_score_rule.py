@@ -173,12 +173,17 @@ def test_fp8_q_k_compiled_equals_eager(fresh, device):
     assert any(v.startswith("matmul_upcast:scale_none") for v in matches("index_score")), matches("index_score")
 
 
-def test_gpu_batch1_mm_form_matches(fresh, monkeypatch):
-    """On a GPU, Inductor's joint-graph pass turns a batch-1 bmm into ``unsqueeze(mm(squeeze, squeeze))``
-    (``joint_graph.bmm_to_mm``); the pass undoes it while matching.  Here the GPU branch is forced on CPU."""
+@pytest.fixture
+def gpu_bmm_to_mm(monkeypatch):
+    """Inductor's GPU-only joint-graph rewrite ``bmm_to_mm`` (batch-1 bmm -> ``unsqueeze(mm(squeeze,
+    squeeze))``) forced on for CPU graphs."""
     from torch._inductor.fx_passes import joint_graph
 
     monkeypatch.setattr(joint_graph, "check_device", lambda *args, **kwargs: True)
+
+
+def test_gpu_batch1_mm_form_matches(fresh, gpu_bmm_to_mm):
+    """The pass undoes the GPU's batch-1 ``mm`` form while matching."""
     seen = []
 
     def spy(graph):
@@ -192,11 +197,8 @@ def test_gpu_batch1_mm_form_matches(fresh, monkeypatch):
     assert "aten.bmm.default" not in seen[0] and "dsa_inductor.index_score.default" in seen[0], seen
 
 
-def test_gpu_batch1_mm_form_is_restored_when_nothing_matches(fresh, monkeypatch):
+def test_gpu_batch1_mm_form_is_restored_when_nothing_matches(fresh, gpu_bmm_to_mm):
     """A batch-1 mm that no rule takes leaves the pass in Inductor's mm form."""
-    from torch._inductor.fx_passes import joint_graph
-
-    monkeypatch.setattr(joint_graph, "check_device", lambda *args, **kwargs: True)
     seen = []
 
     def plain_bmm(q, k, weights):  # a near miss: gelu, not relu

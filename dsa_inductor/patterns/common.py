@@ -89,6 +89,9 @@ _IGNORED = (int, float, list, torch.device, torch.dtype)
 def generic_pattern(v: Variant):
     """The variant's search graph with every int, float, list, device and dtype ignored (the first,
     shape-free match; ``specific_mismatch`` then checks the shapes)."""
+    scalar_names = [n for n in v.argnames if n in v.scalar_workaround]
+    if list(v.argnames[len(v.argnames) - len(scalar_names):]) != scalar_names:
+        raise ValueError(f"variant {v.name}: scalar arguments {scalar_names} must come last (specific_mismatch)")
     gm = (v.trace or trace_fn)(with_signature(v.search, v.argnames), v.example_inputs())
     return fx_to_pattern(gm, ignore_types=_IGNORED, argnames=v.argnames, scalar_workaround=v.scalar_workaround)
 
@@ -103,9 +106,7 @@ def specific_mismatch(v: Variant, match: Match) -> Optional[str]:
     would match.  Scalar arguments (``v.scalar_workaround``) come last in ``v.argnames``; the re-trace uses
     their matched values.
     """
-    scalar_names = [n for n in v.argnames if n in v.scalar_workaround]
-    if list(v.argnames[len(v.argnames) - len(scalar_names):]) != scalar_names:
-        return "internal: the variant's scalar arguments are not last"
+    scalar_names = [n for n in v.argnames if n in v.scalar_workaround]  # last (checked by generic_pattern)
     tensors = [tensor_meta(match, n) for n in v.argnames if n not in v.scalar_workaround]
     if any(t is None for t in tensors):
         return "an input of the match is not a tensor"
