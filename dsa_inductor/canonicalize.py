@@ -127,3 +127,21 @@ def trace_fn(fn, args, **kwargs):
     canonicalize_broadcasts(gm.graph)
     gm.recompile()
     return gm
+
+
+def trace_joint(fn, args, **kwargs):
+    """``trace_fn`` plus Inductor's joint-graph patterns (they fold the permute pairs of the
+    einsum decomposition, as they did in the graph we match), with their GPU-only batch-1 ``bmm_to_mm``
+    undone as the pass manager undoes it in that graph (``mm_to_bmm``): an exact re-trace on CUDA fake
+    tensors would otherwise hold ``mm`` where the graph holds ``bmm``."""
+    from torch._inductor.fx_passes import joint_graph
+
+    gm = trace_fn(fn, args, **kwargs)
+    joint_graph.lazy_init()
+    joint_graph.early_patterns.apply(gm.graph)  # pointless_permute_pair, pointless_view, ...
+    for pm in joint_graph.pass_patterns:
+        pm.apply(gm.graph)
+    mm_to_bmm(gm.graph)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm

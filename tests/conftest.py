@@ -54,3 +54,15 @@ def matches(rule="mask_topk"):
 
     st = _STATS.get(rule)
     return dict(st.matches) if st else {}
+
+
+@pytest.fixture
+def gpu_bmm_to_mm(fresh, monkeypatch):
+    """Inductor's GPU-only joint-graph rewrite ``bmm_to_mm`` (batch-1 bmm -> ``unsqueeze(mm(squeeze,
+    squeeze))``) forced on for CPU graphs.  The patterns are traced first: on a GPU they are traced on CPU
+    example inputs, which the rewrite never touches."""
+    from torch._inductor.fx_passes import joint_graph
+
+    for rule in fresh._MANAGER.rules.values():
+        rule.pattern_pass()
+    monkeypatch.setattr(joint_graph, "check_device", lambda *args, **kwargs: True)

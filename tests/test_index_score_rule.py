@@ -173,15 +173,6 @@ def test_fp8_q_k_compiled_equals_eager(fresh, device):
     assert any(v.startswith("matmul_upcast:scale_none") for v in matches("index_score")), matches("index_score")
 
 
-@pytest.fixture
-def gpu_bmm_to_mm(monkeypatch):
-    """Inductor's GPU-only joint-graph rewrite ``bmm_to_mm`` (batch-1 bmm -> ``unsqueeze(mm(squeeze,
-    squeeze))``) forced on for CPU graphs."""
-    from torch._inductor.fx_passes import joint_graph
-
-    monkeypatch.setattr(joint_graph, "check_device", lambda *args, **kwargs: True)
-
-
 def test_gpu_batch1_mm_form_matches(fresh, gpu_bmm_to_mm):
     """The pass undoes the GPU's batch-1 ``mm`` form while matching."""
     seen = []

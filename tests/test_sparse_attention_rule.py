@@ -188,6 +188,61 @@ def test_repeated_indices_count_once_in_dense_form(fresh):
     assert attention_mismatch(dense_mla_masked_fill(q, kv, idx), out) is None
 
 
+@pytest.mark.parametrize("fn,dtype,variant", [
+    (gather_einsum, torch.float32, "gather_bs1:einsum:eq:fp32"),
+    (gather_einsum, torch.bfloat16, "gather_bs1:einsum:eq:half"),
+    (gather_sink_additive, torch.float32, "gather_bs1:einsum:eq:sink_additive:fp32"),
+], ids=lambda p: getattr(p, "__name__", str(p)))
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_gather_batch_one(fresh, fn, dtype, variant, dynamic):
+    """Batch 1 (decode, a single prefill): Dynamo specializes B == 1, and einsum then folds the batch
+    away, so the graph differs from the batched one (a variant of its own)."""
+    g = torch.Generator().manual_seed(0)
+    q, kv = torch.randn(1, 6, H, DQK, generator=g).to(dtype), torch.randn(1, 9, DQK, generator=g).to(dtype)
+    idx = torch.rand(1, 6, 9, generator=g).argsort(-1)[..., :5]
+    idx[0, 1, 2] = -1
+    args = (q, kv, idx) + ((torch.randn(H, generator=g).to(dtype),) if fn is gather_sink_additive else ())
+    with torch.no_grad():
+        out = torch.compile(fn, dynamic=dynamic, fullgraph=True)(*args)
+    assert matches("sparse_attention") == {variant: 1}, (matches("sparse_attention"), fresh.report())
+    assert attention_mismatch(fn(*args), out) is None
+
+
+def test_gather_batch_one_gpu_mm_form(fresh, gpu_bmm_to_mm):
+    """On a GPU Inductor rewrites the batch-1 bmm to mm before our pass; the pass undoes it while matching
+    (here forced on for CPU graphs)."""
+    g = torch.Generator().manual_seed(1)
+    q, kv = torch.randn(1, 6, H, DQK, generator=g), torch.randn(1, 9, DQK, generator=g)
+    idx = torch.rand(1, 6, 9, generator=g).argsort(-1)[..., :5]
+    with torch.no_grad():
+        out = torch.compile(gather_einsum, dynamic=False, fullgraph=True)(q, kv, idx)
+    assert matches("sparse_attention") == {"gather_bs1:einsum:eq:fp32": 1}, fresh.report()
+    assert attention_mismatch(gather_einsum(q, kv, idx), out) is None
+
+
+SCALE = 0.3  # a global float: under dynamic=True Dynamo passes it as a 0-d tensor (specialize_float=False)
+
+
+def gather_global_scale(q, kv, topk_indices):
+    sel = kv[torch.arange(q.shape[0], device=q.device)[:, None, None], topk_indices]
+    scores = torch.einsum("bshd,bskd->bshk", q, sel) * SCALE
+    scores = scores.masked_fill((topk_indices == -1).unsqueeze(2), NEG_INF)
+    return torch.einsum("bshk,bskd->bshd", torch.softmax(scores, dim=-1), sel[..., :DV])
+
+
+def test_unspecialized_float_scale_is_left_alone(fresh):
+    """A scale that reaches the graph as a tensor input is not a constant the op can take: rejected, with
+    the reason, not passed on (the fused op's ``scale`` is a float)."""
+    g = torch.Generator().manual_seed(2)
+    q, kv = torch.randn(2, 6, H, DQK, generator=g), torch.randn(2, 9, DQK, generator=g)
+    idx = torch.rand(2, 6, 9, generator=g).argsort(-1)[..., :5]
+    with torch.no_grad():
+        out = torch.compile(gather_global_scale, dynamic=True, fullgraph=True)(q, kv, idx)
+    torch.testing.assert_close(out, gather_global_scale(q, kv, idx))
+    assert matches("sparse_attention") == {}
+    assert "`scale` is a graph input" in fresh.report(), fresh.report()
+
+
 # ---- near misses: the rule must leave these alone -----------------------------------------------------------
 
 def nm_scatter_true(q, kv, topk_indices):

@@ -76,6 +76,22 @@ def dropped_kwarg(match: Match) -> Optional[str]:
     return None
 
 
+def non_constant_scalar(v: Variant, match: Match) -> Optional[str]:
+    """A scalar argument of the variant (``scale``, ``dv``, ...) bound to a graph value that is not an int.
+
+    With ``dynamic=True`` Dynamo does not specialize a Python float it reads from a global or a closure
+    (``torch._dynamo.config.specialize_float``): the graph then multiplies by a 0-d tensor input, which the
+    pattern's ``mul(x, scale)`` still matches, and the fused op's ``float`` argument would get a tensor.  A
+    symbolic int (a size) may stand for an int argument (the ops take ``SymInt``).
+    """
+    for name in v.scalar_workaround:
+        value = match.kwargs.get(name)
+        if isinstance(value, torch.fx.Node) and not isinstance(value.meta.get("val"), (int, torch.SymInt)):
+            return (f"`{name}` is a graph input ({type(value.meta.get('val')).__name__}), not a constant: "
+                    "Dynamo did not specialize it")
+    return None
+
+
 def _same_default(value, default) -> bool:
     try:
         return bool(value == default)
@@ -174,6 +190,12 @@ class Rule:
 
     def pattern_pass(self) -> PatternMatcherPass:
         if self._pass is None:
+            # canonicalize.trace_joint applies Inductor's joint-graph patterns, whose lazy_init registers
+            # replacements under a config patch: run it now, not nested inside register_replacement's patch
+            # (torch 2.11 asserts "prior should be empty when entering ConfigPatch").
+            from torch._inductor.fx_passes import joint_graph
+
+            joint_graph.lazy_init()
             pm = PatternMatcherPass(pass_name=f"dsa_{self.name}")
             with torch._guards.tracing(None), unset_fake_temporarily(), FakeTensorMode():
                 for v in self.variants():
@@ -210,7 +232,7 @@ class Rule:
 
     def _checked(self, v: Variant) -> Callable[[Match], bool]:
         def extra_check(match: Match) -> bool:
-            reason = dropped_kwarg(match) or v.check(match) or (specific_mismatch(v, match) if self.exact_retrace
+            reason = dropped_kwarg(match) or non_constant_scalar(v, match) or v.check(match) or (specific_mismatch(v, match) if self.exact_retrace
                                                                 else None)
             if reason is not None:
                 for node in match.nodes:

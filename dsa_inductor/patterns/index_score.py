@@ -35,7 +35,7 @@ import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .. import testing
-from ..canonicalize import trace_fn
+from ..canonicalize import trace_joint
 from ..lowerings import index_score as _op_module  # noqa: F401  (defines the op)
 from ..report import stats_for
 from .common import Rule, Variant, tensor_meta
@@ -121,26 +121,7 @@ def _make_variant(form: Form) -> Variant:
         return testing.score_mismatch(actual[0], expected[0], testing.index_score_tolerance(q, k, w, scale))
 
     return Variant(form.name, argnames, search, replace, example_inputs, workaround, compare=compare,
-                   check=lambda m: _check(form, m), trace=_trace)
-
-
-def _trace(fn, args, **kwargs):
-    """``trace_fn`` plus the joint-graph pass that Dynamo's graphs have been through and ``fwd_only``'s are
-    not: ``permute(permute(x, p1), p2)`` composing to the identity is ``x`` (einsum emits such pairs)."""
-    gm = trace_fn(fn, args, **kwargs)
-    changed = False
-    for node in list(gm.graph.nodes):
-        inner = node.args[0] if node.target is aten.permute.default else None
-        if isinstance(inner, torch.fx.Node) and inner.target is aten.permute.default:
-            p1, p2 = inner.args[1], node.args[1]
-            if all(p1[p2[i]] == i for i in range(len(p1))):
-                node.replace_all_uses_with(inner.args[0])
-                gm.graph.erase_node(node)
-                changed = True
-    if changed:
-        gm.graph.eliminate_dead_code()
-        gm.recompile()
-    return gm
+                   check=lambda m: _check(form, m), trace=trace_joint)
 
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)

@@ -32,7 +32,8 @@ The dense mask holds each key once; unless ``topk_indices`` come straight from a
 
 **Gather form** (reference code and tests), traced search variants (``patterns/common.py``)::
 
-    sel = kv[arange(B)[:, None, None], topk_indices]            # or kv[topk_indices] without a batch dim
+    sel = kv[arange(B)[:, None, None], topk_indices]            # or kv[topk_indices] without a batch dim;
+                                                                # B == 1 static is a variant of its own
     scores = einsum("bshd,bskd->bshk", q, sel) * scale          # or q @ sel.transpose(-1, -2)
     scores = scores.masked_fill((topk_indices == -1)[:, :, None], -inf)   # or topk_indices < 0
     out = einsum("bshk,bskd->bshd", softmax(scores, -1, dtype=float32).to(q.dtype), sel[..., :dv])
@@ -55,7 +56,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..lowerings import sparse_attention as _op_module
 from ..report import log, source_location, stats_for
-from ..canonicalize import trace_fn
+from ..canonicalize import trace_joint
 from .common import Rule, Variant, tensor_meta
 from .mask_topk import _bound_node, _mask_as_bounds, _new_node
 
@@ -81,6 +82,7 @@ class GatherForm:
     invalid: str  # "eq" (idx == -1) | "lt" (idx < 0)
     sink: str  # "" | "cat" | "additive"
     dtype: torch.dtype  # example dtype: fp32 softmax in place, or half with softmax(dtype=float32).to(dtype)
+    bs1: bool = False  # batched, traced at batch 1: Dynamo specializes B == 1 and einsum folds it away
 
 
 def _gather_search(form: GatherForm):
@@ -142,7 +144,7 @@ def _gather_variant(form: GatherForm) -> Variant:
     argnames = ("q", "kv", "topk_indices") + (("attn_sink",) if form.sink else ()) + ("scale", "dv")
 
     def example_inputs():
-        b, s, h, d, t, k = 2, 3, 4, 40, 11, 5
+        b, s, h, d, t, k = (1 if form.bs1 else 2), 3, 4, 40, 11, 5
         dt = form.dtype
         q = torch.empty(b, s, h, d, dtype=dt) if form.batched else torch.empty(s, h, d, dtype=dt)
         kv = torch.empty(b, t, d, dtype=dt) if form.batched else torch.empty(t, d, dtype=dt)
@@ -150,25 +152,10 @@ def _gather_variant(form: GatherForm) -> Variant:
         sink = [torch.empty(h, dtype=dt)] if form.sink else []  # the sink in the model dtype
         return [q, kv, idx, *sink, SCALE_MAGIC, DV_MAGIC]
 
-    name = (f"gather{'' if form.batched else '_unbatched'}:{form.contraction}:{form.invalid}"
+    name = (f"gather{'_bs1' if form.bs1 else '' if form.batched else '_unbatched'}:{form.contraction}:{form.invalid}"
             f"{':sink_' + form.sink if form.sink else ''}:{'fp32' if form.dtype == torch.float32 else 'half'}")
     return Variant(name, argnames, _gather_search(form), _gather_replace(form), example_inputs,
                    {"scale": SCALE_MAGIC, "dv": DV_MAGIC}, check=_gather_check, trace=trace_joint)
-
-
-def trace_joint(fn, args, **kwargs):
-    """``canonicalize.trace_fn`` plus Inductor's joint-graph patterns (they fold the permute pairs of the
-    einsum decomposition, as they did in the graph we match)."""
-    from torch._inductor.fx_passes import joint_graph
-
-    gm = trace_fn(fn, args, **kwargs)
-    joint_graph.lazy_init()
-    joint_graph.early_patterns.apply(gm.graph)  # pointless_permute_pair, pointless_view, ...
-    for pm in joint_graph.pass_patterns:
-        pm.apply(gm.graph)
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
-    return gm
 
 
 def _gather_check(match) -> Optional[str]:
@@ -187,12 +174,12 @@ def _gather_check(match) -> Optional[str]:
 
 def gather_variants():
     forms = []
-    for batched, contraction, invalid, sink, dt in itertools.product(
-            (True, False), ("einsum", "matmul"), ("eq", "lt"), ("", "cat", "additive"),
-            (torch.float32, torch.bfloat16)):
+    for (batched, bs1), contraction, invalid, sink, dt in itertools.product(
+            ((True, False), (True, True), (False, False)), ("einsum", "matmul"), ("eq", "lt"),
+            ("", "cat", "additive"), (torch.float32, torch.bfloat16)):
         if sink == "additive" and dt != torch.float32:
             continue  # the additive sink form is written on fp32 scores
-        forms.append(GatherForm(f"{batched}", batched, contraction, invalid, sink, dt))
+        forms.append(GatherForm(f"{batched}", batched, contraction, invalid, sink, dt, bs1))
     return [_gather_variant(f) for f in forms]
 
 
@@ -590,16 +577,6 @@ class SparseAttentionRule(Rule):
 
     def variants(self):
         yield from gather_variants()
-
-    def pattern_pass(self):
-        if self._pass is None:
-            # trace_joint applies Inductor's joint-graph patterns, whose lazy_init registers replacements under
-            # a config patch: run it now, not nested inside our register_replacement's patch (torch 2.11
-            # asserts "prior should be empty when entering ConfigPatch").
-            from torch._inductor.fx_passes import joint_graph
-
-            joint_graph.lazy_init()
-        return super().pattern_pass()
 
     def apply(self, graph: torch.fx.Graph) -> int:
         st = stats_for(self.name, self.op)
