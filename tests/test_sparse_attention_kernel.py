@@ -1,8 +1,8 @@
 """The sparse attention kernels against the plain-torch definition (which the rule tests tie to eager).
 
 On CPU the Triton kernels run under TRITON_INTERPRET=1 (set by conftest) at small sizes with small tiles,
-so several key tiles, head blocks, the DA + DB split of Dqk, skipped all-invalid tiles, empty rows and
-sinks all run; on CUDA also at the DeepSeek-V3.2 shape (dqk 576 = 512 + 64, dv 512, 128 heads).
+so several key tiles, head blocks, the DA + DB split of Dqk, skipped all-invalid tiles or packed valid
+indices (``compact``), empty rows and sinks all run; on CUDA also at the DeepSeek-V3.2 shape (dqk 576 = 512 + 64, dv 512, 128 heads).
 """
 
 import pytest
@@ -46,7 +46,7 @@ def problems(draw):
     kw["empty_row"] = draw(st.integers(0, 2))
     kw["dedup"] = draw(st.booleans())
     tiles = dict(block_k=draw(st.sampled_from([16, 32])), block_h=draw(st.sampled_from([16, 32])),
-                 num_warps=4)
+                 num_warps=4, compact=draw(st.booleans()))
     return q.to(dtype), k.to(dtype), None if v is None else v.to(dtype), dv, kw, tiles
 
 
@@ -68,8 +68,9 @@ def test_kernel_equals_reference(problem):
 
 
 @pytest.mark.skipif(not CUDA, reason="the DeepSeek-V3.2 shape needs a GPU")
+@pytest.mark.parametrize("compact", [True, False])
 @pytest.mark.parametrize("causal", [True, False])
-def test_kernel_at_deepseek_shape(causal):
+def test_kernel_at_deepseek_shape(causal, compact):
     g = torch.Generator(device="cuda").manual_seed(0)
     s, t, h, k = 256, 2048, 128, 2048
     q = torch.randn(1, s, h, 576, device="cuda", dtype=torch.bfloat16, generator=g)
@@ -77,7 +78,7 @@ def test_kernel_at_deepseek_shape(causal):
     idx = torch.rand(1, s, t, device="cuda", generator=g).argsort(-1)[..., :k].to(torch.int32)
     ends = (torch.arange(s, device="cuda") + (t - s) + 1)[None] if causal else None
     args = (q, kv, None, idx, ends, None, None, 576 ** -0.5, 512, 0, False, torch.bfloat16)
-    why = attention_mismatch(sparse_attention_reference(*args), sparse_attention_triton(*args))
+    why = attention_mismatch(sparse_attention_reference(*args), sparse_attention_triton(*args, compact=compact))
     assert why is None, why
 
 

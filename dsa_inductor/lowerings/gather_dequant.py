@@ -73,6 +73,7 @@ from typing import Optional
 
 import torch
 
+from .host import broadcast_shapes
 from .registry import fused_op
 
 try:  # triton is optional on CPU-only installs; the CPU path never needs it.
@@ -155,7 +156,7 @@ def _check_args(values, scales, index0, index1, block_size, drop, fmt, out_dtype
         if t is None:
             continue
         try:
-            shape = tuple(torch.broadcast_shapes(shape, tuple(t.shape)))
+            shape = tuple(broadcast_shapes(shape, tuple(t.shape)))
         except RuntimeError:
             raise ValueError(f"{_name(name)} has shape {tuple(t.shape)}, which does not broadcast with the tokens "
                              f"{shape} of `index0`") from None
@@ -167,7 +168,7 @@ def _elements(values, fmt):
 
 def _token_shape(values, index0, index1, drop):
     shapes = [index0.shape] + [t.shape for t in (index1, drop) if t is not None]
-    return torch.broadcast_shapes(*shapes)
+    return broadcast_shapes(*shapes)
 
 
 def _out_shape(values, index0, index1, block_size, drop, fmt):

@@ -49,6 +49,7 @@ from typing import Optional
 
 import torch
 
+from .host import broadcast_shapes
 from .registry import fused_op
 
 from ..testing import topk_mismatch  # noqa: F401  (the equivalence contract; re-exported)
@@ -114,7 +115,7 @@ def _check_rows_broadcast(op, base_name, rows, parts):
             continue
         own = tuple(t.shape[:-1] if positional else t.shape)
         try:
-            shape = tuple(torch.broadcast_shapes(shape, own))
+            shape = tuple(broadcast_shapes(shape, own))
         except RuntimeError:
             raise ValueError(f"{op}: `{name}` ({'rows' if positional else 'shape'} {own}) does not broadcast with "
                              f"the rows {shape} of `{base_name}`") from None
@@ -128,7 +129,7 @@ def _batch_shape(logits, row_starts, row_ends, mask, bias):
     shapes = [logits.shape[:-1]]
     shapes += [t.shape for t in (row_starts, row_ends) if t is not None]
     shapes += [t.shape[:-1] for t in (mask, bias) if t is not None]
-    return torch.broadcast_shapes(*shapes)
+    return broadcast_shapes(*shapes)
 
 
 def masked_logits(logits, row_starts=None, row_ends=None, mask=None, mask_keeps=True, bias=None,
@@ -512,6 +513,7 @@ if triton is not None:
             tl.store(idx_ptr + out + (cols - lo), cols, mask=ok)
             if WRITE_VALUES:
                 x = tl.load(x_ptr + a * xs0 + s * xs1 + cols * xs2, mask=ok, other=0.0)
+                x = tl.where(x != x, float("nan"), x)  # every NaN written is the positive one (_sort_descending)
                 tl.store(val_ptr + out + (cols - lo), x.to(OUT_DTYPE), mask=ok)
         for start in range(0, K - n_keep, BLOCK):
             j = start + lane
@@ -989,9 +991,10 @@ def masked_topk_triton(logits, k, row_starts=None, row_ends=None, mask=None, mas
 
 def _sort_descending(v: torch.Tensor):
     """``v.sort(dim=-1, descending=True)`` with every NaN first, as ``torch.topk`` ranks them.  CUDA's radix
-    sort orders floats by their bits, so a NaN with the sign bit set (``-x`` of a NaN) would come last:
-    NaNs are made the positive one first (their payload is not observable)."""
-    v = torch.where(v.isnan(), torch.full((), float("nan"), dtype=v.dtype, device=v.device), v)
+    sort orders floats by their bits, so a NaN with the sign bit set (``-x`` of a NaN) would come last
+    (pytorch#190781): the kernels write every NaN as the positive one (values decoded from the sortable
+    key, whose NaN is ``float("nan")``, or ``_short_row``'s explicit ``where``), so a plain sort is right
+    (a NaN's payload and sign are not observable through topk's ordering)."""
     return v.sort(dim=-1, descending=True)
 
 

@@ -47,6 +47,7 @@ from typing import Optional
 import torch
 
 from ..testing import attention_mismatch  # noqa: F401  (the equivalence contract; re-exported)
+from .host import broadcast_shapes
 from .registry import fused_op
 
 try:  # triton is optional on CPU-only installs; the CPU path never needs it.
@@ -64,7 +65,9 @@ _LOG2E = 1.4426950408889634
 BLOCK_H = 64
 BLOCK_K = 64
 NUM_WARPS = 8
-NUM_STAGES = 1
+NUM_STAGES = 1  # without compaction (the tile-skip branch keeps Triton from pipelining the loop)
+COMPACT = True  # pack each row's valid indices first (_compact_kernel): a branch-free, pipelined key loop
+COMPACT_STAGES = 2
 
 
 def _check_args(q, k, v, topk_indices, row_ends, keep_mask, attn_sink, scale, dv, empty_row, out_dtype):
@@ -109,7 +112,7 @@ def _check_args(q, k, v, topk_indices, row_ends, keep_mask, attn_sink, scale, dv
         if row_ends.device != q.device or row_ends.dim() > 2:
             raise ValueError(f"{name}: `row_ends` must be [B, S] (broadcastable) on {q.device}")
         try:
-            torch.broadcast_shapes(row_ends.shape, (b, s))
+            broadcast_shapes(row_ends.shape, (b, s))
         except RuntimeError:
             raise ValueError(f"{name}: `row_ends` {tuple(row_ends.shape)} does not broadcast to [B, S] = "
                              f"{(b, s)}") from None
@@ -119,7 +122,7 @@ def _check_args(q, k, v, topk_indices, row_ends, keep_mask, attn_sink, scale, dv
         if keep_mask.device != q.device or keep_mask.dim() > 3:
             raise ValueError(f"{name}: `keep_mask` must be [B, S, T] (broadcastable) on {q.device}")
         try:
-            torch.broadcast_shapes(keep_mask.shape, (b, s, k.shape[1]))
+            broadcast_shapes(keep_mask.shape, (b, s, k.shape[1]))
         except RuntimeError:
             raise ValueError(f"{name}: `keep_mask` {tuple(keep_mask.shape)} does not broadcast to [B, S, T] = "
                              f"{(b, s, k.shape[1])}") from None
@@ -215,13 +218,15 @@ if triton is not None:
         m_ptr, ms_b, ms_s, ms_t,
         sink_ptr, fill_ptr, fs_b, fs_h,
         o_ptr, os_b, os_s, os_h,
-        S, T, K, H, scale_log2,
+        S, T, K, H, scale_log2, c_ptr, n_ptr,
         D: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, DVP: tl.constexpr,
         V_IS_KA: tl.constexpr, HAS_ENDS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SINK: tl.constexpr,
         EMPTY_ROW: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, COMPACT: tl.constexpr,
     ):
-        """Shared latent (Hk = 1): one program per (b, s, block of BLOCK_H heads)."""
+        """Shared latent (Hk = 1): one program per (b, s, block of BLOCK_H heads).  COMPACT: the row's valid
+        indices were packed first (``_compact_kernel``: ``c_ptr`` [B*S, K], count ``n_ptr``), so the loop runs
+        over valid keys only and has no branch (Triton then pipelines the gathered loads, ``num_stages``)."""
         row = tl.program_id(0).to(tl.int64)
         b = row // S
         s = row % S
@@ -245,20 +250,54 @@ if triton is not None:
         m_i = tl.full((BLOCK_H,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_H,), tl.float32)
         acc = tl.zeros((BLOCK_H, DVP), tl.float32)
-        i_row = i_ptr + b * is_b + s * is_s
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            idx = tl.load(i_row + kk * is_k, mask=kk < K, other=-1).to(tl.int64)
-            valid = (idx >= 0) & (idx < end)
-            if HAS_MASK:
-                valid = valid & (tl.load(m_ptr + b * ms_b + s * ms_s + idx * ms_t, mask=valid, other=0) != 0)
-            if tl.sum(valid.to(tl.int32), 0) > 0:  # a tile with no valid key (padding, causal future) is skipped
+        if COMPACT:
+            n_valid = tl.load(n_ptr + row)
+            c_row = c_ptr + row * K
+            for k0 in range(0, n_valid, BLOCK_K):
+                kk = k0 + tl.arange(0, BLOCK_K)
+                valid = kk < n_valid
+                idx = tl.load(c_row + kk, mask=valid, other=0).to(tl.int64)
                 m_i, l_i, acc = _mla_tile(q_a, q_b, kb, ks_t, vb, vs_t, idx, valid, da, db, dvv, m_i, l_i, acc,
                                           scale_log2, D, DV, DB, V_IS_KA, PREC, UPCAST)
+        else:
+            i_row = i_ptr + b * is_b + s * is_s
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + tl.arange(0, BLOCK_K)
+                idx = tl.load(i_row + kk * is_k, mask=kk < K, other=-1).to(tl.int64)
+                valid = (idx >= 0) & (idx < end)
+                if HAS_MASK:
+                    valid = valid & (tl.load(m_ptr + b * ms_b + s * ms_s + idx * ms_t, mask=valid, other=0) != 0)
+                if tl.sum(valid.to(tl.int32), 0) > 0:  # a tile with no valid key (padding, causal future) is skipped
+                    m_i, l_i, acc = _mla_tile(q_a, q_b, kb, ks_t, vb, vs_t, idx, valid, da, db, dvv, m_i, l_i,
+                                              acc, scale_log2, D, DV, DB, V_IS_KA, PREC, UPCAST)
         out = _finish(acc, m_i, l_i, heads, hmask, sink_ptr, fill_ptr + b * fs_b, fs_h, dvv, DV,
                       HAS_SINK, EMPTY_ROW)
         o_row = o_ptr + b * os_b + s * os_s + heads[:, None] * os_h
         tl.store(o_row + dvv[None, :], out.to(o_ptr.dtype.element_ty), mask=hmask[:, None] & (dvv[None, :] < DV))
+
+    @triton.jit(do_not_specialize=["S", "T", "K"])
+    def _compact_kernel(i_ptr, is_b, is_s, is_k, re_ptr, res_b, res_s, m_ptr, ms_b, ms_s, ms_t, c_ptr, n_ptr,
+                        S, T, K, HAS_ENDS: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
+        """One program per (b, s): the row's valid indices (``0 <= idx < row_end``, kept by the mask), in
+        their order, packed at the front of ``c_ptr[row]``; their count in ``n_ptr[row]``."""
+        row = tl.program_id(0).to(tl.int64)
+        b = row // S
+        s = row % S
+        end = T.to(tl.int64)
+        if HAS_ENDS:
+            end = tl.minimum(tl.load(re_ptr + b * res_b + s * res_s).to(tl.int64), end)
+        i_row = i_ptr + b * is_b + s * is_s
+        n = 0
+        for k0 in range(0, K, BLOCK):
+            kk = k0 + tl.arange(0, BLOCK)
+            idx = tl.load(i_row + kk * is_k, mask=kk < K, other=-1).to(tl.int64)
+            valid = (idx >= 0) & (idx < end)
+            if HAS_MASK:
+                valid = valid & (tl.load(m_ptr + b * ms_b + s * ms_s + idx * ms_t, mask=valid, other=0) != 0)
+            pos = n + tl.cumsum(valid.to(tl.int32), 0) - 1
+            tl.store(c_ptr + row * K + pos, idx.to(tl.int32), mask=valid)
+            n += tl.sum(valid.to(tl.int32), 0)
+        tl.store(n_ptr + row, n)
 
     @triton.jit
     def _up(x, UPCAST: tl.constexpr):
@@ -387,11 +426,12 @@ def _last_contiguous(t):
 
 def sparse_attention_triton(q, k, v, topk_indices, row_ends=None, keep_mask=None, attn_sink=None, scale=1.0,
                             dv=None, empty_row=EMPTY_NAN, dedup=False, out_dtype=None,
-                            block_h=None, block_k=None, num_warps=None, num_stages=None):
+                            block_h=None, block_k=None, num_warps=None, num_stages=None, compact=None):
     """Run the Triton kernels (the op's CUDA path; tests and tuning call it directly).
 
-    ``block_h`` (heads per program, shared latent only), ``block_k`` (keys per tile), ``num_warps`` and
-    ``num_stages`` are tunables; tests shrink them so that several tiles run under ``TRITON_INTERPRET=1``.
+    ``block_h`` (heads per program, shared latent only), ``block_k`` (keys per tile), ``num_warps``,
+    ``num_stages`` and ``compact`` (pack each row's valid indices first, default ``COMPACT``) are tunables;
+    tests shrink them so that several tiles run under ``TRITON_INTERPRET=1``.
     """
     if triton is None:
         raise RuntimeError("sparse_attention: triton is not installed")
@@ -429,11 +469,22 @@ def sparse_attention_triton(q, k, v, topk_indices, row_ends=None, keep_mask=None
     if hk == 1:
         bh = block_h or BLOCK_H
         bh = max(16, min(bh, triton.next_power_of_2(h)))
+        compact = COMPACT if compact is None else compact
+        if compact:
+            packed = torch.empty(b * s, kk, dtype=torch.int32, device=q.device)
+            counts = torch.empty(b * s, dtype=torch.int32, device=q.device)
+            _compact_kernel[(b * s,)](idx, idx.stride(0), idx.stride(1), idx.stride(2), re, re.stride(0),
+                                      re.stride(1), mk, mk.stride(0), mk.stride(1), mk.stride(2), packed, counts,
+                                      s, t, kk, HAS_ENDS=row_ends is not None, HAS_MASK=keep_mask is not None,
+                                      BLOCK=min(max(16, triton.next_power_of_2(kk)), 4096), num_warps=4)
+        else:
+            packed = counts = idx
         _sparse_mla_kernel[(b * s, triton.cdiv(h, bh))](
             q, q.stride(0), q.stride(1), q.stride(2), k, k.stride(0), k.stride(1), vt, vt.stride(0), vt.stride(1),
-            *idx_args, V_IS_KA=v_is_ka, PREC="ieee" if q.dtype == torch.float32 or upcast else "tf32", UPCAST=upcast,
-            BLOCK_H=bh, BLOCK_K=block_k or BLOCK_K, num_warps=num_warps or NUM_WARPS,
-            num_stages=num_stages or NUM_STAGES, **common)
+            *idx_args, packed, counts, V_IS_KA=v_is_ka,
+            PREC="ieee" if q.dtype == torch.float32 or upcast else "tf32", UPCAST=upcast,
+            BLOCK_H=bh, BLOCK_K=block_k or BLOCK_K, COMPACT=compact, num_warps=num_warps or NUM_WARPS,
+            num_stages=num_stages or (COMPACT_STAGES if compact else NUM_STAGES), **common)
     else:
         _sparse_mha_kernel[(b * s, h)](
             q, q.stride(0), q.stride(1), q.stride(2), k, k.stride(0), k.stride(1), k.stride(2),

@@ -41,6 +41,7 @@ from typing import Optional
 import torch
 
 from ..testing import softmax_mismatch  # noqa: F401  (the equivalence contract; re-exported)
+from .host import broadcast_shapes
 from .registry import fused_op
 
 try:  # triton is optional on CPU-only installs; the CPU path never needs it.
@@ -87,7 +88,7 @@ def _check_args(scores, row_starts, row_ends, mask, out_dtype):
             continue
         own = tuple(own.shape[:-1] if name == "mask" else own.shape)
         try:
-            shape = tuple(torch.broadcast_shapes(shape, own))
+            shape = tuple(broadcast_shapes(shape, own))
         except RuntimeError:
             raise ValueError(f"windowed_softmax: `{name}` ({'rows' if name == 'mask' else 'shape'} {own}) does not "
                              f"broadcast with the rows {shape} of `scores`") from None
@@ -103,7 +104,7 @@ def _batch_shape(scores, row_starts, row_ends, mask):
     shapes += [t.shape for t in (row_starts, row_ends) if t is not None]
     if mask is not None:
         shapes.append(mask.shape[:-1])
-    return torch.broadcast_shapes(*shapes)
+    return broadcast_shapes(*shapes)
 
 
 def window_keep(n, row_starts=None, row_ends=None, mask=None, device=None):
