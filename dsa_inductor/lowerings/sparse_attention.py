@@ -267,10 +267,7 @@ if triton is not None:
             i_row = i_ptr + b * is_b + s * is_s
             for k0 in range(0, K, BLOCK_K):
                 kk = k0 + tl.arange(0, BLOCK_K)
-                idx = tl.load(i_row + kk * is_k, mask=kk < K, other=-1).to(tl.int64)
-                valid = (idx >= 0) & (idx < end)
-                if HAS_MASK:
-                    valid = valid & (tl.load(m_ptr + b * ms_b + s * ms_s + idx * ms_t, mask=valid, other=0) != 0)
+                idx, valid = _tile_keys(i_row, is_k, kk, K, end, m_ptr + b * ms_b + s * ms_s, ms_t, HAS_MASK)
                 if tl.sum(valid.to(tl.int32), 0) > 0:  # a tile with no valid key (padding, causal future) is skipped
                     m_i, l_i, acc = _mla_tile(q_a, q_b, kb, ks_t, vb, vs_t, idx, valid, da, db, dvv, m_i, l_i,
                                               acc, scale_log2, D, DV, DB, V_IS_KA, PREC, UPCAST)
@@ -297,10 +294,7 @@ if triton is not None:
         n = 0
         for k0 in range(0, K, BLOCK):
             kk = k0 + tl.arange(0, BLOCK)
-            idx = tl.load(i_row + kk * is_k, mask=kk < K, other=-1).to(tl.int64)
-            valid = (idx >= 0) & (idx < end)
-            if HAS_MASK:
-                valid = valid & (tl.load(m_ptr + b * ms_b + s * ms_s + idx * ms_t, mask=valid, other=0) != 0)
+            idx, valid = _tile_keys(i_row, is_k, kk, K, end, m_ptr + b * ms_b + s * ms_s, ms_t, HAS_MASK)
             if DEDUP:
                 bit = 1 << (idx & 31).to(tl.int32)
                 prev = tl.atomic_or(seen_ptr + row * W + (idx >> 5), bit, mask=valid)
@@ -309,6 +303,16 @@ if triton is not None:
             tl.store(c_ptr + row * K + pos, idx.to(tl.int32), mask=valid)
             n += tl.sum(valid.to(tl.int32), 0)
         tl.store(n_ptr + row, n)
+
+    @triton.jit
+    def _tile_keys(i_row, is_k, kk, K, end, m_row, ms_t, HAS_MASK: tl.constexpr):
+        """A tile's indices (int64; -1 past K) and which of them are valid: ``0 <= idx < end``, and kept by
+        the row's mask when there is one (read only where the index is in range)."""
+        idx = tl.load(i_row + kk * is_k, mask=kk < K, other=-1).to(tl.int64)
+        valid = (idx >= 0) & (idx < end)
+        if HAS_MASK:
+            valid = valid & (tl.load(m_row + idx * ms_t, mask=valid, other=0) != 0)
+        return idx, valid
 
     @triton.jit
     def _up(x, UPCAST: tl.constexpr):
@@ -404,10 +408,7 @@ if triton is not None:
         i_row = i_ptr + b * is_b + s * is_s
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
-            idx = tl.load(i_row + kk * is_k, mask=kk < K, other=-1).to(tl.int64)
-            valid = (idx >= 0) & (idx < end)
-            if HAS_MASK:
-                valid = valid & (tl.load(m_ptr + b * ms_b + s * ms_s + idx * ms_t, mask=valid, other=0) != 0)
+            idx, valid = _tile_keys(i_row, is_k, kk, K, end, m_ptr + b * ms_b + s * ms_s, ms_t, HAS_MASK)
             k_rows = kb + idx * ks_t
             k_a = tl.load(k_rows[:, None] + da[None, :], mask=valid[:, None] & (da[None, :] < D), other=0.0)
             qk = tl.sum(k_a.to(tl.float32) * q_a[None, :], 1)
