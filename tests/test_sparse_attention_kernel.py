@@ -2,7 +2,8 @@
 
 On CPU the Triton kernels run under TRITON_INTERPRET=1 (set by conftest) at small sizes with small tiles,
 so several key tiles, head blocks, the DA + DB split of Dqk, skipped all-invalid tiles or packed valid
-indices (``compact``), empty rows and sinks all run; on CUDA also at the DeepSeek-V3.2 shape (dqk 576 = 512 + 64, dv 512, 128 heads).
+indices (``compact``), empty rows and sinks all run; on CUDA also at the DeepSeek-V3.2 shape (dqk 576 =
+512 + 64, dv 512, 128 heads).
 """
 
 import pytest

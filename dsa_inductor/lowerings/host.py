@@ -2,8 +2,9 @@
 
 At decode sizes the host time of an op call is its latency (the GPU finishes first), so the Python that
 runs on every call is kept cheap.  ``torch.broadcast_shapes`` goes through the symbolic-shape-aware
-reference implementation (``torch._refs._broadcast_shapes``), about 10-20 us a call; plain ints need
-none of that.
+reference implementation (``torch._refs._broadcast_shapes``): 8 us a call on our 2-core CI host, more on
+the H100 host, where replacing it cut a compiled windowed softmax's host time per call from 306 to 151 us.
+Plain ints need none of that.
 """
 
 from __future__ import annotations

@@ -245,9 +245,6 @@ if triton is not None:
         else:
             db = da
             q_b = q_a
-        end = T.to(tl.int64)
-        if HAS_ENDS:
-            end = tl.minimum(tl.load(re_ptr + b * res_b + s * res_s).to(tl.int64), end)
         kb = k_ptr + b * ks_b
         vb = v_ptr + b * vs_b
         dvv = tl.arange(0, DVP)
@@ -264,6 +261,7 @@ if triton is not None:
                 m_i, l_i, acc = _mla_tile(q_a, q_b, kb, ks_t, vb, vs_t, idx, valid, da, db, dvv, m_i, l_i, acc,
                                           scale_log2, D, DV, DB, V_IS_KA, PREC, UPCAST)
         else:
+            end = _row_end(re_ptr, res_b, res_s, b, s, T, HAS_ENDS)
             i_row = i_ptr + b * is_b + s * is_s
             for k0 in range(0, K, BLOCK_K):
                 kk = k0 + tl.arange(0, BLOCK_K)
@@ -287,9 +285,7 @@ if triton is not None:
         row = tl.program_id(0).to(tl.int64)
         b = row // S
         s = row % S
-        end = T.to(tl.int64)
-        if HAS_ENDS:
-            end = tl.minimum(tl.load(re_ptr + b * res_b + s * res_s).to(tl.int64), end)
+        end = _row_end(re_ptr, res_b, res_s, b, s, T, HAS_ENDS)
         i_row = i_ptr + b * is_b + s * is_s
         n = 0
         for k0 in range(0, K, BLOCK):
@@ -303,6 +299,14 @@ if triton is not None:
             tl.store(c_ptr + row * K + pos, idx.to(tl.int32), mask=valid)
             n += tl.sum(valid.to(tl.int32), 0)
         tl.store(n_ptr + row, n)
+
+    @triton.jit
+    def _row_end(re_ptr, res_b, res_s, b, s, T, HAS_ENDS: tl.constexpr):
+        """The row's key bound: ``min(row_ends[b, s], T)``, or T without ``row_ends``."""
+        end = T.to(tl.int64)
+        if HAS_ENDS:
+            end = tl.minimum(tl.load(re_ptr + b * res_b + s * res_s).to(tl.int64), end)
+        return end
 
     @triton.jit
     def _tile_keys(i_row, is_k, kk, K, end, m_row, ms_t, HAS_MASK: tl.constexpr):
@@ -396,9 +400,7 @@ if triton is not None:
         if DB > 0:
             db = DA + tl.arange(0, DB)
             q_b = tl.load(q_row + db, mask=db < D, other=0.0).to(tl.float32)
-        end = T.to(tl.int64)
-        if HAS_ENDS:
-            end = tl.minimum(tl.load(re_ptr + b * res_b + s * res_s).to(tl.int64), end)
+        end = _row_end(re_ptr, res_b, res_s, b, s, T, HAS_ENDS)
         kb = k_ptr + b * ks_b + h * ks_h
         vb = v_ptr + b * vs_b + h * vs_h
         dvv = tl.arange(0, DVP)
@@ -486,7 +488,8 @@ def sparse_attention_triton(q, k, v, topk_indices, row_ends=None, keep_mask=None
             packed = torch.empty(b * s, kk, dtype=torch.int32, device=q.device)
             counts = torch.empty(b * s, dtype=torch.int32, device=q.device)
             words = triton.cdiv(t, 32)
-            seen = torch.zeros(b * s * words if dedup else 1, dtype=torch.int32, device=q.device)
+            # the dedup bitmap (without dedup the kernel never touches it: counts stands in as the pointer)
+            seen = torch.zeros(b * s * words, dtype=torch.int32, device=q.device) if dedup else counts
             _compact_kernel[(b * s,)](idx, idx.stride(0), idx.stride(1), idx.stride(2), re, re.stride(0),
                                       re.stride(1), mk, mk.stride(0), mk.stride(1), mk.stride(2), packed, counts,
                                       seen, words, s, t, kk, HAS_ENDS=row_ends is not None,

@@ -232,8 +232,8 @@ class Rule:
 
     def _checked(self, v: Variant) -> Callable[[Match], bool]:
         def extra_check(match: Match) -> bool:
-            reason = dropped_kwarg(match) or non_constant_scalar(v, match) or v.check(match) or (specific_mismatch(v, match) if self.exact_retrace
-                                                                else None)
+            reason = (dropped_kwarg(match) or non_constant_scalar(v, match) or v.check(match)
+                      or (specific_mismatch(v, match) if self.exact_retrace else None))
             if reason is not None:
                 for node in match.nodes:
                     if node.target in self.anchors:
