@@ -1,5 +1,6 @@
 """The sparse_attention rule fires inside transformers' DeepseekV32Attention (code we did not write), and the
-logits still match eager, for both the eager (finfo.min additive mask) and sdpa (bool mask) paths."""
+logits still match eager, for both the eager (finfo.min additive mask) and sdpa (bool mask) paths; on CUDA the
+sdpa path is SDPA's fused efficient kernel with the mask as an additive bias."""
 
 import importlib.util
 import pathlib
@@ -21,8 +22,8 @@ def test_sparse_attention_fires_in_deepseek_v32(fresh, attn, variant):
 
     from conftest import matches
 
-    if attn == "sdpa" and torch.cuda.is_available():
-        pytest.skip("CUDA SDPA dispatches to a fused kernel, which the rule does not take yet")
+    if attn == "sdpa" and torch.cuda.is_available():  # fp32 with a bool mask: SDPA's efficient kernel (cuDNN
+        variant = "dense_mask:per_head_kv:sdpa_efficient"  # and flash take no fp32)
     # fp32: bf16 rounding differences between compiled and eager scores would flip near-tied selections
     model, ids = example.build(seq=48, batch=2, attn_implementation=attn, dtype=torch.float32)
     res = example.compare(model, ids, with_stock=False)  # asserts logits == eager within tolerance

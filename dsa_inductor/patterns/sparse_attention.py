@@ -3,7 +3,7 @@
 Two eager forms (DeepSeek-V3.2 DSA, arXiv 2512.02556; transformers' ``DeepseekV32Attention``; FlashMLA's
 sparse prefill reference; DeepSeek-V4's attention sink):
 
-**Dense-mask form** (transformers' eager and sdpa paths)::
+**Dense-mask form** (transformers' eager and sdpa paths, CPU and CUDA)::
 
     index_mask = ones(B, S, T, dtype=bool).scatter(-1, topk_indices, False)[:, None]   # True = not selected
     keep = causal & ~index_mask                                 # sdpa: bool mask
@@ -23,10 +23,30 @@ The dense ``[B, H, S, T]`` product around it varies with the device, the SDPA ba
   ``row_ends`` when it is an ``arange`` comparison (no mask read at all);
 * the softmax is over the last dim, and no intermediate (scores, weights) has a use outside the idiom;
 * ``q`` is ``[B, H, S, D]``; ``k``/``v`` are per-head ``[B, H, T, *]`` or one latent expanded over the
-  heads (``expand`` / ``repeat_kv``), and ``v`` a leading slice of the latent is MLA (``v = kv[..., :dv]``).
+  heads (``expand`` / ``repeat_kv``), and ``v`` a leading slice of the latent is MLA (``v = kv[..., :dv]``);
+* or, on CUDA, SDPA hands the mask to a fused kernel as an additive bias (ATen's ``scaled_dot_product_attention``
+  composite): ``where(keep, 0, fill)`` (``where(~keep, fill, 0)`` in older torch), for the efficient kernel
+  padded to a multiple of 8 keys, sliced back and expanded over the heads, is the ``attn_bias`` of
+  ``aten._scaled_dot_product_cudnn_attention`` (fill -65504 from ``convert_boolean_attn_mask_cudnn``, -65536
+  once rounded to bf16) or ``aten._scaled_dot_product_efficient_attention`` (fill -inf); only the op's
+  attention output [0] is used (a used logsumexp means a training graph: left alone), ``dropout_p`` is 0 and
+  ``is_causal`` False; q/k/v are the op's ``[B, H, S|T, D]`` arguments and the scale its ``scale`` (default
+  ``1/sqrt(Dqk)``).  Variants ``dense_mask:<layout>:sdpa_cudnn`` / ``sdpa_efficient``.
 
 A row with no valid key is what the matched graph computes: NaN for ``-inf`` masking, 0 under SDPA's
 safe softmax, the mean of ``v`` for a ``finfo.min`` fill (eager's weights are then uniform over T).
+
+Fused SDPA masking.  A -inf fill drops a masked key exactly.  A finite fill ``f`` (cuDNN's) gives it the
+weight ``exp(s_j + f - m)`` with ``m`` at least the row's largest kept logit: exactly 0 in fp32 unless a masked
+logit exceeds the largest kept logit of its row by more than about ``|f| - 104`` (``|f| - 88`` where the kernel
+flushes denormals), some 65400 for cuDNN's fill; fills above -1024 are not taken as masking.  A query with no
+kept key gets 0 (``EMPTY_ZERO``): SDPA's convention for a fully masked row, and what the efficient kernel
+computes with -inf (pytorch PR #133882).  With a finite fill eager differs on such a row: the kernel's
+softmax over the row's T logits, all shifted by the same ``f``, is the unmasked attention over all T keys
+(uniform once ``f`` absorbs the logits, as ``finfo.min`` does); ``report()`` notes each such match.  In
+DeepSeek-V3.2 such rows occur only where the causal/padding mask keeps no key at all (left padding: outputs
+nobody reads), since the indexer masks the same keys before its top-k.  cuDNN with a -inf fill is left alone:
+its result for a fully masked row depends on the cuDNN version (NaN or 0).
 The dense mask holds each key once; unless ``topk_indices`` come straight from a ``topk`` (or the fused
 ``masked_topk``), whose indices are distinct, the op is told to count repeated indices once (``dedup``).
 
@@ -48,6 +68,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import operator
 from typing import Callable, Optional
 
@@ -280,6 +301,9 @@ class DenseMatch:
     v: torch.fx.Node = None
     scale: float = 1.0
     nodes: set = dataclasses.field(default_factory=set)
+    form: str = ""  # the variant's last part when it is not the empty-row convention (the fused SDPA forms)
+    sdpa: Optional[torch.fx.Node] = None  # the fused SDPA op the match replaces (erased after the rewrite)
+    note: str = ""  # a caveat for report()
 
 
 def _peel_broadcast(node):
@@ -327,6 +351,9 @@ def _match_dense(sc: torch.fx.Node) -> DenseMatch:
             keep = nxt  # (causal & ~index_mask)[:, None]
             nxt = _only_user(keep, nodes)
         if _is(nxt, aten.where.self) and nxt.args[0] is keep:
+            if _full_value(nxt.args[1]) == 0 and _fused_sdpa_path(nxt) is not None:  # CUDA SDPA: where(keep, 0, fill)
+                return _match_fused_sdpa(DenseMatch(sc, idx, causal, None, _op_module.EMPTY_ZERO, None, nodes=nodes),
+                                         nxt, _full_value(nxt.args[2]))
             if _full_value(nxt.args[1]) == 0 and _full_value(nxt.args[2]) == NEG_INF:  # additive 0 / -inf
                 add = _only_user(nxt, nodes)
                 if not _is(add, aten.add.Tensor):
@@ -339,12 +366,15 @@ def _match_dense(sc: torch.fx.Node) -> DenseMatch:
                 raise Reject("the keep mask is used by a where() that is not a -inf masking")
         elif _is(nxt, aten.bitwise_not.default, aten.logical_not.default):  # masked_fill(~keep, -inf)
             w = _only_user(nxt, nodes)
+            if _is(w, aten.where.self) and w.args[0] is nxt and _full_value(w.args[2]) == 0 and \
+                    _fused_sdpa_path(w) is not None:  # CUDA SDPA, older spelling: where(~keep, fill, 0)
+                return _match_fused_sdpa(DenseMatch(sc, idx, causal, None, _op_module.EMPTY_ZERO, None, nodes=nodes),
+                                         w, _full_value(w.args[1]))
             if not (_is(w, aten.where.self) and w.args[0] is nxt and _full_value(w.args[1]) == NEG_INF):
                 raise Reject("~keep does not feed a masked_fill(-inf)")
             scores, logits = w.args[2], w
         else:
-            raise Reject(f"the keep mask feeds {getattr(nxt, 'target', nxt)}, not a masked softmax attention "
-                         "(SDPA fused kernels are not matched: see the module docstring)")
+            raise Reject(f"the keep mask feeds {getattr(nxt, 'target', nxt)}, not a masked softmax attention")
     elif _is(user, aten.where.self) and user.args[0] is drop:
         f = _full_value(user.args[1])
         if f == NEG_INF and isinstance(user.args[2], torch.fx.Node) and _val(user.args[2]).dim() == 4 and \
@@ -371,6 +401,129 @@ def _match_dense(sc: torch.fx.Node) -> DenseMatch:
     m = DenseMatch(sc, idx, causal, scores, empty_row, None, nodes=nodes)
     _match_softmax_and_pv(m, logits)
     _match_scores(m)
+    return m
+
+
+# The CUDA fused SDPA ops that take an additive mask (flash takes none) -> variant name
+_FUSED_SDPA = {aten._scaled_dot_product_cudnn_attention.default: "sdpa_cudnn",
+               aten._scaled_dot_product_efficient_attention.default: "sdpa_efficient"}
+_BIAS_VIEWS = (aten.expand.default, aten.constant_pad_nd.default, aten.slice.Tensor)
+MIN_FINITE_FILL = 1024.0  # |fill| below this is not taken as masking (see the module docstring's bound)
+
+
+def _schema_args(node) -> dict:
+    """A call's arguments by schema name, defaults filled in."""
+    out = {}
+    for i, a in enumerate(node.target._schema.arguments):
+        if i < len(node.args):
+            out[a.name] = node.args[i]
+        elif a.name in node.kwargs:
+            out[a.name] = node.kwargs[a.name]
+        else:
+            out[a.name] = a.default_value if a.has_default_value() else None
+    return out
+
+
+def _fused_sdpa_path(bias):
+    """``(views, op)``: the fused SDPA op that takes ``bias`` as its ``attn_bias`` through ``views`` (pads,
+    slices, expands; any number of users on the way), or None."""
+    views, cur = [], bias
+    for _ in range(4):
+        for u in cur.users:
+            if u.target in _FUSED_SDPA and _schema_args(u)["attn_bias"] is cur:
+                return views, u
+        nxt = [u for u in cur.users if _is(u, *_BIAS_VIEWS)]
+        if len(nxt) != 1:
+            return None
+        views.append(nxt[0])
+        cur = nxt[0]
+    return None
+
+
+def _check_bias_views(bias, views, nodes):
+    """The bias reaches the op unchanged: ``constant_pad_nd(x, [0, p])`` sliced back to ``[..., :T]``
+    (the efficient kernel's alignment pad), and broadcasting ``expand``s; each step used once."""
+    cur, i = bias, 0
+    while i < len(views):
+        _only_user(cur, nodes)
+        node, cv = views[i], _val(cur)
+        if _is(node, aten.expand.default):
+            nv = _val(node)
+            if not all(statically_known_true(a == b) for a, b in zip(cv.shape[-2:], nv.shape[-2:])):
+                raise Reject("the attention bias is expanded over the query or key dim")
+        elif _is(node, aten.constant_pad_nd.default) and i + 1 < len(views) and \
+                _is(views[i + 1], aten.slice.Tensor) and len(node.args[1]) == 2 and node.args[1][0] == 0:
+            _only_user(node, nodes)
+            sl = _schema_args(views[i + 1])
+            end = _val(sl["end"]) if isinstance(sl["end"], torch.fx.Node) else sl["end"]  # a SymInt's node
+            if sl["dim"] not in (-1, cv.dim() - 1) or sl["start"] not in (None, 0) or sl["step"] != 1 or \
+                    end is None or not statically_known_true(end == cv.shape[-1]):
+                raise Reject("the padded attention bias is not sliced back to its key length")
+            node, i = views[i + 1], i + 1
+        else:
+            raise Reject(f"the attention bias goes through {node.target} before the SDPA op")
+        cur, i = node, i + 1
+    _only_user(cur, nodes)
+    return cur
+
+
+def _match_fused_sdpa(m: DenseMatch, bias, fill) -> DenseMatch:
+    """The keep mask as CUDA SDPA's additive mask: ``where(keep, 0, fill)`` -> ``attn_bias`` of a cuDNN or
+    efficient attention op (see the module docstring for the fills taken and a row with no kept key)."""
+    nodes = m.nodes
+    nodes.add(bias)
+    views, op = _fused_sdpa_path(bias)
+    kind = _FUSED_SDPA[op.target]
+    _check_bias_views(bias, views, nodes)
+    nodes.update(views)
+    a = _schema_args(op)
+    if a["dropout_p"] != 0:
+        raise Reject(f"fused SDPA with dropout_p = {a['dropout_p']}: random, not an inference attention")
+    if a["is_causal"] is not False:
+        raise Reject("fused SDPA with is_causal=True on top of the mask")
+    if a.get("return_debug_mask"):
+        raise Reject("fused SDPA returns its debug mask")
+    users = list(op.users)
+    if not all(_is(u, operator.getitem) for u in users):
+        raise Reject("the fused SDPA op's result tuple is used as a whole")
+    used = sorted({u.args[1] for u in users})
+    if used != [0] or len(users) != 1:
+        raise Reject(f"fused SDPA outputs {used} are used, not only the attention output [0]: the logsumexp "
+                     "[1] is saved for a backward (a training graph); the op has no backward")
+    if not isinstance(fill, (int, float)) or isinstance(fill, bool) or fill != fill:
+        raise Reject(f"the SDPA mask is where(keep, 0, {fill!r}), not a constant fill")
+    fill = float(fill)
+    if fill == NEG_INF:
+        if kind == "sdpa_cudnn":
+            raise Reject("cuDNN attention with a -inf mask: its result for a query with no kept key depends on "
+                         "the cuDNN version (NaN or 0), so no empty_row reproduces it")
+    elif not fill <= -MIN_FINITE_FILL:
+        raise Reject(f"the SDPA mask fill {fill} is neither -inf nor <= -{MIN_FINITE_FILL:g}: masked keys "
+                     "would keep a weight")
+    else:
+        m.note = (f"fused SDPA ({kind}) with a finite mask fill: a query with no kept key gives 0 (SDPA's "
+                  "convention), eager's kernel a softmax over the row's T masked logits")
+    q, k, v = a["query"], a["key"], a["value"]
+    qv, kv, vv, bv = _val(q), _val(k), _val(v), _val(bias)
+    if any(x is None or x.dim() != 4 for x in (qv, kv, vv)):
+        raise Reject("q / k / v of the fused SDPA op are not 4-d [B, H, S|T, D]")
+    if qv.dtype not in _FLOATS or kv.dtype != qv.dtype or vv.dtype != qv.dtype or bv.dtype != qv.dtype:
+        raise Reject(f"q / k / v / bias dtypes {qv.dtype}, {kv.dtype}, {vv.dtype}, {bv.dtype} are not one "
+                     "float dtype")
+    if bv.dim() != 4 or not statically_known_true(bv.shape[0] == qv.shape[0]) or \
+            not statically_known_true(bv.shape[1] == 1):
+        raise Reject(f"the SDPA mask {tuple(bv.shape)} is not [B, 1, S, T] for q {tuple(qv.shape)}")
+    scale = a["scale"]
+    if scale is None:  # SDPA's default, sdp::calculate_scale
+        d = qv.shape[-1]
+        if not isinstance(d, int):
+            raise Reject("fused SDPA's default scale 1/sqrt(Dqk) of a dynamic head dim; the op takes a number")
+        scale = 1.0 / math.sqrt(d)
+    if not isinstance(scale, (int, float)):
+        raise Reject("the fused SDPA scale is a symbolic value; the op takes a number")
+    out = users[0]
+    nodes.update((op, out))
+    m.q, m.k, m.v, m.out, m.scale, m.form, m.sdpa = q, k, v, out, float(scale), kind, op
     return m
 
 
@@ -537,7 +690,7 @@ def _build_dense(graph, m: DenseMatch, stats) -> str:
     if not unique:
         stats.notes["topk_indices not from a topk: repeated indices counted once (dedup), as the dense mask"] += 1
     layout = "mla" if mla else ("shared_kv" if shared else "per_head_kv")
-    empty = {0: "nan", 1: "safe_softmax", 2: "finfo_min"}[m.empty_row]
+    empty = m.form or {0: "nan", 1: "safe_softmax", 2: "finfo_min"}[m.empty_row]
     return f"dense_mask:{layout}:{empty}"
 
 
@@ -585,6 +738,10 @@ class SparseAttentionRule(Rule):
             try:
                 m = _match_dense(sc)
                 variant = _build_dense(graph, m, st)
+                if m.sdpa is not None:  # its output [0] is rerouted; a seeded op is not dead code to DCE
+                    graph.erase_node(m.sdpa)
+                if m.note:
+                    st.notes[m.note] += 1
             except Reject as r:
                 st.candidates += 1
                 st.rejections[str(r)] += 1
