@@ -21,22 +21,20 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 
 
-@st.composite
-def problems(draw):
-    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
-    b, s, t = draw(st.integers(1, 2)), draw(st.integers(1, 5)), draw(st.integers(1, 20))
-    h = draw(st.sampled_from([1, 3, 4, 16] if not CUDA else [1, 4, 16, 128]))
-    kk = draw(st.integers(1, 12))
-    shared = draw(st.booleans())
-    d = draw(st.sampled_from([16, 24, 40, 72]))
-    mla = shared and draw(st.booleans())
+def _tensors(draw, g, b, s, t, h, hk, d, mla):
+    """q [B, S, H, d], k [B, T, Hk, d], v [B, T, Hk, dv] (None for MLA: v = k[..., :dv]) in a drawn dtype; dv."""
     dv = draw(st.sampled_from([d // 2, 16, d] if mla else [8, 16, 24]))
     dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
-    q = torch.randn(b, s, h, d, generator=g)
-    hk = 1 if shared else draw(st.sampled_from([h, h // 2] if h % 2 == 0 else [h]))  # per head or GQA
-    k = torch.randn(b, t, hk, d, generator=g)
-    v = None if mla else torch.randn(b, t, k.shape[2], dv, generator=g)
-    idx = torch.randint(-2, t + 2, (b, s, kk), generator=g)
+    q = torch.randn(b, s, h, d, generator=g).to(dtype)
+    k = torch.randn(b, t, hk, d, generator=g).to(dtype)
+    v = None if mla else torch.randn(b, t, hk, dv, generator=g).to(dtype)
+    return q, k, v, dv
+
+
+def _options(draw, g, idx, t, h, d, dedup):
+    """The op's keyword arguments around ``idx`` [B, S, K]: maybe a row of -1 padding only, int32 or int64,
+    maybe ``row_ends`` / ``keep_mask`` / a sink, a scale and an empty-row kind."""
+    b, s = idx.shape[:2]
     if draw(st.booleans()):
         idx[0, 0] = -1  # a row of padding only
     kw = dict(topk_indices=idx.to(draw(st.sampled_from([torch.int32, torch.int64]))))
@@ -48,12 +46,26 @@ def problems(draw):
         kw["attn_sink"] = torch.randn(h, generator=g)
     kw["scale"] = draw(st.sampled_from([d ** -0.5, 1.3]))
     kw["empty_row"] = draw(st.integers(0, 2))
-    kw["dedup"] = draw(st.booleans())
+    kw["dedup"] = dedup
+    return kw
+
+
+@st.composite
+def problems(draw):
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    b, s, t = draw(st.integers(1, 2)), draw(st.integers(1, 5)), draw(st.integers(1, 20))
+    h = draw(st.sampled_from([1, 3, 4, 16] if not CUDA else [1, 4, 16, 128]))
+    kk = draw(st.integers(1, 12))
+    shared = draw(st.booleans())
+    d = draw(st.sampled_from([16, 24, 40, 72]))
+    hk = 1 if shared else draw(st.sampled_from([h, h // 2] if h % 2 == 0 else [h]))  # per head or GQA
+    q, k, v, dv = _tensors(draw, g, b, s, t, h, hk, d, mla=shared and draw(st.booleans()))
+    kw = _options(draw, g, torch.randint(-2, t + 2, (b, s, kk), generator=g), t, h, d, dedup=draw(st.booleans()))
     tiles = dict(block_k=draw(st.sampled_from([16, 32])), block_h=draw(st.sampled_from([16, 32])),
                  compact=draw(st.booleans()))
     if shared:  # (the per-head kernels keep their own warp counts: the gather kernel's one warp uses no shared memory)
         tiles["num_warps"] = 4
-    return q.to(dtype), k.to(dtype), None if v is None else v.to(dtype), dv, kw, tiles
+    return q, k, v, dv, kw, tiles
 
 
 def _call(fn, q, k, v, dv, kw, **extra):
@@ -82,13 +94,8 @@ def flash_problems(draw):
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     b, s, t = draw(st.integers(1, 2)), draw(st.integers(1, 40)), draw(st.integers(1, 130))
     h, hk = draw(st.sampled_from([(2, 2), (3, 3), (4, 2)] if not CUDA else [(4, 4), (8, 2), (16, 16)]))
-    d = draw(st.sampled_from([16, 24, 40] if not CUDA else [16, 24, 40, 72, 192]))
-    mla = draw(st.booleans())
-    dv = draw(st.sampled_from([d // 2, 16, d] if mla else [8, 16, 24]))
-    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
-    q = torch.randn(b, s, h, d, generator=g)
-    k = torch.randn(b, t, hk, d, generator=g)
-    v = None if mla else torch.randn(b, t, hk, dv, generator=g)
+    d = draw(st.sampled_from([16, 24, 40] if not CUDA else [24, 40, 192]))
+    q, k, v, dv = _tensors(draw, g, b, s, t, h, hk, d, mla=draw(st.booleans()))
     kk = draw(st.integers(1, 24))
     if draw(st.booleans()):  # clustered: the first and the last eighth of T
         w = max(1, t // 8)
@@ -96,23 +103,12 @@ def flash_problems(draw):
                           torch.randint(t - w, t, (b, s, kk), generator=g))
     else:
         idx = torch.randint(-2, t + 2, (b, s, kk), generator=g)
-    if draw(st.booleans()):
-        idx[0, 0] = -1  # a row of padding only
-    kw = dict(topk_indices=idx.to(draw(st.sampled_from([torch.int32, torch.int64]))))
-    if draw(st.booleans()):
-        kw["row_ends"] = torch.randint(0, t + 1, (b, s), generator=g)
-    if draw(st.booleans()):
-        kw["keep_mask"] = torch.rand(b, s, t, generator=g) < 0.7
-    if draw(st.booleans()):
-        kw["attn_sink"] = torch.randn(h, generator=g)
-    kw["scale"] = draw(st.sampled_from([d ** -0.5, 1.3]))
-    kw["empty_row"] = draw(st.integers(0, 2))
-    kw["dedup"] = True
+    kw = _options(draw, g, idx, t, h, d, dedup=True)
     tiles = dict(block_m=draw(st.sampled_from([16, 32])), block_n=draw(st.sampled_from([32, 64])))
-    return q.to(dtype), k.to(dtype), None if v is None else v.to(dtype), dv, kw, tiles
+    return q, k, v, dv, kw, tiles
 
 
-@settings(max_examples=examples(cuda=200, cpu=25))
+@settings(max_examples=examples(cuda=100, cpu=25))
 @given(flash_problems())
 def test_masked_flash_equals_reference(problem):
     q, k, v, dv, kw, tiles = problem
