@@ -324,8 +324,8 @@ if triton is not None:
             kk = k0 + tl.arange(0, BLOCK)
             idx, valid = _tile_keys(i_row, is_k, kk, K, end, m_ptr + b * ms_b + s * ms_s, ms_t, HAS_MASK)
             if DEDUP:
-                bit = 1 << (idx & 31).to(tl.int32)
-                prev = tl.atomic_or(seen_ptr + row * W + (idx >> 5), bit, mask=valid, sem="relaxed")  # (atomic, unordered)
+                bit = 1 << (idx & 31).to(tl.int32)  # (relaxed: atomic, no ordering with other memory needed)
+                prev = tl.atomic_or(seen_ptr + row * W + (idx >> 5), bit, mask=valid, sem="relaxed")
                 valid = valid & ((prev & bit) == 0)
             if PACK:
                 pos = n + tl.cumsum(valid.to(tl.int32), 0) - 1
@@ -440,8 +440,9 @@ if triton is not None:
         vector reductions.  The host passes one tile width (DA = DVP, and DB = DA when Dqk > DA), so the k and
         v tiles share one layout; the logits stay 1-d (the layout of the row sums) and the running max and
         sum are scalars, so no value changes layout in the loop.  (Expanding the row sums to ``[1, BLOCK_K]``
-        went through shared memory, where the lanes of a reduction wrote differently rounded copies of one
-        sum to one slot: racecheck's WAW hazard.)  With ``MHA_WARPS = 1`` no layout change leaves the warp."""
+        went through shared memory, where the lanes that hold one sum, possibly rounded differently, all wrote
+        it to one slot: racecheck's WAW hazard, as in triton-lang/triton#7264.)  With ``MHA_WARPS = 1`` no
+        layout change leaves the warp."""
         row = tl.program_id(0).to(tl.int64)
         b = row // S
         s = row % S
