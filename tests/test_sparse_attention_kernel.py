@@ -3,7 +3,9 @@
 On CPU the Triton kernels run under TRITON_INTERPRET=1 (set by conftest) at small sizes with small tiles,
 so several key tiles, head blocks, the DA + DB split of Dqk, skipped all-invalid tiles or packed valid
 indices (``compact``), empty rows and sinks all run; on CUDA also at the DeepSeek-V3.2 shape (dqk 576 =
-512 + 64, dv 512, 128 heads).
+512 + 64, dv 512, 128 heads).  The per-head masked flash path (Hk > 1 with dedup) has its own problems
+(several query blocks and key tiles, GQA, clustered selections that leave key tiles out) and a check of
+the tile list it walks; on CUDA also at transformers' expanded-MLA shape (dqk 192, dv 128).
 """
 
 import pytest
@@ -12,28 +14,27 @@ from conftest import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsa_inductor.lowerings.sparse_attention import (attention_mismatch, sparse_attention,
-                                                     sparse_attention_reference, sparse_attention_triton)
+from dsa_inductor.lowerings.sparse_attention import (attention_mismatch, selection_tiles, sparse_attention,
+                                                     sparse_attention_reference, sparse_attention_triton, valid_keys)
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 
 
-@st.composite
-def problems(draw):
-    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
-    b, s, t = draw(st.integers(1, 2)), draw(st.integers(1, 5)), draw(st.integers(1, 20))
-    h = draw(st.sampled_from([1, 3, 4, 16] if not CUDA else [1, 4, 16, 128]))
-    kk = draw(st.integers(1, 12))
-    shared = draw(st.booleans())
-    d = draw(st.sampled_from([16, 24, 40, 72]))
-    mla = shared and draw(st.booleans())
+def _tensors(draw, g, b, s, t, h, hk, d, mla):
+    """q [B, S, H, d], k [B, T, Hk, d], v [B, T, Hk, dv] (None for MLA: v = k[..., :dv]) in a drawn dtype; dv."""
     dv = draw(st.sampled_from([d // 2, 16, d] if mla else [8, 16, 24]))
     dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
-    q = torch.randn(b, s, h, d, generator=g)
-    k = torch.randn(b, t, 1 if shared else h, d, generator=g)
-    v = None if mla else torch.randn(b, t, k.shape[2], dv, generator=g)
-    idx = torch.randint(-2, t + 2, (b, s, kk), generator=g)
+    q = torch.randn(b, s, h, d, generator=g).to(dtype)
+    k = torch.randn(b, t, hk, d, generator=g).to(dtype)
+    v = None if mla else torch.randn(b, t, hk, dv, generator=g).to(dtype)
+    return q, k, v, dv
+
+
+def _options(draw, g, idx, t, h, d, dedup):
+    """The op's keyword arguments around ``idx`` [B, S, K]: maybe a row of -1 padding only, int32 or int64,
+    maybe ``row_ends`` / ``keep_mask`` / a sink, a scale and an empty-row kind."""
+    b, s = idx.shape[:2]
     if draw(st.booleans()):
         idx[0, 0] = -1  # a row of padding only
     kw = dict(topk_indices=idx.to(draw(st.sampled_from([torch.int32, torch.int64]))))
@@ -45,10 +46,26 @@ def problems(draw):
         kw["attn_sink"] = torch.randn(h, generator=g)
     kw["scale"] = draw(st.sampled_from([d ** -0.5, 1.3]))
     kw["empty_row"] = draw(st.integers(0, 2))
-    kw["dedup"] = draw(st.booleans())
+    kw["dedup"] = dedup
+    return kw
+
+
+@st.composite
+def problems(draw):
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    b, s, t = draw(st.integers(1, 2)), draw(st.integers(1, 5)), draw(st.integers(1, 20))
+    h = draw(st.sampled_from([1, 3, 4, 16] if not CUDA else [1, 4, 16, 128]))
+    kk = draw(st.integers(1, 12))
+    shared = draw(st.booleans())
+    d = draw(st.sampled_from([16, 24, 40, 72]))
+    hk = 1 if shared else draw(st.sampled_from([h, h // 2] if h % 2 == 0 else [h]))  # per head or GQA
+    q, k, v, dv = _tensors(draw, g, b, s, t, h, hk, d, mla=shared and draw(st.booleans()))
+    kw = _options(draw, g, torch.randint(-2, t + 2, (b, s, kk), generator=g), t, h, d, dedup=draw(st.booleans()))
     tiles = dict(block_k=draw(st.sampled_from([16, 32])), block_h=draw(st.sampled_from([16, 32])),
-                 num_warps=4, compact=draw(st.booleans()))
-    return q.to(dtype), k.to(dtype), None if v is None else v.to(dtype), dv, kw, tiles
+                 compact=draw(st.booleans()))
+    if shared:  # (the per-head kernels keep their own warp counts: the gather kernel's one warp uses no shared memory)
+        tiles["num_warps"] = 4
+    return q, k, v, dv, kw, tiles
 
 
 def _call(fn, q, k, v, dv, kw, **extra):
@@ -65,6 +82,97 @@ def test_kernel_equals_reference(problem):
     ref = _call(sparse_attention_reference, q, k, v, dv, kw)
     out = _call(sparse_attention_triton, q, k, v, dv, kw, **tiles)
     why = attention_mismatch(ref, out)
+    assert why is None, why
+
+
+@st.composite
+def flash_problems(draw):
+    """Per-head keys with dedup (the masked flash path): several blocks of ``block_m`` query rows and tiles of
+    ``block_n`` keys, GQA, Dqk split into a power of two and a rest, MLA-style ``v = k[..., :dv]``; indices with
+    -1 padding, out-of-range values and repeats, or clustered at both ends of T so that middle key tiles hold
+    no selected key and are skipped."""
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    b, s, t = draw(st.integers(1, 2)), draw(st.integers(1, 40)), draw(st.integers(1, 130))
+    h, hk = draw(st.sampled_from([(2, 2), (3, 3), (4, 2)] if not CUDA else [(4, 4), (8, 2), (16, 16)]))
+    d = draw(st.sampled_from([16, 24, 40] if not CUDA else [24, 40, 192]))
+    q, k, v, dv = _tensors(draw, g, b, s, t, h, hk, d, mla=draw(st.booleans()))
+    kk = draw(st.integers(1, 24))
+    if draw(st.booleans()):  # clustered: the first and the last eighth of T
+        w = max(1, t // 8)
+        idx = torch.where(torch.rand(b, s, kk, generator=g) < 0.5, torch.randint(0, w, (b, s, kk), generator=g),
+                          torch.randint(t - w, t, (b, s, kk), generator=g))
+    else:
+        idx = torch.randint(-2, t + 2, (b, s, kk), generator=g)
+    kw = _options(draw, g, idx, t, h, d, dedup=True)
+    tiles = dict(block_m=draw(st.sampled_from([16, 32])), block_n=draw(st.sampled_from([32, 64])))
+    return q, k, v, dv, kw, tiles
+
+
+@settings(max_examples=examples(cuda=100, cpu=25))
+@given(flash_problems())
+def test_masked_flash_equals_reference(problem):
+    q, k, v, dv, kw, tiles = problem
+    ref = _call(sparse_attention_reference, q, k, v, dv, kw)
+    out = _call(sparse_attention_triton, q, k, v, dv, kw, **tiles)
+    why = attention_mismatch(ref, out)
+    assert why is None, why
+
+
+def _dense_selection(idx, t, row_ends, keep_mask):
+    """[B, S, T] bool: row (b, s) selects valid key j (the definition the selection bitmask encodes)."""
+    valid, safe = valid_keys(idx, t, row_ends, keep_mask)
+    return torch.zeros(*idx.shape[:2], t, dtype=torch.int32).scatter_reduce(-1, safe, valid.int(), "amax").bool()
+
+
+def test_selection_tiles_list_exactly_the_tiles_with_a_selected_key():
+    """The bitmask holds each row's valid keys (a repeat once); the tile list of a block of query rows holds,
+    ascending, exactly the key tiles where some row of the block selects a key, so the others are skipped."""
+    g = torch.Generator().manual_seed(5)
+    b, s, t, kk, bm, bn = 2, 37, 300, 12, 16, 64
+    idx = torch.where(torch.rand(b, s, kk, generator=g) < 0.5, torch.randint(-1, 20, (b, s, kk), generator=g),
+                      torch.randint(250, 302, (b, s, kk), generator=g))
+    idx[..., 1] = idx[..., 0]  # repeats
+    idx[1, 20:] = torch.randint(100, 140, (s - 20, kk), generator=g)  # (a middle tile for some blocks only)
+    ends = torch.randint(200, t + 1, (b, s), generator=g)
+    keep = torch.rand(b, s, t, generator=g) < 0.8
+    bits, tiles, counts = selection_tiles(idx.to(DEVICE), t, ends.to(DEVICE), keep.to(DEVICE), bm, bn)
+    sel = _dense_selection(idx, t, ends, keep)
+    w = -(-t // 32)
+    padded = torch.nn.functional.pad(sel, (0, w * 32 - t)).view(b, s, w, 32).long()
+    words = (padded << torch.arange(32)).sum(-1)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # the int32 bit pattern
+    assert torch.equal(bits.cpu()[:b * s * w].view(b, s, w), words)
+    nblk, nt = -(-s // bm), -(-t // bn)
+    tiles, counts = tiles.cpu()[:b * nblk * nt].view(b, nblk, nt), counts.cpu().view(b, nblk)
+    skipped = 0
+    for bi in range(b):
+        for blk in range(nblk):
+            rows = sel[bi, blk * bm:(blk + 1) * bm]
+            want = [j for j in range(nt) if rows[:, j * bn:(j + 1) * bn].any()]
+            assert tiles[bi, blk, :counts[bi, blk]].tolist() == want, (bi, blk)
+            skipped += nt - len(want)
+    assert skipped > 0  # (the construction leaves tiles out; else this test would not test skipping)
+
+
+@pytest.mark.skipif(not CUDA, reason="transformers' expanded-MLA shape needs a GPU")
+@pytest.mark.parametrize("causal", [True, False])
+def test_masked_flash_at_transformers_shape(causal):
+    """DeepseekV32Attention's eager path: per-head k [.., 192], v [.., 128], bf16, the indexer's topk (causal:
+    each row's causal keys first, then future keys that row_ends hides)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    s = t = 512
+    h, kk = 8, 256
+    q = torch.randn(1, s, h, 192, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(1, t, h, 192, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(1, t, h, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    scores = torch.rand(1, s, t, device="cuda", generator=g)
+    ends = None
+    if causal:
+        ends = torch.arange(1, s + 1, device="cuda")[None]
+        scores = scores.masked_fill(torch.arange(t, device="cuda") >= ends[..., None], float("-inf"))
+    idx = scores.topk(kk, dim=-1).indices.to(torch.int32)
+    args = (q, k, v, idx, ends, None, None, 192 ** -0.5, 128, 0, True, torch.bfloat16)
+    why = attention_mismatch(sparse_attention_reference(*args), sparse_attention_triton(*args))
     assert why is None, why
 
 

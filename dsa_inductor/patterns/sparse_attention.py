@@ -49,6 +49,9 @@ nobody reads), since the indexer masks the same keys before its top-k.  cuDNN wi
 its result for a fully masked row depends on the cuDNN version (NaN or 0).
 The dense mask holds each key once; unless ``topk_indices`` come straight from a ``topk`` (or the fused
 ``masked_topk``), whose indices are distinct, the op is told to count repeated indices once (``dedup``).
+With per-head ``k``/``v`` (transformers' eager path expands MLA per head) ``dedup`` is always on: exact for
+the dense mask either way, and on CUDA it selects the op's masked flash kernel (dense key tiles shared by a
+block of queries, a selection bitmask) instead of a per-(query, head) gather.
 
 **Gather form** (reference code and tests), traced search variants (``patterns/common.py``)::
 
@@ -669,6 +672,9 @@ def _build_dense(graph, m: DenseMatch, stats) -> str:
         elif cval.dim() > 4:
             raise Reject("the causal mask has more than 4 dims")
     unique = _index_provenance_unique(m.idx)
+    # Per-head k/v: dedup always (a no-op for a topk's distinct indices, exact for the dense mask either way); on
+    # CUDA it selects the op's masked flash kernel, which reads whole key tiles once for a block of queries.
+    dedup = not unique or not shared
     out_val = _val(m.out)
     with graph.inserting_before(m.out), _val(m.q).fake_mode:
         q4 = _new_node(graph, aten.permute.default, (m.q, [0, 2, 1, 3]))
@@ -682,13 +688,16 @@ def _build_dense(graph, m: DenseMatch, stats) -> str:
         if not isinstance(dv, int):  # a dynamic head dim: its size node
             dv = graph.call_function(aten.sym_size.int, (v1, 3))
             dv.meta["val"] = vv_.shape[-1]
-        args = (q4, k4, v4, m.idx, None, keep, None, m.scale, dv, m.empty_row, not unique, out_val.dtype)
+        args = (q4, k4, v4, m.idx, None, keep, None, m.scale, dv, m.empty_row, dedup, out_val.dtype)
         fused = _new_node(graph, OP, args)
         out = _new_node(graph, aten.permute.default, (fused, [0, 2, 1, 3]))
     m.out.replace_all_uses_with(out)
     graph.erase_node(m.out)
     if not unique:
         stats.notes["topk_indices not from a topk: repeated indices counted once (dedup), as the dense mask"] += 1
+    elif dedup:
+        stats.notes["per-head k/v: dedup on (the topk's indices are distinct: exact), the masked flash path on "
+                    "CUDA"] += 1
     layout = "mla" if mla else ("shared_kv" if shared else "per_head_kv")
     empty = m.form or {0: "nan", 1: "safe_softmax", 2: "finfo_min"}[m.empty_row]
     return f"dense_mask:{layout}:{empty}"
