@@ -5,13 +5,14 @@ sets with -1 padding, selections that overlap the causal future, sinks, dynamic 
 count is checked, so a test that silently recompiled per example would fail.
 """
 
+import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import DEVICES, matches
+from conftest import CUDA, DEVICES, matches
 from dsa_inductor.lowerings.sparse_attention import attention_mismatch
 
 NEG_INF = float("-inf")
@@ -151,6 +152,14 @@ def test_compiled_equals_eager(fresh, fn, dtype, device):
         variant = "dense_mask:per_head_kv:sdpa_efficient"  # flash take no fp32; tests/test_*_fused_sdpa.py)
     compiled = torch.compile(fn, dynamic=True, fullgraph=True)
     torch._dynamo.utils.counters.clear()
+    if device == "cuda" and kind == "gather_unbatched_sink":
+        # Inductor's pad_mm (joint graph, before our pass) may pad this case's odd-sized bf16 matmuls, and it
+        # decides by timing both: the padded graph is not matched (test_padded_matmul_not_matched below), so
+        # under a loaded GPU the match count was flaky.  The padding is turned off here to test the rest.
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch._inductor.config.patch(shape_padding=False))
+    else:
+        stack = contextlib.nullcontext()
 
     @settings(max_examples=12)
     @given(inputs(kind, dtype, device))
@@ -160,9 +169,26 @@ def test_compiled_equals_eager(fresh, fn, dtype, device):
         why = attention_mismatch(ref, out)
         assert why is None, why
 
-    check()
+    with stack:
+        check()
     assert matches("sparse_attention").get(variant, 0) >= 1, (matches("sparse_attention"), fresh.report())
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2  # static, then dynamic
+
+
+@pytest.mark.skipif(not CUDA, reason="pad_mm pads matmuls on CUDA only")
+@pytest.mark.xfail(strict=True, reason="known limitation: a gather-form graph whose matmuls Inductor's pad_mm padded "
+                                       "(joint graph, before the post-grad pass) is not matched")
+def test_padded_matmul_not_matched(fresh):
+    compiled = torch.compile(gather_unbatched_sink_cat, dynamic=False, fullgraph=True)
+
+    @settings(max_examples=1)
+    @given(inputs("gather_unbatched_sink", torch.bfloat16, "cuda"))
+    def run(args):
+        with torch._inductor.config.patch(force_shape_pad=True), torch.no_grad():
+            compiled(*args)
+
+    run()
+    assert matches("sparse_attention"), fresh.report()
 
 
 def test_fused_op_in_generated_code(fresh):
