@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch._inductor.utils import run_and_get_code
 
 from conftest import CUDA, DEVICES, matches
-from dsa_inductor.testing import attention_mismatch
+from dsa_inductor.testing import windowed_attention_mismatch
 
 NEG_INF = float("-inf")
 SCALE = 0.125  # the near misses' (static compiles); the dynamic positive cases write the number itself: under
@@ -131,7 +131,7 @@ def test_compiled_equals_eager(fresh, fn, dtype, device):
     def check(args):
         with torch.no_grad():
             out, ref = compiled(*args), fn(*args)
-        why = attention_mismatch(ref, out)  # NaN rows (no key in the window) at the same places, too
+        why = windowed_attention_mismatch(ref, out, args[0].dtype)  # NaN rows (empty windows) too
         assert why is None, why
 
     check()
@@ -147,7 +147,7 @@ def test_fused_op_replaces_the_dense_product(fresh):
     code = "\n".join(code)
     assert "dsa_inductor.windowed_attention" in code
     assert "windowed_softmax" not in code and "bmm" not in code
-    assert attention_mismatch(sliding_window_attention(q, k, v, 5), out) is None
+    assert windowed_attention_mismatch(sliding_window_attention(q, k, v, 5), out, q.dtype) is None
     assert "bmm:broadcast:fp32" in fresh.report()
 
 
@@ -161,7 +161,7 @@ def test_head_dim_scale_static(fresh):
     q, k, v = (torch.randn(30, 32, generator=g) for _ in range(3))
     with torch.no_grad():
         out = torch.compile(fn, dynamic=False)(q, k, v)
-    assert attention_mismatch(fn(q, k, v), out) is None
+    assert windowed_attention_mismatch(fn(q, k, v), out, q.dtype) is None
     assert matches("windowed_attention") == {"mm:flat:fp32": 1}
 
 
@@ -179,7 +179,7 @@ def test_compiled_cuda_at_bench_shape(fresh, dtype):
         out, code = run_and_get_code(torch.compile(fn, dynamic=False), q, k, v)
         ref = fn(q, k, v)
     assert "dsa_inductor.windowed_attention" in "\n".join(code)
-    assert attention_mismatch(ref, out) is None
+    assert windowed_attention_mismatch(ref, out, q.dtype) is None
 
 
 # ---- near misses: windowed_softmax may fuse the softmax, windowed_attention must not fold the chain ---------------
@@ -289,7 +289,8 @@ def test_graph_input_scale_left_alone(fresh):
         g = torch.Generator().manual_seed(s)
         q, k, v = (torch.randn(2, 2, s, 8, generator=g) for _ in range(3))
         with torch.no_grad():
-            assert attention_mismatch(nm_scale_from_global(q, k, v), compiled(q, k, v)) is None
+            ref = nm_scale_from_global(q, k, v)
+            assert windowed_attention_mismatch(ref, compiled(q, k, v), q.dtype) is None
     assert matches("windowed_attention") == {}
     assert any("`scale` is a graph input" in r for r in _STATS["windowed_attention"].rejections), fresh.report()
 
@@ -300,5 +301,5 @@ def test_verify_mode_leaves_the_softmax_checked(fresh):
     args = near_miss_inputs()
     with torch.no_grad():
         out = torch.compile(sliding_window_attention)(*args, 5)
-    assert attention_mismatch(sliding_window_attention(*args, 5), out) is None
+    assert windowed_attention_mismatch(sliding_window_attention(*args, 5), out, args[0].dtype) is None
     assert matches("windowed_attention") == {} and matches("windowed_softmax")

@@ -26,9 +26,9 @@ multiplies (a ``/ c`` in the graph arrives as ``* (1 / c)``, which may differ fr
 last bit of the scores).  A row with no key in its window (or whose kept scores are all ``-inf``) is NaN,
 as eager's softmax over all ``-inf``; ``T == 0`` gives zeros, as eager's empty matmul.
 
-CUDA path (``windowed_attention_triton``), FlashAttention-2's forward (Dao, 2023): one
-program per (block of ``BLOCK_M`` query rows, batch entry), flattened to a 1-d grid; each program loads its ``BLOCK_M`` query rows once, and walks only the keys
-``[min row_start, max row_end)`` of its rows in ``BLOCK_N`` tiles (a sliding window of 128 reads
+CUDA path (``windowed_attention_triton``), FlashAttention-2's forward (Dao, 2023): one program per
+(block of ``BLOCK_M`` query rows, batch entry), a 1-d grid; each program loads its query rows once and
+walks only the keys ``[min row_start, max row_end)`` of its rows in ``BLOCK_N`` tiles (a sliding window of 128 reads
 ``128 + BLOCK_M - 1`` keys per block, not T), masking each element to its own row's window; ``q k^T`` and
 ``P V`` are ``tl.dot`` on tensor cores with an online softmax in fp32 (``exp2``).  The rounding of the
 matched graph is reproduced on the scores (to ``q.dtype``, then to ``scores_dtype`` after the scale) and on
@@ -50,7 +50,7 @@ from typing import Optional
 
 import torch
 
-from ..testing import attention_mismatch
+from ..testing import windowed_attention_mismatch
 from .host import broadcast_shapes
 from .registry import fused_op
 from .windowed_softmax import window_keep
@@ -158,7 +158,7 @@ if triton is not None:
         D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         HAS_STARTS: tl.constexpr, HAS_ENDS: tl.constexpr,
         MM_DTYPE: tl.constexpr, SCORES_DTYPE: tl.constexpr, ROUND: tl.constexpr,
-        QK_PREC: tl.constexpr, PV_PREC: tl.constexpr, UPCAST: tl.constexpr,
+        QK_PREC: tl.constexpr, PV_PREC: tl.constexpr, INTERPRETED: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         """One program per (BLOCK_M query rows, batch entry): FlashAttention-2 over the block's key span."""
@@ -199,9 +199,10 @@ if triton is not None:
             cmask = cols < span_hi  # never past the block's span (span_hi <= T)
             kt = tl.load(k_base + cols[None, :].to(tl.int64) * ks_t + d[:, None] * ks_d,
                          mask=cmask[None, :] & (d[:, None] < D), other=0.0)  # [BLOCK_D, BLOCK_N]
-            s = tl.dot(_up(q, UPCAST), _up(kt, UPCAST), input_precision=QK_PREC)
+            s = tl.dot(_up(q, INTERPRETED), _up(kt, INTERPRETED), input_precision=QK_PREC)
             if ROUND:  # the matched graph's rounding: matmul result, then the scaled scores
-                s = (s.to(MM_DTYPE).to(tl.float32) * scale).to(SCORES_DTYPE).to(tl.float32) * 1.4426950408889634
+                s = _to(s, MM_DTYPE, INTERPRETED).to(tl.float32) * scale
+                s = _to(s, SCORES_DTYPE, INTERPRETED).to(tl.float32) * 1.4426950408889634
             else:
                 s = s * (scale * 1.4426950408889634)
             keep = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
@@ -213,12 +214,23 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, 1)
             vt = tl.load(v_base + cols[:, None].to(tl.int64) * vs_t + dv[None, :] * vs_d,
                          mask=cmask[:, None] & (dv[None, :] < DV), other=0.0)  # [BLOCK_N, BLOCK_DV]
-            acc = tl.dot(_up(p.to(vt.dtype), UPCAST), _up(vt, UPCAST), acc * alpha[:, None], input_precision=PV_PREC)
+            acc = tl.dot(_up(_to(p, vt.dtype, INTERPRETED), INTERPRETED), _up(vt, INTERPRETED), acc * alpha[:, None],
+                         input_precision=PV_PREC)
             m_i = m_new
         empty = l_i == 0.0  # no key in the window, or all -inf: NaN, as eager's softmax
         out = tl.where(empty[:, None], float("nan"), acc / tl.where(empty, 1.0, l_i)[:, None])
         tl.store(o_ptr + z * os_z + h * os_h + rows[:, None] * os_s + dv[None, :],
-                 out.to(o_ptr.dtype.element_ty), mask=rmask[:, None] & (dv[None, :] < DV))
+                 _to(out, o_ptr.dtype.element_ty, INTERPRETED), mask=rmask[:, None] & (dv[None, :] < DV))
+
+    @triton.jit
+    def _to(x, DTYPE: tl.constexpr, INTERPRETED: tl.constexpr):
+        """fp32 ``x`` rounded to ``DTYPE`` to nearest even, as torch rounds.  Triton's interpreter truncates
+        fp32 -> bf16 (3.9, ``interpreter.py`` ``cast_impl``); under it the rounding is done on the bits."""
+        if INTERPRETED and DTYPE == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+            x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))  # (NaN kept as is)
+        return x.to(DTYPE)
 
 
 _TL_DTYPES = {}
@@ -256,7 +268,7 @@ def windowed_attention_triton(q, k, v, row_starts=None, row_ends=None, scale=1.0
     cfg.update({n: x for n, x in (("block_m", block_m), ("block_n", block_n), ("num_warps", num_warps),
                                   ("num_stages", num_stages)) if x})
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    upcast = interpret and (q.dtype != torch.float32 or v.dtype != torch.float32)
+    upcast = interpret  # 16-bit dots upcast, bf16 rounding on the bits (see _up, _to)
     fp32 = "ieee" if interpret else FP32_PRECISION
 
     def prec(dtype):
@@ -271,7 +283,7 @@ def windowed_attention_triton(q, k, v, row_starts=None, row_ends=None, scale=1.0
         HAS_STARTS=row_starts is not None, HAS_ENDS=row_ends is not None,
         MM_DTYPE=_TL_DTYPES[q.dtype], SCORES_DTYPE=_TL_DTYPES[scores_dtype],
         ROUND=q.dtype != torch.float32 or scores_dtype != torch.float32,
-        QK_PREC=prec(q.dtype), PV_PREC=prec(v.dtype), UPCAST=upcast,
+        QK_PREC=prec(q.dtype), PV_PREC=prec(v.dtype), INTERPRETED=upcast,
         BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 
@@ -312,7 +324,7 @@ def windowed_attention(
         return windowed_attention_reference(*args)
     out = windowed_attention_triton(*args)
     if VERIFY:
-        why = attention_mismatch(windowed_attention_reference(*args), out)
+        why = windowed_attention_mismatch(windowed_attention_reference(*args), out, q.dtype)
         if why is not None:
             raise AssertionError(f"dsa_inductor verify: rule windowed_attention ({OP_NAME}) differs from eager: {why}")
     return out
