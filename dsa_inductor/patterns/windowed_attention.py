@@ -135,7 +135,8 @@ def _scores_chain(ws, nodes):
     if len(cur.users) != 1:
         raise Reject("the q @ k^T product has another consumer: it must be materialized")
     if not _same(_val(cur).shape[-2:], _val(ws.args[0]).shape[-2:]):
-        raise Reject("the softmax does not run over the keys of q @ k^T (the scores are transposed or reshaped)")
+        raise Reject("the softmax rows are not the rows of q @ k^T (the scores are transposed, or the matmul "
+                     "folded batch dims into its rows)")
     return cur, (1.0 if scale is None else scale), (scale_dtype or _val(cur).dtype)
 
 
