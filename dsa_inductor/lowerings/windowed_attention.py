@@ -130,18 +130,28 @@ def windowed_attention_reference(q, k, v, row_starts=None, row_ends=None, scale=
     return torch.matmul(p, v)
 
 
-def _as4(t, batch, last2):
-    """``t`` broadcast to ``(*batch, *last2)``, viewed as ``[Z, H, *last2]`` (H the last batch dim, Z the
-    rest merged) without copying when the strides allow it."""
-    t = t.expand(*batch, *last2)
-    if len(batch) == 0:
-        return t.unsqueeze(0).unsqueeze(0)
-    if len(batch) == 1:
-        return t.unsqueeze(0)
-    try:
-        return t.view(-1, batch[-1], *last2)
-    except RuntimeError:
-        return t.reshape(-1, batch[-1], *last2)
+def _zh_strides(t, batch, last):
+    """``(tensor, strides)``: ``t`` broadcast to ``(*batch, *last)`` read as ``[Z, H, *last]`` (H the last batch
+    dim, Z the others merged), by strides alone (no view is made: each torch call costs host time on every
+    op call).  A broadcast dim has stride 0; when the merged dims' strides do not line up, ``t`` is copied."""
+    full = (*batch, *last)
+    shape, stride = tuple(t.shape), tuple(t.stride())
+    pad = len(full) - len(shape)
+    st = [0] * pad + [0 if n == 1 else x for n, x in zip(shape, stride)]
+    nb = len(batch)
+    h = st[nb - 1] if nb else 0
+    z, inner = 0, None  # Z's stride: its innermost dim of size > 1; outer ones must follow on from it
+    for i in range(nb - 2, -1, -1):
+        if full[i] == 1:
+            continue
+        if inner is None:
+            z, inner = st[i], i
+        elif st[i] != st[inner] * full[inner]:
+            t = t.expand(full).contiguous()
+            return _zh_strides(t, batch, last)
+        else:
+            inner = i
+    return t, (z, h, *st[nb:])
 
 
 if triton is not None:
@@ -260,10 +270,13 @@ def windowed_attention_triton(q, k, v, row_starts=None, row_ends=None, scale=1.0
         return out
     if t == 0:  # eager: softmax over no key is empty, and the empty matmul is 0
         return out.zero_()
-    q4, k4, v4 = _as4(q, batch, (s, d)), _as4(k, batch, (t, d)), _as4(v, batch, (t, dvn))
-    st4 = _as4(row_starts.unsqueeze(-1), batch, (s, 1)) if row_starts is not None else q4
-    en4 = _as4(row_ends.unsqueeze(-1), batch, (s, 1)) if row_ends is not None else q4
-    o4 = _as4(out, batch, (s, dvn))
+    q_, qs = _zh_strides(q, batch, (s, d))
+    k_, ks = _zh_strides(k, batch, (t, d))
+    v_, vs = _zh_strides(v, batch, (t, dvn))
+    st_, sts = _zh_strides(row_starts, batch, (s,)) if row_starts is not None else (q, (0, 0, 0))
+    en_, ens = _zh_strides(row_ends, batch, (s,)) if row_ends is not None else (q, (0, 0, 0))
+    h = batch[-1] if batch else 1
+    z = out.numel() // (h * s * dvn)
     cfg = dict(CONFIG_32 if q.dtype == torch.float32 else CONFIG_16)
     cfg.update({n: x for n, x in (("block_m", block_m), ("block_n", block_n), ("num_warps", num_warps),
                                   ("num_stages", num_stages)) if x})
@@ -274,11 +287,9 @@ def windowed_attention_triton(q, k, v, row_starts=None, row_ends=None, scale=1.0
     def prec(dtype):
         return fp32 if dtype == torch.float32 or upcast else "tf32"
 
-    z, h = q4.shape[0], q4.shape[1]
     grid = (triton.cdiv(s, cfg["block_m"]) * z * h,)
     _windowed_attention_kernel[grid](
-        q4, *q4.stride(), k4, *k4.stride(), v4, *v4.stride(), st4, *st4.stride()[:3], en4, *en4.stride()[:3],
-        o4, *o4.stride()[:3], s, t, h, float(scale),
+        q_, *qs, k_, *ks, v_, *vs, st_, *sts, en_, *ens, out, h * s * dvn, s * dvn, dvn, s, t, h, float(scale),
         D=d, DV=dvn, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dvn),
         HAS_STARTS=row_starts is not None, HAS_ENDS=row_ends is not None,
         MM_DTYPE=_TL_DTYPES[q.dtype], SCORES_DTYPE=_TL_DTYPES[scores_dtype],
