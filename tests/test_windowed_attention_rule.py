@@ -53,6 +53,20 @@ def shared_kv_window(q, k, v, w):
     return probs @ v
 
 
+def transformers_gqa_causal(q, k, v, w):
+    # transformers' eager attention: a [B, 1, S, T] bool mask from `kv_idx <= q_idx`, repeat_kv for grouped
+    # heads, softmax in fp32 back to the model dtype (w unused)
+    b, s, t = q.shape[0], q.shape[-2], k.shape[-2]
+    mask = (torch.arange(t, device=q.device)[None, None, None, :] <=
+            torch.arange(s, device=q.device)[None, None, :, None] + (t - s)).expand(b, 1, s, t)
+    hk, rep = k.shape[1], q.shape[1] // k.shape[1]
+    k = k[:, :, None].expand(b, hk, rep, t, k.shape[-1]).reshape(b, hk * rep, t, k.shape[-1])
+    v = v[:, :, None].expand(b, hk, rep, t, v.shape[-1]).reshape(b, hk * rep, t, v.shape[-1])
+    scores = torch.matmul(q, k.transpose(2, 3)) * 0.125
+    probs = torch.nn.functional.softmax(scores.masked_fill(~mask, NEG_INF), dim=-1, dtype=torch.float32)
+    return torch.matmul(probs.to(q.dtype), v)
+
+
 def causal_einsum(q, k, v, w):
     # einsum over [B, S, H, D] (transformers' layout before the transpose), causal (w unused)
     scores = torch.einsum("bshd,bthd->bhst", q, k) * 0.125
@@ -83,6 +97,7 @@ CASES = {
     sliding_window_attention: ({torch.float32: "bmm:broadcast:fp32", torch.bfloat16: "bmm:broadcast:bf16"}, "heads"),
     sliding_window_fp32_softmax: ({torch.bfloat16: "bmm:broadcast:bf16"}, "heads"),
     shared_kv_window: ({torch.bfloat16: "bmm:broadcast:bf16", torch.float32: "bmm:broadcast:fp32"}, "shared"),
+    transformers_gqa_causal: ({torch.bfloat16: "bmm:broadcast:bf16"}, "gqa"),
     causal_einsum: ({torch.float32: "bmm:flat:fp32", torch.bfloat16: "bmm:flat:bf16"}, "bshd"),
     prefill_ks_ke: ({torch.float32: "mm:flat:fp32", torch.bfloat16: "mm:flat:bf16"}, "rows"),
     scores_upcast_then_scaled: ({torch.bfloat16: "bmm:flat:bf16->fp32"}, "batch_rows"),
@@ -106,6 +121,8 @@ def inputs(draw, kind, dtype, device):
         hk = h if kind == "heads" else 1
         w = draw(st.integers(1, t + 3))  # window sizes from 1 to beyond T
         return rand(b, h, s, d), rand(b, hk, t, d), rand(b, hk, t, dv), w
+    if kind == "gqa":  # two query heads per k/v head
+        return rand(b, 2 * h, s, d), rand(b, h, t, d), rand(b, h, t, dv), 0
     if kind == "bshd":
         return rand(b, s, h, d), rand(b, t, h, d), rand(b, t, h, dv), 0
     ks = torch.randint(-2, t + 2, (s,), generator=g)
