@@ -181,7 +181,7 @@ if triton is not None:
         h = zh % H
         rows = (pid % n_m) * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < S
-        # Each row's window, clamped to [0, T]; rows past S get an empty one so they widen nothing.
+        # Each row's window, clamped to [0, T]; rows past S and empty windows widen nothing.
         lo = tl.zeros((BLOCK_M,), tl.int32)
         hi = tl.zeros((BLOCK_M,), tl.int32) + T
         if HAS_STARTS:
@@ -190,8 +190,9 @@ if triton is not None:
         if HAS_ENDS:
             en = tl.load(en_ptr + z * ens_z + h * ens_h + rows * ens_s, mask=rmask, other=0)
             hi = tl.minimum(tl.maximum(en, 0), T).to(tl.int32)
-        lo = tl.where(rmask, lo, T)
-        hi = tl.where(rmask, hi, 0)
+        counts = rmask & (lo < hi)
+        lo = tl.where(counts, lo, T)
+        hi = tl.where(counts, hi, 0)
         span_lo = tl.min(lo, 0)
         span_hi = tl.max(hi, 0)
 
@@ -224,8 +225,8 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, 1)
             vt = tl.load(v_base + cols[:, None].to(tl.int64) * vs_t + dv[None, :] * vs_d,
                          mask=cmask[:, None] & (dv[None, :] < DV), other=0.0)  # [BLOCK_N, BLOCK_DV]
-            acc = tl.dot(_up(_to(p, vt.dtype, INTERPRETED), INTERPRETED), _up(vt, INTERPRETED), acc * alpha[:, None],
-                         input_precision=PV_PREC)
+            pv = _up(_to(p, vt.dtype, INTERPRETED), INTERPRETED)  # the weights rounded to v's dtype
+            acc = tl.dot(pv, _up(vt, INTERPRETED), acc * alpha[:, None], input_precision=PV_PREC)
             m_i = m_new
         empty = l_i == 0.0  # no key in the window, or all -inf: NaN, as eager's softmax
         out = tl.where(empty[:, None], float("nan"), acc / tl.where(empty, 1.0, l_i)[:, None])
@@ -236,10 +237,11 @@ if triton is not None:
     def _to(x, DTYPE: tl.constexpr, INTERPRETED: tl.constexpr):
         """fp32 ``x`` rounded to ``DTYPE`` to nearest even, as torch rounds.  Triton's interpreter truncates
         fp32 -> bf16 (3.9, ``interpreter.py`` ``cast_impl``); under it the rounding is done on the bits."""
-        if INTERPRETED and DTYPE == tl.bfloat16:
-            bits = x.to(tl.uint32, bitcast=True)
-            bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-            x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))  # (NaN kept as is)
+        if INTERPRETED:
+            if DTYPE == tl.bfloat16:
+                bits = x.to(tl.uint32, bitcast=True)
+                bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+                x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))  # (NaN kept as is)
         return x.to(DTYPE)
 
 
