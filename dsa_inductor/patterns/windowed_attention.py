@@ -85,13 +85,18 @@ def _keeps_order(node) -> bool:
     return False
 
 
+def _scalar_like(node) -> bool:
+    val = _val(node)
+    return not isinstance(val, torch.Tensor) or val.dim() == 0
+
+
 def _scale_of(node, have_scale: bool):
     """``(tensor operand, factor)`` of a ``mul``/``div`` by a Python number; raises Reject otherwise."""
     a, b = node.args[:2]
     if _is(node, aten.div.Tensor, aten.div.Scalar):
         x, c, div = a, b, True
-    elif isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node):
-        x, c, div = (a, b, False) if _val(b).dim() == 0 or _val(a).dim() != 0 else (b, a, False)
+    elif isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node):  # the factor: a 0-d tensor or a SymFloat
+        x, c, div = (b, a, False) if _scalar_like(a) and not _scalar_like(b) else (a, b, False)
     else:
         x, c, div = (a, b, False) if isinstance(a, torch.fx.Node) else (b, a, False)
     if not isinstance(x, torch.fx.Node):
