@@ -7,7 +7,8 @@ beside the same layer with dense causal SDPA and no indexer.
 
 The benchmarked function is what ``DeepseekV32Model`` runs for one layer's attention: the causal mask made by
 ``create_causal_mask`` (``allow_is_causal_skip=False``, as the model forces for its indexer), then
-``DeepseekV32Attention(hidden_states, (cos, sin), mask)``: q/kv LoRA projections, the indexer (64 heads of
+``DeepseekV32Attention(hidden_states, (cos, sin), mask)`` (the mask as inference with a KV cache builds it:
+no packed-sequence term): q/kv LoRA projections, the indexer (64 heads of
 dim 128, ``index_topk`` 2048), the top-k scattered into a bool mask, attention over 128 heads (qk 192, v 128)
 through ``attn_implementation`` (``sdpa`` or ``eager``), and ``o_proj``.
 
@@ -71,8 +72,11 @@ def build(small: bool, s: int, attn: str, device: str, dtype: torch.dtype):
     cos, sin = rope(hidden, pos)
 
     def attention_layer(hidden, cos, sin, pos):
+        # position_ids=None: the mask of inference with a KV cache (generate, serving prefill), where transformers
+        # skips its packed-sequence check (that check, for cache-less training batches, adds a per-position
+        # sequence-id comparison to the mask)
         mask = create_causal_mask(config=cfg, inputs_embeds=hidden, attention_mask=None, past_key_values=None,
-                                  position_ids=pos, allow_is_causal_skip=False)
+                                  position_ids=None, allow_is_causal_skip=False)
         return layer(hidden, (cos, sin), mask)[0]
 
     def dense_causal_layer(hidden, cos, sin, pos):
