@@ -93,8 +93,12 @@ COMPACT_STAGES = 2
 # Dqk, Dv <= 256 (transformers' 192 / 128: 168 registers, no spill, compiled for sm_90).  FLASH_WIDE
 # (BLOCK_M, BLOCK_N, warps, stages) serves fp32 (IEEE dots run on FMA units) and wider heads, where the
 # first would spill heavily.
+# H100, B=1 S=T=4096 H=128 192/128 bf16, the indexer's causal topk 2048 (bench/tune_sparse_attention.py
+# --per-head): 128/128/8/2 2147 us, 128/64/8/2 2481 us, 64/64/4/2 2206 us.  Tiles of 128 keys double-buffered
+# need Dqk + Dv <= 320 to fit shared memory; wider heads take FLASH_BLOCK_N_WIDE.
 FLASH_BLOCK_M = 128
-FLASH_BLOCK_N = 64
+FLASH_BLOCK_N = 128
+FLASH_BLOCK_N_WIDE = 64
 FLASH_WARPS = 8
 FLASH_STAGES = 2
 FLASH_WIDE = (64, 32, 8, 2)
@@ -707,6 +711,8 @@ def sparse_attention_triton(q, k, v, topk_indices, row_ends=None, keep_mask=None
     elif dedup:
         narrow = q.dtype != torch.float32 and da + db <= 256 and dvp <= 256
         dm, dn, dwarps, dstages = (FLASH_BLOCK_M, FLASH_BLOCK_N, FLASH_WARPS, FLASH_STAGES) if narrow else FLASH_WIDE
+        if narrow and da + db + dvp > 320:
+            dn = FLASH_BLOCK_N_WIDE
         bm, bn = block_m or dm, block_n or dn
         if bm > 0 and not bm & (bm - 1):  # (else selection_tiles raises)
             bm = max(16, min(bm, triton.next_power_of_2(s)))  # no taller than the queries (a tl.dot needs 16)
