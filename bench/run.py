@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
+import bench_attention_layer  # noqa: E402
 import bench_loops  # noqa: E402
 import bench_gather_dequant  # noqa: E402
 import bench_index_score  # noqa: E402
@@ -28,6 +29,7 @@ MODULES = [bench_mask_topk, bench_loops, bench_gather_dequant, bench_windowed_so
 MODULES.append(bench_index_score)
 MODULES.append(bench_indexer_module)
 MODULES.append(bench_sparse_attention)
+MODULES.append(bench_attention_layer)
 
 
 def main() -> None:
