@@ -28,7 +28,6 @@ import argparse
 import os
 import re
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -37,6 +36,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import dsa_inductor  # noqa: E402
+from bench_indexer_module import _measure  # noqa: E402  (time + peak memory of one call)
 from harness import Case, Result  # noqa: E402
 
 
@@ -95,29 +95,6 @@ def build(small: bool, s: int, attn: str, device: str, dtype: torch.dtype):
         return layer.o_proj(out.transpose(1, 2).reshape(b, n, -1))
 
     return cfg, attention_layer, dense_causal_layer, (hidden, cos, sin, pos)
-
-
-def _measure(fn, args, cuda: bool):
-    """(median us, peak bytes above the pre-call allocation, output); (None, None, None) on OOM."""
-    try:
-        if not cuda:
-            t0 = time.perf_counter()
-            out = fn(*args)
-            return (time.perf_counter() - t0) * 1e6, None, out
-        import triton.testing
-
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        out = fn(*args)
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-        us = triton.testing.do_bench(lambda: fn(*args), warmup=5, rep=100, return_mode="median") * 1e3
-        return us, peak, out
-    except torch.cuda.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        return None, None, None
 
 
 def square_buffers(codes: list[str], s: int) -> list[str]:
