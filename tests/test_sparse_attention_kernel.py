@@ -75,14 +75,17 @@ def _call(fn, q, k, v, dv, kw, **extra):
               kw["dedup"], q.dtype, **extra)
 
 
-@settings(max_examples=examples(cuda=200, cpu=40))
-@given(problems())
-def test_kernel_equals_reference(problem):
-    q, k, v, dv, kw, tiles = problem
+def _assert_kernel_equals_reference(q, k, v, dv, kw, tiles):
     ref = _call(sparse_attention_reference, q, k, v, dv, kw)
     out = _call(sparse_attention_triton, q, k, v, dv, kw, **tiles)
     why = attention_mismatch(ref, out)
     assert why is None, why
+
+
+@settings(max_examples=examples(cuda=200, cpu=40))
+@given(problems())
+def test_kernel_equals_reference(problem):
+    _assert_kernel_equals_reference(*problem)
 
 
 @st.composite
@@ -111,11 +114,7 @@ def flash_problems(draw):
 @settings(max_examples=examples(cuda=100, cpu=25))
 @given(flash_problems())
 def test_masked_flash_equals_reference(problem):
-    q, k, v, dv, kw, tiles = problem
-    ref = _call(sparse_attention_reference, q, k, v, dv, kw)
-    out = _call(sparse_attention_triton, q, k, v, dv, kw, **tiles)
-    why = attention_mismatch(ref, out)
-    assert why is None, why
+    _assert_kernel_equals_reference(*problem)
 
 
 def _dense_selection(idx, t, row_ends, keep_mask):

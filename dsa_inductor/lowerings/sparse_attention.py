@@ -270,15 +270,7 @@ if triton is not None:
         s = row % S
         heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         hmask = heads < H
-        da = tl.arange(0, DA)
-        q_row = q_ptr + b * qs_b + s * qs_s + heads[:, None] * qs_h
-        q_a = tl.load(q_row + da[None, :], mask=hmask[:, None] & (da[None, :] < D), other=0.0)
-        if DB > 0:
-            db = DA + tl.arange(0, DB)
-            q_b = tl.load(q_row + db[None, :], mask=hmask[:, None] & (db[None, :] < D), other=0.0)
-        else:
-            db = da
-            q_b = q_a
+        da, db, q_a, q_b = _load_q(q_ptr + b * qs_b + s * qs_s + heads[:, None] * qs_h, hmask, D, DA, DB)
         kb = k_ptr + b * ks_b
         vb = v_ptr + b * vs_b
         dvv = tl.arange(0, DVP)
@@ -337,6 +329,21 @@ if triton is not None:
                 n += tl.sum(valid.to(tl.int32), 0)
         if PACK:
             tl.store(n_ptr + row, n)
+
+    @triton.jit
+    def _load_q(q_rows, live, D, DA: tl.constexpr, DB: tl.constexpr):
+        """Query rows ``q_rows`` ([R, 1] pointers; rows with ``live`` False read as 0) split as the Dqk dot is:
+        columns ``da = [0, DA)`` (a power of two) and ``db = DA + [0, DB)`` (the rest; ``da`` and the same
+        values again when DB == 0).  Returns ``(da, db, q_a, q_b)``."""
+        da = tl.arange(0, DA)
+        q_a = tl.load(q_rows + da[None, :], mask=live[:, None] & (da[None, :] < D), other=0.0)
+        if DB > 0:
+            db = DA + tl.arange(0, DB)
+            q_b = tl.load(q_rows + db[None, :], mask=live[:, None] & (db[None, :] < D), other=0.0)
+        else:
+            db = da
+            q_b = q_a
+        return da, db, q_a, q_b
 
     @triton.jit
     def _row_end(re_ptr, res_b, res_s, b, s, T, HAS_ENDS: tl.constexpr):
@@ -541,15 +548,7 @@ if triton is not None:
         kvh = h // REP
         rows = blk * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < S
-        da = tl.arange(0, DA)
-        q_rows = q_ptr + b * qs_b + rows[:, None].to(tl.int64) * qs_s + h * qs_h
-        q_a = tl.load(q_rows + da[None, :], mask=rmask[:, None] & (da[None, :] < D), other=0.0)
-        if DB > 0:
-            db = DA + tl.arange(0, DB)
-            q_b = tl.load(q_rows + db[None, :], mask=rmask[:, None] & (db[None, :] < D), other=0.0)
-        else:
-            db = da
-            q_b = q_a
+        da, db, q_a, q_b = _load_q(q_ptr + b * qs_b + rows[:, None].to(tl.int64) * qs_s + h * qs_h, rmask, D, DA, DB)
         kb = k_ptr + b * ks_b + kvh * ks_h
         vb = v_ptr + b * vs_b + kvh * vs_h
         bit_rows = bits_ptr + (b * S + rows) * W
