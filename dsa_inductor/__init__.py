@@ -38,7 +38,9 @@ def register_dsa_passes(patterns: Optional[Iterable[str]] = None, verify: bool =
     """Install the dsa_inductor rules in ``torch._inductor.config.post_grad_custom_pre_pass``.
 
     Args:
-        patterns: names of the rules to enable (see ``dsa_inductor.RULES``); None enables all.
+        patterns: names of the rules to enable (see ``dsa_inductor.RULES``); None enables all.  They run in
+            ``RULES``' order whatever the order given (the order is part of what a rule sees, not of
+            the cache key).
         verify: check every fused op against the eager subgraph it replaced, on live inputs, on every
             call (CPU and CUDA): the rewritten graph runs the op, then the opaque op
             ``dsa_inductor::rule_verify``, which runs the replaced subgraph eagerly, compares under the
@@ -63,7 +65,7 @@ def register_dsa_passes(patterns: Optional[Iterable[str]] = None, verify: bool =
     unknown = [n for n in names if n not in RULES]
     if unknown:
         raise ValueError(f"register_dsa_passes: unknown rule(s) in `patterns`: {unknown}; known: {list(RULES)}")
-    rules = {n: _rule(n) for n in names}
+    rules = {n: _rule(n) for n in RULES if n in names}  # in RULES' order, whatever the order of `patterns`
     lowerings.set_verify(verify)
     from . import loops  # per-token Python loops: lifted for Dynamo (see dsa_inductor/loops)
 

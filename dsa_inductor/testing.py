@@ -20,6 +20,8 @@ index_score        ``score_mismatch`` with ``index_score_tolerance``: fp32 outpu
                    ``(D + H + 8) * 2**-24 * M`` (the fp32 sum-of-products bound, ``M`` the score of the
                    absolute values); non-finite elements exactly equal.
 gather_dequant     ``exact_mismatch``: bit-equal (NaN == NaN): a gather and one rounding, no sums.
+windowed_attention ``windowed_attention_mismatch``: ``ATTENTION_TOLERANCES`` of the lower precision of q's
+                   dtype and the output's, NaN rows at the same places.
 loop lifting       ``exact_mismatch``: bit-equal.
 =================  ================================================================================
 """
@@ -301,3 +303,12 @@ def attention_mismatch(ref, out, atol=None, rtol=None) -> Optional[str]:
     places, values within ``ATTENTION_TOLERANCES[ref.dtype]``."""
     t = ATTENTION_TOLERANCES[ref.dtype]
     return close_mismatch(out, ref, rtol or t.rtol, atol or t.atol)
+
+
+def windowed_attention_mismatch(ref, out, q_dtype) -> Optional[str]:
+    """Why windowed attention output ``out`` differs from eager's ``ref`` (None if it agrees): NaN at the same
+    places, values within ``ATTENTION_TOLERANCES`` of the lower precision of ``q_dtype`` and ``ref.dtype``.
+    The scores are rounded to q's dtype, so a one-ulp difference there (from another summation order in
+    ``q @ k^T``) moves even an fp32 output (fp32 ``v``) by a 16-bit amount."""
+    t = max(ATTENTION_TOLERANCES[q_dtype], ATTENTION_TOLERANCES[ref.dtype], key=lambda x: x.rtol)
+    return close_mismatch(out, ref, t.rtol, t.atol)

@@ -30,6 +30,7 @@ from dsa_inductor.lowerings.gather_dequant import gather_dequant_reference, quan
 from dsa_inductor.lowerings.index_score import index_score_reference, score_mismatch, tolerance
 from dsa_inductor.lowerings.masked_topk import masked_topk_reference
 from dsa_inductor.lowerings.windowed_softmax import windowed_softmax_reference
+from dsa_inductor.testing import windowed_attention_mismatch
 
 NEG_INF = float("-inf")
 ops = torch.ops.dsa_inductor
@@ -75,8 +76,17 @@ def score_args(dev, **over):
     return a
 
 
+def attention_args(dev, **over):
+    a = dict(q=torch.randn(2, 3, 5, 16), k=torch.randn(2, 1, 7, 16), v=torch.randn(2, 1, 7, 8),
+             row_starts=torch.zeros(5, dtype=torch.int64), row_ends=torch.full((5,), 6), scale=0.25,
+             scores_dtype=torch.float32)
+    a = {n: v.to(dev) if isinstance(v, torch.Tensor) else v for n, v in a.items()}
+    a.update(over)
+    return a
+
+
 FACTORIES = {"masked_topk": topk_args, "gather_dequant": gather_args, "windowed_softmax": softmax_args,
-             "index_score": score_args}
+             "index_score": score_args, "windowed_attention": attention_args}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,6 +205,29 @@ BAD_INPUTS = [
         ValueError, "row_ends"),
     Bad("index_score", "row_ends_device", lambda d: score_args(d, row_ends=_t(_other(d), 2, 5, dtype=torch.int64)),
         ValueError, "row_ends"),
+    # windowed_attention(q [..., S, D], k [..., T, D], v [..., T, Dv], row_starts/row_ends [..., S], scale,
+    # scores_dtype)
+    Bad("windowed_attention", "q_1d", lambda d: attention_args(d, q=_t(d, 16)), ValueError, "q"),
+    Bad("windowed_attention", "q_int", lambda d: attention_args(d, q=_t(d, 2, 3, 5, 16, dtype=torch.int32)),
+        TypeError, "q"),
+    Bad("windowed_attention", "k_dtype", lambda d: attention_args(d, k=_t(d, 2, 1, 7, 16, dtype=torch.bfloat16)),
+        TypeError, "k"),
+    Bad("windowed_attention", "k_device", lambda d: attention_args(d, k=_t(_other(d), 2, 1, 7, 16)), ValueError,
+        "k"),
+    Bad("windowed_attention", "k_head_dim", lambda d: attention_args(d, k=_t(d, 2, 1, 7, 8)), ValueError, "k"),
+    Bad("windowed_attention", "v_length", lambda d: attention_args(d, v=_t(d, 2, 1, 6, 8)), ValueError, "v"),
+    Bad("windowed_attention", "v_heads", lambda d: attention_args(d, v=_t(d, 2, 2, 7, 8)), ValueError, "v"),
+    Bad("windowed_attention", "v_int", lambda d: attention_args(d, v=_t(d, 2, 1, 7, 8, dtype=torch.int64)),
+        TypeError, "v"),
+    Bad("windowed_attention", "row_starts_float", lambda d: attention_args(d, row_starts=_t(d, 5)), TypeError,
+        "row_starts"),
+    Bad("windowed_attention", "row_ends_rows", lambda d: attention_args(d, row_ends=_t(d, 4, dtype=torch.int64)),
+        ValueError, "row_ends"),
+    Bad("windowed_attention", "row_ends_device",
+        lambda d: attention_args(d, row_ends=_t(_other(d), 5, dtype=torch.int64)), ValueError, "row_ends"),
+    Bad("windowed_attention", "scale_nan", lambda d: attention_args(d, scale=float("nan")), ValueError, "scale"),
+    Bad("windowed_attention", "scores_dtype", lambda d: attention_args(d, scores_dtype=torch.float16), TypeError,
+        "scores_dtype"),
 ]
 
 assert len({(b.op, b.case) for b in BAD_INPUTS}) == len(BAD_INPUTS)
@@ -285,3 +318,7 @@ def test_bounds_beyond_the_row_follow_eager(device):
     ref = index_score_reference(q, k, w, 0.5, False, None)
     ref = ref.masked_fill(pos >= row_ends[..., None], NEG_INF)
     assert score_mismatch(s, ref, tolerance(q, k, w, 0.5, row_ends)) is None
+    q, k, v = (torch.randn(n, 16, generator=g).to(device) for n in (5, 12, 12))
+    out = ops.windowed_attention(q, k, v, starts, ends, 0.25, torch.float32)
+    ref = (q @ k.T * 0.25).masked_fill(~keep, NEG_INF).softmax(-1) @ v  # row 3 empty: NaN
+    assert windowed_attention_mismatch(ref, out, q.dtype) is None and out[3].isnan().all()

@@ -56,8 +56,10 @@ def package_copy(tmp_path_factory):
 # ---- uuid ---------------------------------------------------------------------------------------------------------
 
 def test_rule_and_kernel_sources_are_all_hashed():
-    rules = {f"patterns/{m}.py" for m in ("mask_topk", "index_score", "gather_dequant", "windowed_softmax")}
-    kernels = {f"lowerings/{m}.py" for m in ("masked_topk", "index_score", "gather_dequant", "windowed_softmax")}
+    rules = {f"patterns/{m}.py" for m in ("mask_topk", "index_score", "gather_dequant", "windowed_softmax",
+                                          "windowed_attention")}
+    kernels = {f"lowerings/{m}.py" for m in ("masked_topk", "index_score", "gather_dequant", "windowed_softmax",
+                                            "windowed_attention")}
     assert rules <= set(RULE_AND_KERNEL_SOURCES) and kernels <= set(RULE_AND_KERNEL_SOURCES)
     assert "pass_manager.py" in SOURCES and "canonicalize.py" in SOURCES
 

@@ -85,6 +85,19 @@ def test_windowed_softmax(fresh):
     assert _matched() >= 1
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_windowed_attention(fresh, dtype):
+    from dsa_inductor.report import _STATS
+
+    g = torch.Generator(device="cuda").manual_seed(5)
+    q, k, v = (torch.randn(1000, 128, device="cuda", generator=g).to(dtype) for _ in range(3))
+    eager = bw.sliding_window_attention(q, k, v, 37)
+    for out in _run_graphed(bw.sliding_window_attention, (q, k, v, 37)):
+        why = bw._check_attention((q, k, v, 37), eager, out)
+        assert why is None, why
+    assert sum(_STATS["windowed_attention"].matches.values()) >= 1
+
+
 def test_index_score(fresh):
     g = torch.Generator(device="cuda").manual_seed(4)
     q = torch.randn(1, 200, 8, 128, device="cuda", generator=g).bfloat16()

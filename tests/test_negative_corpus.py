@@ -6,7 +6,9 @@ an example-input factory, the rule it nearly matches and why it must be left alo
 compiles each entry once (static shapes, every rule registered, caches off) and asserts
 
 * zero matches and zero follow-up rewrites across *all* rules (``dsa_inductor.report._STATS``, the numbers
-  behind ``dsa_inductor.report()``), and no ``dsa_inductor`` op in the generated code;
+  behind ``dsa_inductor.report()``), and no ``dsa_inductor`` op in the generated code; except, for an entry
+  with ``allowed`` rules, that those may rewrite the part of the program that is theirs (``windowed_attention``
+  near misses: ``windowed_softmax`` rightly fuses the softmax), and only the near-missed rule's op is absent;
 * that the rule it nearly matches did examine it (a candidate, with a recorded rejection), where the
   program reaches that rule's anchor at all (``seen``), so the entry exercises the rule's checks;
 * compiled output == eager (integer outputs exactly; floats within ``TOL`` by dtype, NaN where eager has NaN).
@@ -40,6 +42,7 @@ from test_index_score_rule import (nm_bf16_scores, nm_broadcast_weights, nm_gelu
 from test_mask_topk_rule import (nm_largest_false, nm_le_bound, nm_masked_after_topk, nm_other_dim,
                                  nm_reused_masked_logits, nm_unmasked)
 from test_mask_topk_rule import nm_offset_arange as mt_nm_offset_arange
+import test_windowed_attention_rule as wa
 from test_windowed_softmax_rule import nm_finite_fill, nm_log_softmax, nm_materialized_mask
 from test_windowed_softmax_rule import nm_offset_arange as ws_nm_offset_arange
 from test_windowed_softmax_rule import nm_other_dim as ws_nm_other_dim
@@ -377,6 +380,7 @@ class NearMiss:
     rule: str  # the rule it nearly matches ("sparse_attention": the idiom no rule takes yet)
     why: str  # why a rewrite would be wrong (or cannot express it)
     seen: bool = True  # the program reaches the rule's anchor: it must be a candidate, rejected with a reason
+    allowed: tuple = ()  # rules that rightly rewrite part of the program (the near-missed rule's op stays out)
 
 
 CORPUS = [
@@ -500,6 +504,22 @@ CORPUS = [
              "kv positions from a tensor (position ids), not an arange: no window of columns"),
     NearMiss("ws_scalar_bound", ws_scalar_bound, scalar_bound, "windowed_softmax",
              "arange < a 0-d end: one bound for all rows (was a bug: the compile crashed in the check)"),
+    # windowed_attention: windowed_softmax rightly fuses the softmax, the chain around it must not be folded
+    *[NearMiss(f"wa_{fn.__name__[3:]}", fn, wa.near_miss_inputs, "windowed_attention", why,
+               allowed=("windowed_softmax",)) for fn, why in [
+        (wa.nm_probs_reused, "the attention weights are also returned summed: they must be materialized"),
+        (wa.nm_scores_reused, "the scaled scores also feed an amax: they must be materialized"),
+        (wa.nm_softmax_over_queries, "the scores transposed: the window and softmax run over the queries"),
+        (wa.nm_probs_on_the_right, "v^T @ probs: the weights are the right operand"),
+        (wa.nm_bias_added, "a bias added to the scaled scores, which the op does not add"),
+        (wa.nm_two_scales, "two scale factors, each product rounded: the op applies one"),
+    ]],
+    NearMiss("wa_probs_rounded_then_upcast", wa.nm_probs_rounded_then_upcast,
+             lambda: wa.near_miss_inputs(torch.bfloat16), "windowed_attention",
+             "weights rounded to bf16, multiplied with fp32 v: the op rounds them to v's dtype only",
+             allowed=("windowed_softmax",)),
+    NearMiss("wa_non_window_mask", wa.nm_non_window_mask, wa.near_miss_inputs, "windowed_attention",
+             "a data-dependent mask (scores > 1): no window, no windowed softmax to fold", seen=False),
     # sparse attention (no rule yet: these must stay unmatched when one is added)
     NearMiss("sa_scatter_true", sa_scatter_true, attention, "sparse_attention",
              "True scattered into a zero mask used as drop mask: the selected keys are dropped",
@@ -558,8 +578,11 @@ def test_near_miss_not_rewritten(fresh, case):
     with torch.no_grad():
         out, code = run_and_get_code(torch.compile(case.fn, dynamic=False, fullgraph=True), *args)
         ref = case.fn(*args)
-    assert _all_rewrites() == {}, f"{case.name} ({case.why}) was rewritten:\n{fresh.report()}"
-    assert "torch.ops.dsa_inductor" not in "\n".join(code)
+    assert set(_all_rewrites()) <= set(case.allowed), f"{case.name} ({case.why}) was rewritten:\n{fresh.report()}"
+    if case.allowed:  # part of the program is rightly fused: only the near-missed rule's op must be absent
+        assert fresh.RULES[case.rule].op.replace("::", ".") not in "\n".join(code)
+    else:
+        assert "torch.ops.dsa_inductor" not in "\n".join(code)
     if case.seen:
         st = _STATS.get(case.rule)
         assert st is not None and st.candidates >= 1 and sum(st.rejections.values()) >= 1, fresh.report()

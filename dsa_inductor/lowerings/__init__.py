@@ -8,9 +8,10 @@ difference.  The check of a rewrite against the eager subgraph it replaced is ``
 from . import gather_dequant, masked_topk, windowed_softmax
 from . import index_score
 from . import sparse_attention
+from . import windowed_attention
 
 OPS = (masked_topk, gather_dequant, windowed_softmax)
-OPS += (index_score, sparse_attention)
+OPS += (index_score, sparse_attention, windowed_attention)
 
 
 def set_verify(flag: bool) -> None:
@@ -19,4 +20,4 @@ def set_verify(flag: bool) -> None:
 
 
 __all__ = ["masked_topk", "gather_dequant", "windowed_softmax", "OPS", "set_verify"]
-__all__ += ["index_score", "sparse_attention"]
+__all__ += ["index_score", "sparse_attention", "windowed_attention"]

@@ -85,10 +85,18 @@ def non_constant_scalar(v: Variant, match: Match) -> Optional[str]:
     symbolic int (a size) may stand for an int argument (the ops take ``SymInt``).
     """
     for name in v.scalar_workaround:
-        value = match.kwargs.get(name)
-        if isinstance(value, torch.fx.Node) and not isinstance(value.meta.get("val"), (int, torch.SymInt)):
-            return (f"`{name}` is a graph input ({type(value.meta.get('val')).__name__}), not a constant: "
-                    "Dynamo did not specialize it")
+        reason = graph_value_reason(name, match.kwargs.get(name))
+        if reason is not None:
+            return reason
+    return None
+
+
+def graph_value_reason(name: str, value) -> Optional[str]:
+    """Why a scalar argument ``name`` bound to ``value`` cannot be a fused op's number: a graph value (a 0-d
+    tensor input, a float Dynamo did not specialize) rather than a Python number or a (symbolic) int."""
+    if isinstance(value, torch.fx.Node) and not isinstance(value.meta.get("val"), (int, torch.SymInt)):
+        return (f"`{name}` is a graph input ({type(value.meta.get('val')).__name__}), not a constant: "
+                "Dynamo did not specialize it")
     return None
 
 

@@ -26,6 +26,10 @@ not NaN, and masked positions are not exactly 0.  A mask comparison that the bou
 take (an offset ``arange``, a comparison of two per-row tensors) is left alone.  ``x + additive_mask``
 is not matched: eager's ``+inf + -inf`` outside the window is NaN, which a kernel that never reads
 outside the window cannot reproduce.
+
+When the probabilities only feed ``@ v`` and the scores are a scaled ``q @ k^T``, the next rule,
+``windowed_attention`` (``patterns/windowed_attention.py``), folds the op inserted here into
+``dsa_inductor::windowed_attention``, which writes neither the dense scores nor the probabilities.
 """
 
 from __future__ import annotations

@@ -1,0 +1,58 @@
+"""Sweep the windowed attention kernel's tiles, warps and stages at the benchmark shape (q, k, v [8192, 128],
+a 128-key sliding window), direct kernel calls; each config is checked against eager first.
+
+    python bench/tune_windowed_attention.py [--t 8192] [--w 128] [--dtype bfloat16|float32] [--fp32-dot ieee|tf32x3]
+
+``--fp32-dot`` sets ``windowed_attention.FP32_PRECISION`` for fp32 inputs ("ieee" is the default: eager's fp32
+matmul without TF32; "tf32x3" runs on tensor cores with close to fp32 accuracy; the check says whether it
+stays within the fp32 tolerance).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+import triton.testing
+
+from dsa_inductor.lowerings import windowed_attention as mod
+from dsa_inductor.testing import windowed_attention_mismatch
+
+
+def _us(fn):
+    return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median") * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--t", type=int, default=8192)
+    ap.add_argument("--w", type=int, default=128)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--fp32-dot", default=mod.FP32_PRECISION)
+    a = ap.parse_args()
+    t, w, dtype = a.t, a.w, getattr(torch, a.dtype)
+    mod.FP32_PRECISION = a.fp32_dot
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(t, 128, device="cuda", generator=g).to(dtype) for _ in range(3))
+    pos = torch.arange(t, device="cuda")
+    s, e = pos - w + 1, pos + 1
+    scale = 128 ** -0.5
+    ref = mod.windowed_attention_reference(q, k, v, s, e, scale, dtype)
+    print(f"{torch.cuda.get_device_name()}: {t}x128 {a.dtype}, window {w}, fp32 dot {a.fp32_dot}; "
+          f"eager (dense) {_us(lambda: mod.windowed_attention_reference(q, k, v, s, e, scale, dtype)):.1f} us; "
+          f"a [{t}, 128] copy {_us(lambda: q.clone()):.1f} us")
+    for bm, bn, warps, stages in itertools.product([32, 64, 128], [32, 64, 128], [4, 8], [2, 3]):
+        kw = dict(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages)
+        try:
+            out = mod.windowed_attention_triton(q, k, v, s, e, scale, dtype, **kw)
+        except Exception as err:  # noqa: BLE001  (a config the compiler refuses, e.g. out of shared memory)
+            print(f"bm {bm:3d} bn {bn:3d} warps {warps} stages {stages}: {type(err).__name__}")
+            continue
+        why = windowed_attention_mismatch(ref, out, dtype)
+        us = _us(lambda: mod.windowed_attention_triton(q, k, v, s, e, scale, dtype, **kw))
+        print(f"bm {bm:3d} bn {bn:3d} warps {warps} stages {stages}: {us:8.1f} us {why or 'ok'}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

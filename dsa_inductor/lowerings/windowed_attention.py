@@ -1,0 +1,348 @@
+"""``dsa_inductor::windowed_attention``: attention whose softmax sees only a per-row key window.
+
+Idiom (DeepSeek-V4 sliding-window attention over the last 128 keys; DSA prefill with per-query
+``[ks, ke)`` key offsets from ``cu_seqlens``; any causal attention written with an ``arange`` mask)::
+
+    scores = (q @ k.transpose(-1, -2)) * scale            # or / sqrt(d), einsum; batch and head dims
+    scores = scores.masked_fill(~keep, float("-inf"))      # keep: row_starts <= kv < row_ends (an arange test)
+    out = torch.softmax(scores, dim=-1) @ v                # or softmax(..., dtype=float32).to(v.dtype)
+
+The rule ``windowed_softmax`` turns the masked softmax into ``dsa_inductor::windowed_softmax``, which must
+still write the dense ``[..., S, T]`` probabilities (a 128-key window over 8192 x 8192 fp32 writes 256 MiB,
+80 us on an H100).  When the probabilities only feed ``@ v`` and the scores come from ``q @ k^T``, the rule
+``windowed_attention`` fuses the whole chain into this op, which writes neither the scores nor the
+probabilities: only ``[..., S, Dv]``.
+
+Semantics (the matched eager graph, rounding points included)::
+
+    s = (q @ k^T)                          # fp32 accumulation, rounded to q.dtype (the matmul's result)
+    s = s.to(scores_dtype) * scale         # computed in fp32, rounded to scores_dtype (q.dtype or float32)
+    p = softmax(where(keep, s, -inf), dim=-1, dtype=float32).to(v.dtype)
+    out = p @ v                            # fp32 accumulation, rounded to v.dtype
+
+with ``keep[..., i, j] = row_starts[..., i] <= j < row_ends[..., i]`` (either bound optional).  The batch
+dims of ``q``, ``k``, ``v`` and the row bounds broadcast as ``torch.matmul`` and ``where`` do; ``scale``
+multiplies (a ``/ c`` in the graph arrives as ``* (1 / c)``, which may differ from eager's division in the
+last bit of the scores).  A row with no key in its window (or whose kept scores are all ``-inf``) is NaN,
+as eager's softmax over all ``-inf``; ``T == 0`` gives zeros, as eager's empty matmul.
+
+CUDA path (``windowed_attention_triton``), FlashAttention-2's forward (Dao, 2023): one program per
+(block of ``BLOCK_M`` query rows, batch entry), a 1-d grid; each program loads its query rows once and
+walks only the keys ``[min row_start, max row_end)`` of its rows in ``BLOCK_N`` tiles (a sliding window of 128 reads
+``128 + BLOCK_M - 1`` keys per block, not T), masking each element to its own row's window; ``q k^T`` and
+``P V`` are ``tl.dot`` on tensor cores with an online softmax in fp32 (``exp2``).  The rounding of the
+matched graph is reproduced on the scores (to ``q.dtype``, then to ``scores_dtype`` after the scale) and on
+the unnormalized weights (to ``v.dtype`` before ``P V``; eager rounds the normalized ones, a difference within
+``dsa_inductor.testing.ATTENTION_TOLERANCES``).  Keys outside the block's span are never read; within it,
+keys outside a row's window are read for their neighbours but weigh exactly 0 in that row.  Non-finite
+values in ``k`` or ``v`` outside a row's window are where eager and the kernel differ: eager multiplies
+them by 0 in the dense ``p @ v`` (NaN in every row for an inf or NaN in ``v``), the kernel never reads them
+or reads them for neighbouring rows only.
+
+CPU path: plain torch, the dense eager computation above (Inductor calls the op as an extern kernel).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+
+from ..testing import windowed_attention_mismatch
+from .host import broadcast_shapes
+from .registry import fused_op
+from .windowed_softmax import window_keep
+
+try:  # triton is optional on CPU-only installs; the CPU path never needs it.
+    import triton
+    import triton.language as tl
+
+    from .sparse_attention import _up
+except ImportError:  # pragma: no cover - exercised only without triton
+    triton = None
+
+OP_NAME = "dsa_inductor::windowed_attention"
+VERIFY = False  # set by register_dsa_passes(verify=True): check each CUDA call against the plain-torch path
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_LOG2E = 1.4426950408889634
+# Tunables (bf16/fp16 inputs, fp32 inputs): query rows and keys per tile, warps, pipeline stages.
+CONFIG_16 = dict(block_m=64, block_n=64, num_warps=4, num_stages=2)
+CONFIG_32 = dict(block_m=64, block_n=32, num_warps=4, num_stages=2)
+# fp32 dots: "ieee" as eager's fp32 matmul without TF32 ("tf32x3" is faster and close to fp32, not equal)
+FP32_PRECISION = "ieee"
+
+
+def _check_args(q, k, v, row_starts, row_ends, scale, scores_dtype):
+    """Raise ValueError/TypeError naming the offending argument; returns the output shape."""
+    name = "windowed_attention"
+    for arg, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() < 2:
+            raise ValueError(f"{name}: `{arg}` must be a tensor with at least 2 dims, got {getattr(t, 'shape', t)}")
+        if t.dtype not in _FLOATS:
+            raise TypeError(f"{name}: `{arg}` must be float32, float16 or bfloat16, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name}: `{arg}` is on {t.device}, `q` on {q.device}")
+    if k.dtype != q.dtype:
+        raise TypeError(f"{name}: `k` must have the dtype of `q` ({q.dtype}), got {k.dtype}")
+    if _known_differ(k.shape[-1], q.shape[-1]):
+        raise ValueError(f"{name}: `k` has head dim {k.shape[-1]}, `q` has {q.shape[-1]}")
+    if _known_differ(v.shape[-2], k.shape[-2]):
+        raise ValueError(f"{name}: `v` has {v.shape[-2]} keys, `k` has {k.shape[-2]}")
+    shape = (*q.shape[:-1],)  # the rows [*batch, S], broadcast with every other argument in turn
+    for arg, own in (("k", (*k.shape[:-2], 1)), ("v", (*v.shape[:-2], 1)), ("row_starts", row_starts),
+                     ("row_ends", row_ends)):
+        if own is None:
+            continue
+        if isinstance(own, torch.Tensor):
+            if own.dtype not in (torch.int32, torch.int64):
+                raise TypeError(f"{name}: `{arg}` must be an int32 or int64 tensor, got {own.dtype}")
+            if own.device != q.device:
+                raise ValueError(f"{name}: `{arg}` is on {own.device}, `q` on {q.device}")
+            own = tuple(own.shape)
+        try:
+            shape = tuple(broadcast_shapes(shape, own))
+        except RuntimeError:
+            raise ValueError(f"{name}: `{arg}` ({'batch dims' if arg in ('k', 'v') else 'shape'} {own}) does "
+                             f"not broadcast with the rows {shape} of `q`") from None
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"{name}: `scale` must be a finite number, got {scale!r}")
+    if scores_dtype not in (q.dtype, torch.float32):
+        raise TypeError(f"{name}: `scores_dtype` must be q's dtype ({q.dtype}) or torch.float32, got {scores_dtype}")
+    return (*shape, v.shape[-1])
+
+
+def _known_differ(a, b) -> bool:
+    """Sizes known to differ (a symbolic size under tracing is checked again on the real call)."""
+    return isinstance(a, int) and isinstance(b, int) and a != b
+
+
+def windowed_attention_reference(q, k, v, row_starts=None, row_ends=None, scale=1.0, scores_dtype=None):
+    """Plain-torch definition of the op (its CPU path, and the oracle of the kernel tests): the dense eager
+    computation, ``[..., S, T]`` scores and probabilities included."""
+    scores_dtype = scores_dtype or q.dtype
+    s = torch.matmul(q, k.transpose(-1, -2)).to(scores_dtype) * scale
+    keep = window_keep(s.shape[-1], row_starts, row_ends, device=q.device)
+    if keep is not None:
+        s = torch.where(keep, s, torch.tensor(float("-inf"), dtype=s.dtype, device=s.device))
+    p = torch.softmax(s, dim=-1, dtype=torch.float32).to(v.dtype)
+    return torch.matmul(p, v)
+
+
+def _zh_strides(t, batch, last):
+    """``(tensor, strides)``: ``t`` broadcast to ``(*batch, *last)`` read as ``[Z, H, *last]`` (H the last batch
+    dim, Z the others merged), by strides alone (no view is made: each torch call costs host time on every
+    op call).  A broadcast dim has stride 0; when the merged dims' strides do not line up, ``t`` is copied."""
+    full = (*batch, *last)
+    shape, stride = tuple(t.shape), tuple(t.stride())
+    pad = len(full) - len(shape)
+    st = [0] * pad + [0 if n == 1 else x for n, x in zip(shape, stride)]
+    nb = len(batch)
+    h = st[nb - 1] if nb else 0
+    z, inner = 0, None  # Z's stride: its innermost dim of size > 1; outer ones must follow on from it
+    for i in range(nb - 2, -1, -1):
+        if full[i] == 1:
+            continue
+        if inner is None:
+            z, inner = st[i], i
+        elif st[i] != st[inner] * full[inner]:
+            t = t.expand(full).contiguous()
+            return _zh_strides(t, batch, last)
+        else:
+            inner = i
+    return t, (z, h, *st[nb:])
+
+
+if triton is not None:
+
+    @triton.jit(do_not_specialize=["S", "T"])
+    def _windowed_attention_kernel(
+        q_ptr, qs_z, qs_h, qs_s, qs_d,
+        k_ptr, ks_z, ks_h, ks_t, ks_d,
+        v_ptr, vs_z, vs_h, vs_t, vs_d,
+        st_ptr, sts_z, sts_h, sts_s,
+        en_ptr, ens_z, ens_h, ens_s,
+        o_ptr, os_z, os_h, os_s,
+        S, T, H, scale,
+        D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+        HAS_STARTS: tl.constexpr, HAS_ENDS: tl.constexpr,
+        MM_DTYPE: tl.constexpr, SCORES_DTYPE: tl.constexpr, ROUND: tl.constexpr,
+        QK_PREC: tl.constexpr, PV_PREC: tl.constexpr, INTERPRETED: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """One program per (BLOCK_M query rows, batch entry): FlashAttention-2 over the block's key span."""
+        # A 1-d grid, the row blocks of one batch entry consecutive (the order of a (row blocks, batch) grid,
+        # without the 65535 limit of a second grid dim).
+        pid = tl.program_id(0).to(tl.int64)
+        n_m = tl.cdiv(S, BLOCK_M)
+        zh = pid // n_m
+        z = zh // H
+        h = zh % H
+        rows = (pid % n_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < S
+        # Each row's window, clamped to [0, T]; rows past S and empty windows widen nothing.
+        lo = tl.zeros((BLOCK_M,), tl.int32)
+        hi = tl.zeros((BLOCK_M,), tl.int32) + T
+        if HAS_STARTS:
+            st = tl.load(st_ptr + z * sts_z + h * sts_h + rows * sts_s, mask=rmask, other=0)
+            lo = tl.minimum(tl.maximum(st, 0), T).to(tl.int32)
+        if HAS_ENDS:
+            en = tl.load(en_ptr + z * ens_z + h * ens_h + rows * ens_s, mask=rmask, other=0)
+            hi = tl.minimum(tl.maximum(en, 0), T).to(tl.int32)
+        counts = rmask & (lo < hi)
+        lo = tl.where(counts, lo, T)
+        hi = tl.where(counts, hi, 0)
+        span_lo = tl.min(lo, 0)
+        span_hi = tl.max(hi, 0)
+
+        d = tl.arange(0, BLOCK_D)
+        dv = tl.arange(0, BLOCK_DV)
+        q = tl.load(q_ptr + z * qs_z + h * qs_h + rows[:, None] * qs_s + d[None, :] * qs_d,
+                    mask=rmask[:, None] & (d[None, :] < D), other=0.0)
+        k_base = k_ptr + z * ks_z + h * ks_h
+        v_base = v_ptr + z * vs_z + h * vs_h
+        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
+        for start in range(span_lo, span_hi, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            cmask = cols < span_hi  # never past the block's span (span_hi <= T)
+            kt = tl.load(k_base + cols[None, :].to(tl.int64) * ks_t + d[:, None] * ks_d,
+                         mask=cmask[None, :] & (d[:, None] < D), other=0.0)  # [BLOCK_D, BLOCK_N]
+            s = tl.dot(_up(q, INTERPRETED), _up(kt, INTERPRETED), input_precision=QK_PREC)
+            if ROUND:  # the matched graph's rounding: matmul result, then the scaled scores
+                s = _to(s, MM_DTYPE, INTERPRETED).to(tl.float32) * scale
+                s = _to(s, SCORES_DTYPE, INTERPRETED).to(tl.float32) * 1.4426950408889634
+            else:
+                s = s * (scale * 1.4426950408889634)
+            keep = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
+            s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no finite score yet: weights exp2(-inf) = 0
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            vt = tl.load(v_base + cols[:, None].to(tl.int64) * vs_t + dv[None, :] * vs_d,
+                         mask=cmask[:, None] & (dv[None, :] < DV), other=0.0)  # [BLOCK_N, BLOCK_DV]
+            pv = _up(_to(p, vt.dtype, INTERPRETED), INTERPRETED)  # the weights rounded to v's dtype
+            acc = tl.dot(pv, _up(vt, INTERPRETED), acc * alpha[:, None], input_precision=PV_PREC)
+            m_i = m_new
+        empty = l_i == 0.0  # no key in the window, or all -inf: NaN, as eager's softmax
+        out = tl.where(empty[:, None], float("nan"), acc / tl.where(empty, 1.0, l_i)[:, None])
+        tl.store(o_ptr + z * os_z + h * os_h + rows[:, None] * os_s + dv[None, :],
+                 _to(out, o_ptr.dtype.element_ty, INTERPRETED), mask=rmask[:, None] & (dv[None, :] < DV))
+
+    @triton.jit
+    def _to(x, DTYPE: tl.constexpr, INTERPRETED: tl.constexpr):
+        """fp32 ``x`` rounded to ``DTYPE`` to nearest even, as torch rounds.  Triton's interpreter truncates
+        fp32 -> bf16 (3.9, ``interpreter.py`` ``cast_impl``); under it the rounding is done on the bits."""
+        if INTERPRETED:
+            if DTYPE == tl.bfloat16:
+                bits = x.to(tl.uint32, bitcast=True)
+                bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+                x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))  # (NaN kept as is)
+        return x.to(DTYPE)
+
+
+_TL_DTYPES = {}
+if triton is not None:
+    _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def _pow2(n):
+    return max(16, triton.next_power_of_2(n))
+
+
+def windowed_attention_triton(q, k, v, row_starts=None, row_ends=None, scale=1.0, scores_dtype=None,
+                              block_m=None, block_n=None, num_warps=None, num_stages=None):
+    """Run the Triton kernel (the op's CUDA path; tests and tuning call it directly).
+
+    ``block_m`` (query rows per program), ``block_n`` (keys per tile), ``num_warps`` and ``num_stages`` are
+    tunables (defaults ``CONFIG_16`` / ``CONFIG_32`` by q's dtype); tests shrink the tiles so that several
+    blocks and tiles run under ``TRITON_INTERPRET=1``.
+    """
+    if triton is None:
+        raise RuntimeError("windowed_attention: triton is not installed")
+    scores_dtype = scores_dtype or q.dtype
+    shape = _check_args(q, k, v, row_starts, row_ends, scale, scores_dtype)
+    batch, s, t, d, dvn = shape[:-2], shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+    out = q.new_empty(shape, dtype=v.dtype)
+    if out.numel() == 0:
+        return out
+    if t == 0:  # eager: softmax over no key is empty, and the empty matmul is 0
+        return out.zero_()
+    q_, qs = _zh_strides(q, batch, (s, d))
+    k_, ks = _zh_strides(k, batch, (t, d))
+    v_, vs = _zh_strides(v, batch, (t, dvn))
+    st_, sts = _zh_strides(row_starts, batch, (s,)) if row_starts is not None else (q, (0, 0, 0))
+    en_, ens = _zh_strides(row_ends, batch, (s,)) if row_ends is not None else (q, (0, 0, 0))
+    h = batch[-1] if batch else 1
+    z = out.numel() // (h * s * dvn)
+    cfg = dict(CONFIG_32 if q.dtype == torch.float32 else CONFIG_16)
+    cfg.update({n: x for n, x in (("block_m", block_m), ("block_n", block_n), ("num_warps", num_warps),
+                                  ("num_stages", num_stages)) if x})
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    upcast = interpret  # 16-bit dots upcast, bf16 rounding on the bits (see _up, _to)
+    fp32 = "ieee" if interpret else FP32_PRECISION
+
+    def prec(dtype):
+        return fp32 if dtype == torch.float32 or upcast else "tf32"
+
+    grid = (triton.cdiv(s, cfg["block_m"]) * z * h,)
+    _windowed_attention_kernel[grid](
+        q_, *qs, k_, *ks, v_, *vs, st_, *sts, en_, *ens, out, h * s * dvn, s * dvn, dvn, s, t, h, float(scale),
+        D=d, DV=dvn, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dvn),
+        HAS_STARTS=row_starts is not None, HAS_ENDS=row_ends is not None,
+        MM_DTYPE=_TL_DTYPES[q.dtype], SCORES_DTYPE=_TL_DTYPES[scores_dtype],
+        ROUND=q.dtype != torch.float32 or scores_dtype != torch.float32,
+        QK_PREC=prec(q.dtype), PV_PREC=prec(v.dtype), INTERPRETED=upcast,
+        BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return out
+
+
+@fused_op(OP_NAME)
+def windowed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    row_starts: Optional[torch.Tensor],
+    row_ends: Optional[torch.Tensor],
+    scale: float,
+    scores_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Fused ``softmax(where(keep, (q @ k^T) * scale, -inf), -1) @ v`` over per-row key windows.
+
+    Args:
+        q: ``[..., S, D]`` float32 / float16 / bfloat16 (any strides).
+        k: ``[..., T, D]``, q's dtype.
+        v: ``[..., T, Dv]``, any of the three float dtypes (the weights are rounded to it before ``@ v``).
+        row_starts, row_ends: optional int32/int64 per-row bounds, broadcastable to the rows ``[..., S]``:
+            keys ``row_starts <= j < row_ends`` are kept (bounds past the row are clamped, as eager's
+            ``arange`` comparison).
+        scale: finite number multiplying the scores.
+        scores_dtype: ``q.dtype`` or ``torch.float32``: the dtype the scale is applied in (``(q @ k^T) *
+            scale`` in q's dtype, or ``(q @ k^T).float() * scale``).
+
+    Returns:
+        ``[*batch, S, Dv]`` in ``v.dtype`` (batch: the broadcast of the batch dims of q, k, v and the
+        bounds); NaN rows where a row's window holds no key, as eager.
+
+    Raises:
+        ValueError / TypeError naming the argument: bad rank, dtype, device, shapes or broadcast.
+    """
+    args = (q, k, v, row_starts, row_ends, scale, scores_dtype)
+    if q.device.type != "cuda":  # (on CUDA, the *_triton function checks them)
+        _check_args(*args)
+        return windowed_attention_reference(*args)
+    out = windowed_attention_triton(*args)
+    if VERIFY:
+        why = windowed_attention_mismatch(windowed_attention_reference(*args), out, q.dtype)
+        if why is not None:
+            raise AssertionError(f"dsa_inductor verify: rule windowed_attention ({OP_NAME}) differs from eager: {why}")
+    return out
+
+
+@windowed_attention.register_fake
+def _windowed_attention_fake(q, k, v, row_starts, row_ends, scale, scores_dtype):
+    return q.new_empty(_check_args(q, k, v, row_starts, row_ends, scale, scores_dtype), dtype=v.dtype)

@@ -1,0 +1,185 @@
+"""The windowed attention kernel itself, against eager's dense chain (matmul, masked_fill(-inf), softmax, matmul).
+
+On CPU the Triton kernel runs under TRITON_INTERPRET=1 (set by conftest) at small sizes with small tiles, so
+several row blocks, several key tiles per block, windows crossing tile edges and empty windows all run; on
+CUDA at larger sizes with the real tiles as well.
+"""
+
+import math
+
+import pytest
+import torch
+from conftest import examples
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dsa_inductor.lowerings import windowed_attention as mod
+from dsa_inductor.lowerings.windowed_attention import windowed_attention_reference, windowed_attention_triton
+from dsa_inductor.testing import windowed_attention_mismatch
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+MAX_T = 700 if CUDA else 50
+TILES = [(None, None), (16, 16), (32, 64), (128, 32)] if CUDA else [(16, 16), (16, 32), (32, 16)]
+FLOATS = [torch.float32, torch.float16, torch.bfloat16]
+NEG_INF = float("-inf")
+
+
+def eager(q, k, v, s=None, e=None, scale=1.0, scores_dtype=None):
+    """What model code computes, written independently of the op's reference."""
+    scores = (q @ k.transpose(-1, -2)).to(scores_dtype or q.dtype) * scale
+    pos = torch.arange(k.shape[-2], device=q.device)
+    keep = torch.ones_like(pos, dtype=torch.bool)
+    if s is not None:
+        keep = keep & (pos >= s[..., None])
+    if e is not None:
+        keep = keep & (pos < e[..., None])
+    probs = torch.softmax(scores.masked_fill(~keep, NEG_INF), dim=-1, dtype=torch.float32)
+    return probs.to(v.dtype) @ v
+
+
+@st.composite
+def problems(draw):
+    t = draw(st.integers(0 if CUDA else 1, MAX_T))
+    s = draw(st.integers(1, MAX_T))
+    d, dv = draw(st.integers(1, 40)), draw(st.integers(1, 40))
+    batch = draw(st.sampled_from([(), (2,), (2, 3), (1, 2, 2)]))
+    shared = draw(st.booleans()) and len(batch) >= 1  # k/v one head for all (a broadcast batch dim)
+    kv_batch = (*batch[:-1], 1) if shared else batch
+    dtype = draw(st.sampled_from(FLOATS))
+    v_dtype = draw(st.sampled_from([dtype, torch.float32]))
+    scores_dtype = draw(st.sampled_from([dtype, torch.float32]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    q = torch.randn(*batch, s, d, generator=g).to(dtype)
+    k = torch.randn(*kv_batch, t, d, generator=g).to(dtype)
+    v = torch.randn(*kv_batch, t, dv, generator=g).to(v_dtype)
+    idt = draw(st.sampled_from([torch.int32, torch.int64]))
+    mode = draw(st.sampled_from(["sliding", "causal", "range", "starts", "none", "per_head"]))
+    kw = {}
+    qpos = torch.arange(s) + (t - s)
+    if mode == "sliding":
+        w = draw(st.integers(1, t + 3))  # window sizes from 1 to beyond T
+        kw = dict(row_starts=qpos - w + 1, row_ends=qpos + 1)
+    elif mode == "causal":
+        kw = dict(row_ends=qpos + 1)
+    elif mode in ("range", "starts"):
+        kw["row_starts"] = torch.randint(-3, t + 3, (s,), generator=g)
+        if mode == "range":
+            kw["row_ends"] = torch.randint(-3, t + 3, (s,), generator=g)
+            kw["row_ends"][0] = kw["row_starts"][0]  # an empty row: NaN, as eager
+    elif mode == "per_head" and batch:  # bounds that vary along the last batch dim too
+        kw["row_starts"] = torch.randint(-1, t + 1, (batch[-1], s), generator=g)
+        kw["row_ends"] = kw["row_starts"] + torch.randint(0, 9, (batch[-1], s), generator=g)
+    kw = {n: b.to(idt) for n, b in kw.items()}
+    # Scores of a few units, as attention's: q @ k^T is rounded to q's dtype, and one ulp of a large score from
+    # another summation order (eager's matmul, the kernel's dot) would move its weight by more than the tolerance.
+    scale = draw(st.sampled_from([1.0, 2.0])) / math.sqrt(d)
+    return q, k, v, kw, scale, scores_dtype, draw(st.sampled_from(TILES))
+
+
+def _to(kw, device):
+    return {n: b.to(device) for n, b in kw.items()}
+
+
+@settings(max_examples=examples(cuda=300, cpu=80))
+@given(problems())
+def test_kernel_equals_eager(problem):
+    q, k, v, kw, scale, scores_dtype, (bm, bn) = problem
+    q, k, v, kw = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), _to(kw, DEVICE)
+    out = windowed_attention_triton(q, k, v, **kw, scale=scale, scores_dtype=scores_dtype, block_m=bm, block_n=bn)
+    ref = eager(q, k, v, kw.get("row_starts"), kw.get("row_ends"), scale, scores_dtype)
+    why = windowed_attention_mismatch(ref, out, q.dtype)
+    assert why is None, why
+    mine = windowed_attention_reference(q, k, v, **kw, scale=scale, scores_dtype=scores_dtype)
+    assert windowed_attention_mismatch(ref, mine, q.dtype) is None
+
+
+def test_empty_and_nonfinite_rows_match_eager_nans():
+    # rows: empty window; a NaN key in the window; an inf key in the window; a NaN key only outside the window
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(4, 16, generator=g), torch.randn(40, 16, generator=g), torch.randn(40, 8, generator=g)
+    k[10, 3] = float("nan")
+    k[20] = float("inf")
+    k[35, 0] = float("nan")
+    s = torch.tensor([5, 8, 18, 24])
+    e = torch.tensor([5, 12, 22, 30])
+    out = windowed_attention_triton(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), s.to(DEVICE), e.to(DEVICE),
+                                    block_m=16, block_n=16)
+    ref = eager(q, k, v, s, e)
+    assert ref[:3].isnan().all() and not ref[3].isnan().any()  # eager's behaviour, which the op copies
+    assert windowed_attention_mismatch(ref, out.cpu(), q.dtype) is None
+
+
+def test_keys_outside_the_windows_never_read():
+    # k and v NaN outside the union of the windows [10, 40): a kernel that read (and multiplied) them would
+    # give NaN rows; eager would too (0 * NaN in its dense p @ v), so the oracle is the NaN-free problem.
+    g = torch.Generator().manual_seed(1)
+    t, s = 60, 48
+    q, k, v = torch.randn(s, 16, generator=g), torch.randn(t, 16, generator=g), torch.randn(t, 8, generator=g)
+    starts = 10 + torch.arange(s) // 2
+    ends = starts + 1 + torch.arange(s) % 7
+    starts[5], ends[5] = 0, 0  # an empty window at 0 widens no block's span (NaN row, as eager)
+    kn, vn = k.clone(), v.clone()
+    kn[:10], kn[40:], vn[:10], vn[40:] = float("nan"), float("nan"), float("nan"), float("nan")
+    out = windowed_attention_triton(q.to(DEVICE), kn.to(DEVICE), vn.to(DEVICE), starts.to(DEVICE), ends.to(DEVICE),
+                                    block_m=16, block_n=16).cpu()
+    assert out[5].isnan().all() and not out[torch.arange(s) != 5].isnan().any()
+    assert windowed_attention_mismatch(eager(q, k, v, starts, ends), out, q.dtype) is None
+
+
+def test_no_keys_gives_zeros_as_eager():
+    q, k, v = torch.randn(2, 5, 8), torch.randn(2, 0, 8), torch.randn(2, 0, 4)
+    ref = eager(q, k, v, None, torch.tensor([0, 1, 2, 3, 4]))
+    assert torch.equal(ref, torch.zeros(2, 5, 4))
+    out = windowed_attention_triton(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), None,
+                                    torch.tensor([0, 1, 2, 3, 4], device=DEVICE))
+    assert torch.equal(out.cpu(), ref)
+
+
+def test_strided_operands():
+    # q as a transposed view, k^T given as k.transpose of a [T, D] view of a [D, T] buffer, v sliced
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(16, 30, generator=g).to(DEVICE).t()  # [30, 16], stride (1, 30)
+    k = torch.randn(16, 40, generator=g).to(DEVICE).t()  # [40, 16]
+    v = torch.randn(40, 20, generator=g).to(DEVICE)[:, ::2]  # [40, 10], stride (20, 2)
+    e = torch.arange(30, device=DEVICE) + 11
+    out = windowed_attention_triton(q, k, v, e - 6, e, scale=0.25, block_m=16, block_n=16)
+    assert windowed_attention_mismatch(eager(q, k, v, e - 6, e, 0.25), out, q.dtype) is None
+    # three batch dims, the outer two swapped: they cannot merge into one stride (q is copied); k broadcast
+    q = torch.randn(2, 3, 2, 20, 16, generator=g).to(DEVICE).permute(1, 0, 2, 3, 4)
+    k, v = torch.randn(2, 1, 25, 16, generator=g).to(DEVICE), torch.randn(3, 1, 1, 25, 8, generator=g).to(DEVICE)
+    e = torch.randint(0, 26, (2, 20), generator=g).to(DEVICE)
+    out = windowed_attention_triton(q, k, v, None, e, scale=0.25, block_m=16, block_n=16)
+    assert out.shape == (3, 2, 2, 20, 8)
+    assert windowed_attention_mismatch(eager(q, k, v, None, e, 0.25), out, q.dtype) is None
+
+
+@pytest.mark.skipif(not CUDA, reason="the benchmark shape runs only on the device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_sliding_window_8192(dtype):
+    t, w = 8192, 128
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(t, 128, device="cuda", generator=g).to(dtype) for _ in range(3))
+    pos = torch.arange(t, device="cuda")
+    s, e = pos - w + 1, pos + 1
+    out = torch.ops.dsa_inductor.windowed_attention(q, k, v, s, e, 128 ** -0.5, dtype)
+    assert windowed_attention_mismatch(eager(q, k, v, s, e, 128 ** -0.5), out, q.dtype) is None
+
+
+def test_opcheck():
+    q, k, v = (torch.randn(2, 3, 12, 8, device=DEVICE) for _ in range(3))
+    e = torch.arange(1, 13, device=DEVICE)
+    torch.library.opcheck(torch.ops.dsa_inductor.windowed_attention.default,
+                          (q, k[:, :1], v[:, :1], e - 4, e, 0.5, torch.float32))
+
+
+@pytest.mark.skipif(not CUDA, reason="verify mode checks the CUDA kernel against eager")
+def test_verify_mode_names_rule_and_element(monkeypatch):
+    q, k, v = (torch.randn(64, 16, device="cuda") for _ in range(3))
+    e = torch.arange(1, 65, device="cuda")
+    monkeypatch.setattr(mod, "VERIFY", True)
+    torch.ops.dsa_inductor.windowed_attention(q, k, v, e - 8, e, 0.25, torch.float32)
+    real = mod.windowed_attention_triton
+    monkeypatch.setattr(mod, "windowed_attention_triton", lambda *a, **kw: real(*a, **kw) * 0.5)
+    with pytest.raises(AssertionError, match=r"rule windowed_attention .* element \(0, 0\)"):
+        torch.ops.dsa_inductor.windowed_attention(q, k, v, e - 8, e, 0.25, torch.float32)
