@@ -381,6 +381,7 @@ class NearMiss:
     why: str  # why a rewrite would be wrong (or cannot express it)
     seen: bool = True  # the program reaches the rule's anchor: it must be a candidate, rejected with a reason
     allowed: tuple = ()  # rules that rightly rewrite part of the program (the near-missed rule's op stays out)
+    skip: str = ""  # why this torch version has no such near miss (see wa.ROUNDING_DROPPED)
 
 
 CORPUS = [
@@ -517,7 +518,7 @@ CORPUS = [
     NearMiss("wa_probs_rounded_then_upcast", wa.nm_probs_rounded_then_upcast,
              lambda: wa.near_miss_inputs(torch.bfloat16), "windowed_attention",
              "weights rounded to bf16, multiplied with fp32 v: the op rounds them to v's dtype only",
-             allowed=("windowed_softmax",)),
+             allowed=("windowed_softmax",), skip=wa.ROUNDING_DROPPED),
     NearMiss("wa_non_window_mask", wa.nm_non_window_mask, wa.near_miss_inputs, "windowed_attention",
              "a data-dependent mask (scores > 1): no window, no windowed softmax to fold", seen=False),
     # sparse attention (no rule yet: these must stay unmatched when one is added)
@@ -574,6 +575,8 @@ def _all_rewrites():
 def test_near_miss_not_rewritten(fresh, case):
     from dsa_inductor.report import _STATS
 
+    if case.skip:
+        pytest.skip(case.skip)
     args = case.inputs()
     with torch.no_grad():
         out, code = run_and_get_code(torch.compile(case.fn, dynamic=False, fullgraph=True), *args)

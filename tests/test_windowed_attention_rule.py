@@ -251,6 +251,12 @@ def nm_probs_rounded_then_upcast(q, k, v):
     return probs.float() @ v.float()
 
 
+# torch 2.11's joint-graph pass ``pointless_convert`` folds ``x.to(bf16).float()`` into one convert before any
+# post-grad pass (2.13 keeps a narrowing intermediate): there the graph our rule sees has unrounded weights, the
+# same ones stock compile computes, so the rounded-weights near miss does not exist on that version.
+ROUNDING_DROPPED = ("torch < 2.13: Inductor's pointless_convert removes the bf16 rounding of the weights before "
+                    "our pass" if torch.torch_version.TorchVersion(torch.__version__) < "2.13" else "")
+
 NEAR_MISSES = {  # fn -> (the reason report() gives, or None when the rule sees no candidate; input dtype)
     nm_probs_reused: ("attention weights have another consumer", torch.float32),
     nm_scores_reused: ("scores have another consumer", torch.float32),
@@ -273,6 +279,8 @@ def test_near_miss_not_rewritten(fresh, fn):
     from dsa_inductor.report import _STATS
 
     reason, dtype = NEAR_MISSES[fn]
+    if fn is nm_probs_rounded_then_upcast and ROUNDING_DROPPED:
+        pytest.skip(ROUNDING_DROPPED)
     args = near_miss_inputs(dtype)
     with torch.no_grad():
         out, code = run_and_get_code(torch.compile(fn, dynamic=False, fullgraph=True), *args)

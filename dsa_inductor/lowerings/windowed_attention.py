@@ -59,7 +59,7 @@ try:  # triton is optional on CPU-only installs; the CPU path never needs it.
     import triton
     import triton.language as tl
 
-    from .sparse_attention import _up
+    from .sparse_attention import _dims, _last_contiguous, _load_q, _qk_tile, _up
 except ImportError:  # pragma: no cover - exercised only without triton
     triton = None
 
@@ -67,9 +67,11 @@ OP_NAME = "dsa_inductor::windowed_attention"
 VERIFY = False  # set by register_dsa_passes(verify=True): check each CUDA call against the plain-torch path
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634
-# Tunables (bf16/fp16 inputs, fp32 inputs): query rows and keys per tile, warps, pipeline stages.
-CONFIG_16 = dict(block_m=64, block_n=64, num_warps=4, num_stages=2)
-CONFIG_32 = dict(block_m=64, block_n=32, num_warps=4, num_stages=2)
+# Tunables (bf16/fp16 inputs, fp32 inputs): query rows and keys per tile, warps, pipeline stages.  From
+# bench/tune_windowed_attention.py on an H200 (torch 2.11, triton 3.6; 8192 x 128, window 128, GPU time): bf16
+# 7.8 us (64/64/4/2: 8.3); fp32 with "ieee" dots 64 us (64/32/4/2: 1940 us, the FMA dot's registers spill).
+CONFIG_16 = dict(block_m=64, block_n=64, num_warps=4, num_stages=3)
+CONFIG_32 = dict(block_m=32, block_n=32, num_warps=4, num_stages=2)
 # fp32 dots: "ieee" as eager's fp32 matmul without TF32 ("tf32x3" is faster and close to fp32, not equal)
 FP32_PRECISION = "ieee"
 
@@ -158,14 +160,14 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["S", "T"])
     def _windowed_attention_kernel(
-        q_ptr, qs_z, qs_h, qs_s, qs_d,
-        k_ptr, ks_z, ks_h, ks_t, ks_d,
+        q_ptr, qs_z, qs_h, qs_s,
+        k_ptr, ks_z, ks_h, ks_t,
         v_ptr, vs_z, vs_h, vs_t, vs_d,
         st_ptr, sts_z, sts_h, sts_s,
         en_ptr, ens_z, ens_h, ens_s,
         o_ptr, os_z, os_h, os_s,
         S, T, H, scale,
-        D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+        D: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, BLOCK_DV: tl.constexpr,
         HAS_STARTS: tl.constexpr, HAS_ENDS: tl.constexpr,
         MM_DTYPE: tl.constexpr, SCORES_DTYPE: tl.constexpr, ROUND: tl.constexpr,
         QK_PREC: tl.constexpr, PV_PREC: tl.constexpr, INTERPRETED: tl.constexpr,
@@ -196,10 +198,11 @@ if triton is not None:
         span_lo = tl.min(lo, 0)
         span_hi = tl.max(hi, 0)
 
-        d = tl.arange(0, BLOCK_D)
         dv = tl.arange(0, BLOCK_DV)
-        q = tl.load(q_ptr + z * qs_z + h * qs_h + rows[:, None] * qs_s + d[None, :] * qs_d,
-                    mask=rmask[:, None] & (d[None, :] < D), other=0.0)
+        # q and k as the sparse kernels read them (rows of contiguous head dims, Dqk split DA + DB): the same
+        # code proven on the H100; a [BLOCK_D, BLOCK_N] transposed k load padded from D = 40 to 64 gave wrong
+        # values and illegal accesses there (Triton 3.6, 4 warps, 64 x 64 tiles).
+        da, db, q_a, q_b = _load_q(q_ptr + z * qs_z + h * qs_h + rows[:, None] * qs_s, rmask, D, DA, DB)
         k_base = k_ptr + z * ks_z + h * ks_h
         v_base = v_ptr + z * vs_z + h * vs_h
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -208,9 +211,8 @@ if triton is not None:
         for start in range(span_lo, span_hi, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             cmask = cols < span_hi  # never past the block's span (span_hi <= T)
-            kt = tl.load(k_base + cols[None, :].to(tl.int64) * ks_t + d[:, None] * ks_d,
-                         mask=cmask[None, :] & (d[:, None] < D), other=0.0)  # [BLOCK_D, BLOCK_N]
-            s = tl.dot(_up(q, INTERPRETED), _up(kt, INTERPRETED), input_precision=QK_PREC)
+            s, _ = _qk_tile(q_a, q_b, k_base + cols.to(tl.int64) * ks_t, cmask, da, db, D, DB, QK_PREC,
+                            INTERPRETED)
             if ROUND:  # the matched graph's rounding: matmul result, then the scaled scores
                 s = _to(s, MM_DTYPE, INTERPRETED).to(tl.float32) * scale
                 s = _to(s, SCORES_DTYPE, INTERPRETED).to(tl.float32) * 1.4426950408889634
@@ -272,8 +274,8 @@ def windowed_attention_triton(q, k, v, row_starts=None, row_ends=None, scale=1.0
         return out
     if t == 0:  # eager: softmax over no key is empty, and the empty matmul is 0
         return out.zero_()
-    q_, qs = _zh_strides(q, batch, (s, d))
-    k_, ks = _zh_strides(k, batch, (t, d))
+    q_, qs = _zh_strides(_last_contiguous(q), batch, (s, d))  # (the kernel reads head dims contiguous)
+    k_, ks = _zh_strides(_last_contiguous(k), batch, (t, d))
     v_, vs = _zh_strides(v, batch, (t, dvn))
     st_, sts = _zh_strides(row_starts, batch, (s,)) if row_starts is not None else (q, (0, 0, 0))
     en_, ens = _zh_strides(row_ends, batch, (s,)) if row_ends is not None else (q, (0, 0, 0))
@@ -290,9 +292,11 @@ def windowed_attention_triton(q, k, v, row_starts=None, row_ends=None, scale=1.0
         return fp32 if dtype == torch.float32 or upcast else "tf32"
 
     grid = (triton.cdiv(s, cfg["block_m"]) * z * h,)
+    da, db, _ = _dims(d, dvn)
     _windowed_attention_kernel[grid](
-        q_, *qs, k_, *ks, v_, *vs, st_, *sts, en_, *ens, out, h * s * dvn, s * dvn, dvn, s, t, h, float(scale),
-        D=d, DV=dvn, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dvn),
+        q_, *qs[:-1], k_, *ks[:-1], v_, *vs, st_, *sts, en_, *ens, out, h * s * dvn, s * dvn, dvn, s, t, h,
+        float(scale),
+        D=d, DV=dvn, DA=da, DB=db, BLOCK_DV=_pow2(dvn),
         HAS_STARTS=row_starts is not None, HAS_ENDS=row_ends is not None,
         MM_DTYPE=_TL_DTYPES[q.dtype], SCORES_DTYPE=_TL_DTYPES[scores_dtype],
         ROUND=q.dtype != torch.float32 or scores_dtype != torch.float32,
