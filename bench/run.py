@@ -50,7 +50,7 @@ def main() -> None:
             own = getattr(mod, "run_case", None)  # a module may time its cases its own way
             r = own(case) if own else run_case(case, cudagraphs=a.cudagraphs)
             print(f"{case.idiom:45s} {case.shape:32s} eager {r.eager_us:9.1f} stock {r.stock_us:9.1f} "
-                  f"ours {r.ours_us:9.1f} graphs {r.stock_graph_us:8.1f}/{r.ours_graph_us:8.1f} roof {r.roofline_us:7.1f} matches {r.matches} {r.problem or 'ok'}",
+                  f"ours {r.ours_us:9.1f} graphs {r.stock_graph_us:8.1f}/{r.ours_graph_us:8.1f} gpu {r.stock_device_us:8.1f}/{r.ours_device_us:8.1f} roof {r.roofline_us:7.1f} matches {r.matches} {r.problem or 'ok'}",
                   flush=True)
             results.append(r)
     gpu = torch.cuda.get_device_name().replace(" ", "_")

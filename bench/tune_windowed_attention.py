@@ -1,5 +1,7 @@
 """Sweep the windowed attention kernel's tiles, warps and stages at the benchmark shape (q, k, v [8192, 128],
-a 128-key sliding window), direct kernel calls; each config is checked against eager first.
+a 128-key sliding window), direct kernel calls; each config is checked against eager first.  Each config gets
+its GPU time (``harness.device_us``: kernel time alone; at this size a direct call is host-bound, so the
+do_bench time "with host" measures Python and the launch, not the kernel).
 
     python bench/tune_windowed_attention.py [--t 8192] [--w 128] [--dtype bfloat16|float32] [--fp32-dot ieee|tf32x3]
 
@@ -18,6 +20,7 @@ import triton.testing
 
 from dsa_inductor.lowerings import windowed_attention as mod
 from dsa_inductor.testing import windowed_attention_mismatch
+from harness import device_us
 
 
 def _us(fn):
@@ -50,8 +53,9 @@ def main() -> None:
             print(f"bm {bm:3d} bn {bn:3d} warps {warps} stages {stages}: {type(err).__name__}")
             continue
         why = windowed_attention_mismatch(ref, out, dtype)
-        us = _us(lambda: mod.windowed_attention_triton(q, k, v, s, e, scale, dtype, **kw))
-        print(f"bm {bm:3d} bn {bn:3d} warps {warps} stages {stages}: {us:8.1f} us {why or 'ok'}", flush=True)
+        call = lambda: mod.windowed_attention_triton(q, k, v, s, e, scale, dtype, **kw)  # noqa: E731
+        print(f"bm {bm:3d} bn {bn:3d} warps {warps} stages {stages}: GPU {device_us(call, ()):7.1f} us, "
+              f"with host {_us(call):7.1f} us {why or 'ok'}", flush=True)
 
 
 if __name__ == "__main__":
