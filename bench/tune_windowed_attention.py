@@ -16,15 +16,14 @@ import argparse
 import itertools
 
 import torch
-import triton.testing
 
 from dsa_inductor.lowerings import windowed_attention as mod
 from dsa_inductor.testing import windowed_attention_mismatch
-from harness import device_us
+from harness import _median_us, device_us
 
 
 def _us(fn):
-    return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median") * 1e3
+    return _median_us(fn, ())
 
 
 def main() -> None:
