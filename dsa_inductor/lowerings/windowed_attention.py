@@ -66,7 +66,6 @@ except ImportError:  # pragma: no cover - exercised only without triton
 OP_NAME = "dsa_inductor::windowed_attention"
 VERIFY = False  # set by register_dsa_passes(verify=True): check each CUDA call against the plain-torch path
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-_LOG2E = 1.4426950408889634
 # Tunables (bf16/fp16 inputs, fp32 inputs): query rows and keys per tile, warps, pipeline stages.  From
 # bench/tune_windowed_attention.py on an H200 (torch 2.11, triton 3.6; 8192 x 128, window 128, GPU time): bf16
 # 7.8 us (64/64/4/2: 8.3); fp32 with "ieee" dots 64 us (64/32/4/2: 1940 us, the FMA dot's registers spill).
@@ -252,10 +251,6 @@ if triton is not None:
     _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
-def _pow2(n):
-    return max(16, triton.next_power_of_2(n))
-
-
 def windowed_attention_triton(q, k, v, row_starts=None, row_ends=None, scale=1.0, scores_dtype=None,
                               block_m=None, block_n=None, num_warps=None, num_stages=None):
     """Run the Triton kernel (the op's CUDA path; tests and tuning call it directly).
@@ -292,11 +287,11 @@ def windowed_attention_triton(q, k, v, row_starts=None, row_ends=None, scale=1.0
         return fp32 if dtype == torch.float32 or upcast else "tf32"
 
     grid = (triton.cdiv(s, cfg["block_m"]) * z * h,)
-    da, db, _ = _dims(d, dvn)
+    da, db, dvp = _dims(d, dvn)
     _windowed_attention_kernel[grid](
         q_, *qs[:-1], k_, *ks[:-1], v_, *vs, st_, *sts, en_, *ens, out, h * s * dvn, s * dvn, dvn, s, t, h,
         float(scale),
-        D=d, DV=dvn, DA=da, DB=db, BLOCK_DV=_pow2(dvn),
+        D=d, DV=dvn, DA=da, DB=db, BLOCK_DV=dvp,
         HAS_STARTS=row_starts is not None, HAS_ENDS=row_ends is not None,
         MM_DTYPE=_TL_DTYPES[q.dtype], SCORES_DTYPE=_TL_DTYPES[scores_dtype],
         ROUND=q.dtype != torch.float32 or scores_dtype != torch.float32,
