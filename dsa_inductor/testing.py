@@ -22,6 +22,9 @@ index_score        ``score_mismatch`` with ``index_score_tolerance``: fp32 outpu
 gather_dequant     ``exact_mismatch``: bit-equal (NaN == NaN): a gather and one rounding, no sums.
 windowed_attention ``windowed_attention_mismatch``: ``ATTENTION_TOLERANCES`` of the lower precision of q's
                    dtype and the output's, NaN rows at the same places.
+sparse_attention   ``attention_mismatch``: ``ATTENTION_TOLERANCES[out dtype]``, NaN rows at the same places.
+causal_sdpa        ``attention_mismatch``: the same fused SDPA kernel with ``is_causal=True`` in place of the
+                   causal bias; ``ATTENTION_TOLERANCES[out dtype]``.
 loop lifting       ``exact_mismatch``: bit-equal.
 =================  ================================================================================
 """

@@ -26,6 +26,7 @@ padding-slot handling must not be folded into ``zero_negative`` (a clamp to anot
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Callable
 
@@ -382,6 +383,7 @@ class NearMiss:
     seen: bool = True  # the program reaches the rule's anchor: it must be a candidate, rejected with a reason
     allowed: tuple = ()  # rules that rightly rewrite part of the program (the near-missed rule's op stays out)
     skip: str = ""  # why this torch version has no such near miss (see wa.ROUNDING_DROPPED)
+    setup: Callable = contextlib.nullcontext  # a context the compile and both runs need (CPU stand-in kernels)
 
 
 CORPUS = [
@@ -539,6 +541,14 @@ CORPUS = [
              seen=False),
 ]
 
+# causal_sdpa: fused SDPA calls whose bias is not the plain causal mask (tests/test_causal_sdpa_rule.py), run on
+# CPU through stand-in kernels of the fused ops
+import test_causal_sdpa_rule as cs  # noqa: E402
+from sdpa_standin import fused_sdpa_on_cpu  # noqa: E402
+
+CORPUS += [NearMiss(f"cs_{name}", fn, make, "causal_sdpa", why, setup=fused_sdpa_on_cpu)
+           for name, (fn, make, _, why) in cs.NEAR_MISSES.items()]
+
 # reroll: its own near misses (tests/test_reroll_rule.py), unrolled chains that must not be folded
 from test_reroll_rule import NEGATIVES as _REROLL_NEGATIVES  # noqa: E402
 
@@ -578,7 +588,7 @@ def test_near_miss_not_rewritten(fresh, case):
     if case.skip:
         pytest.skip(case.skip)
     args = case.inputs()
-    with torch.no_grad():
+    with torch.no_grad(), case.setup():
         out, code = run_and_get_code(torch.compile(case.fn, dynamic=False, fullgraph=True), *args)
         ref = case.fn(*args)
     assert set(_all_rewrites()) <= set(case.allowed), f"{case.name} ({case.why}) was rewritten:\n{fresh.report()}"

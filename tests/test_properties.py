@@ -20,6 +20,8 @@ Comparisons go through ``dsa_inductor.testing`` (the per-dtype tolerances and th
 contract).  ``EXAMPLES`` below are the examples per class; the sum per rule is >= 200 per CI run.
 """
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -38,9 +40,10 @@ B_PAGE, D_HEAD = 4, 32  # page size and head dim of the paged cache (model const
 RAN: dict = {}  # rule -> examples actually run in this session (checked per class below)
 
 
-def _run_class(rule, fn, strategy, check, examples, max_graphs, unmatched=0):
+def _run_class(rule, fn, strategy, check, examples, max_graphs, unmatched=0, setup=contextlib.nullcontext):
     """Compile ``fn`` once, feed ``examples`` hypothesis examples, bound graphs, require a match per graph
-    (but for ``unmatched`` graphs the rule is known to leave alone)."""
+    (but for ``unmatched`` graphs the rule is known to leave alone).  ``setup``: a context the compiled and
+    the eager call need (the CPU stand-ins of CUDA's fused SDPA kernels)."""
     compiled = torch.compile(fn, dynamic=True, fullgraph=True)
     torch._dynamo.utils.counters.clear()
     ran = [0]
@@ -48,7 +51,7 @@ def _run_class(rule, fn, strategy, check, examples, max_graphs, unmatched=0):
     @settings(max_examples=examples)
     @given(strategy)
     def prop(args):
-        with torch.no_grad():
+        with torch.no_grad(), setup():
             out = compiled(*args)
             ref = fn(*args)
         check(args, out, ref)
@@ -450,6 +453,67 @@ def test_sparse_attention_properties(fresh, cls):
     fn, dtype, idt, layout, n = SPARSE_CLASSES[cls]
     _run_class("sparse_attention", fn, sparse_inputs(fn, dtype, idt, layout), _sparse_check, n,
                2 if layout == "transposed" else 1)
+
+
+# ============================================================================================== causal_sdpa
+
+def _causal_sdpa_user(fn):
+    """q, k, v split from one fused projection ``x`` [B, H, S, 2 Dqk + Dv] (one length symbol: S == T)."""
+    from test_causal_sdpa_rule import DQK
+
+    def from_fused_projection(x):
+        return fn(x[..., :DQK], x[..., DQK:2 * DQK], x[..., 2 * DQK:])
+
+    return from_fused_projection
+
+
+@st.composite
+def causal_sdpa_inputs(draw, dtype, layout):
+    """x with T in {0, 1} for a third of the examples, else 2..40; ties; whole NaN query rows (a NaN in the q of
+    row i makes its kept logits NaN in both forms).  Non-finite logits at masked (future) positions are outside
+    the contract (patterns/causal_sdpa.py: eager's additive mask turns them into NaN, is_causal never reads
+    them), so k and v stay finite.  Layouts: contiguous, stored [B, S, H, E] (transposed), a strided slice."""
+    from test_causal_sdpa_rule import DQK, DV, H
+
+    g = _seed(draw)
+    b, _, s = _sizes(draw, edge_t=True)
+    e = 2 * DQK + DV
+    x = torch.randn(b, s, H, e, generator=g)
+    if draw(st.booleans()):
+        x = x.round()
+    if s and draw(st.booleans()):
+        x[draw(st.integers(0, b - 1)), draw(st.integers(0, s - 1)), draw(st.integers(0, H - 1)), :DQK] = float("nan")
+    x = x.to(dtype).transpose(1, 2)
+    x = x.contiguous() if layout == "contiguous" else x if layout == "transposed" else _layout(x.contiguous(),
+                                                                                                 "sliced")
+    torch._dynamo.mark_static(x, 1)
+    torch._dynamo.mark_static(x, 3)
+    return (x,)
+
+
+def _causal_sdpa_check(args, out, ref):
+    outs, refs = (out, ref) if isinstance(ref, tuple) else ((out,), (ref,))
+    for o, r in zip(outs, refs):
+        testing.assert_attention(r, o)
+
+
+def _causal_sdpa_classes():
+    from test_causal_sdpa_rule import cudnn_short_prefill, efficient_older_spelling, efficient_short_prefill
+
+    return {  # id -> (fn, dtype, layout, examples); graphs: T >= 2, T = 0, T = 1, one more for a strided layout
+        "cudnn-bf16-contiguous": (cudnn_short_prefill, torch.bfloat16, "contiguous", 70),
+        "efficient-fp32-transposed": (efficient_short_prefill, torch.float32, "transposed", 70),
+        "efficient_lse-fp16-sliced": (efficient_older_spelling, torch.float16, "sliced", 60),
+    }
+
+
+@pytest.mark.parametrize("cls", list(_causal_sdpa_classes()))
+def test_causal_sdpa_properties(fresh, cls):
+    from sdpa_standin import fused_sdpa_on_cpu
+
+    fn, dtype, layout, n = _causal_sdpa_classes()[cls]
+    _run_class("causal_sdpa", _causal_sdpa_user(fn), causal_sdpa_inputs(dtype, layout), _causal_sdpa_check, n,
+               3 if layout == "contiguous" else 4, setup=fused_sdpa_on_cpu)
 
 
 # ======================================================================================== k > N without min
