@@ -30,7 +30,11 @@ What is matched (a graph walk from each ``aten._scaled_dot_product_cudnn_attenti
 * ``dropout_p == 0`` and ``is_causal`` False.
 
 The replacement is the same op with ``attn_bias=None`` and ``is_causal=True``; every output keeps its meaning
-(the logsumexp too), and no query row is empty (row ``i`` keeps key 0..i).  Rejections name the reason in
+(the logsumexp too), and no query row is empty (row ``i`` keeps key 0..i).  Contract: equal to eager
+(``testing.attention_mismatch``) wherever the logits at masked (future) positions are finite and within the
+masking bound above.  A NaN or +inf logit at a masked position (a non-finite key ``j > i``) turns eager's row
+``i`` into NaN through the additive mask (``NaN + fill``, ``inf + -inf``), a future key changing a past
+query's output; ``is_causal`` never reads it, as stock SDPA's ``is_causal`` path does not.  Rejections name the reason in
 ``report()``.  The bias itself becomes dead code unless something else uses it.
 """
 
