@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import dsa_inductor  # noqa: E402
-from harness import Case, Result, _gpu_name, _median_us, HBM_BYTES_PER_S  # noqa: E402
+from harness import Case, Result, _gpu_name, _median_us, device_us, HBM_BYTES_PER_S  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 import serving_loops  # noqa: E402  (the loops, shared with tests/test_loops_lifting.py)
@@ -97,11 +97,13 @@ def run_case(case: Case) -> Result:
         ours = torch.compile(case.fn, dynamic=False)
         our_out = ours(*args)
         ours_us = _median_us(ours, args)
+        ours_dev = device_us(ours, args)  # the GPU time of the lifted loop's compiled kernels
         dsa_inductor.unregister_dsa_passes()
         torch._dynamo.reset()
     problem = case.check(args, eager_out, our_out) if case.check else None
     roof = case.min_bytes / HBM_BYTES_PER_S.get(_gpu_name(), 3.35e12) * 1e6
-    return Result(case, eager_us, stock_us, ours_us, roof, 1, problem)
+    nan = math.nan
+    return Result(case, eager_us, stock_us, ours_us, roof, 1, problem, nan, nan, nan, ours_dev)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,22 @@ def _host_us(fn, n=200):
     return host
 
 
+def copy_ceiling() -> float:
+    """The achievable HBM bandwidth of this card (METHOD.md: measure the ceiling, the datasheet is a lead): a
+    device-to-device copy of 2 GiB (bytes read + bytes written per second), and a 2 GiB fill (written only)."""
+    src = torch.randn(2 ** 29, device="cuda")
+    dst = torch.empty_like(src)
+    copy_us = _bench(lambda: dst.copy_(src))
+    fill_us = _bench(lambda: dst.fill_(1.0))
+    copy_bw = 2 * src.numel() * 4 / (copy_us * 1e-6)
+    print(f"copy 2 GiB: {copy_us:.1f} us = {copy_bw / 1e12:.3f} TB/s (read + write); fill 2 GiB: {fill_us:.1f} us = "
+          f"{src.numel() * 4 / (fill_us * 1e-6) / 1e12:.3f} TB/s", flush=True)
+    del src, dst
+    return copy_bw
+
+
 def decode_sweep(bw, quick):
+    ceiling = copy_ceiling()
     n, d = 4_194_304, 128
     k = torch.randint(0, 120, (n, d), dtype=torch.uint8, device="cuda")
     s = torch.rand(n, 1, device="cuda")
@@ -70,15 +85,17 @@ def decode_sweep(bw, quick):
                 continue
             results.append((us, block_rows, warps, tiles, cs))
             print(f"{out_dtype} block_rows={block_rows:4d} warps={warps} tiles={tiles} store_cs={cs!s:5}: "
-                  f"{us:8.1f} us  {moved / (us * 1e-6) / bw:6.1%} of HBM", flush=True)
+                  f"{us:8.1f} us  {moved / (us * 1e-6) / bw:6.1%} of HBM, {moved / (us * 1e-6) / ceiling:6.1%} of the "
+                  "measured copy bandwidth", flush=True)
         results.sort()
         print(f"top 5 {out_dtype}:")
         for us, br, w, t, cs in results[:5]:
-            print(f"    block_rows={br} warps={w} tiles={t} store_cs={cs}: {us:.1f} us ({moved / (us * 1e-6) / bw:.1%})")
+            print(f"    block_rows={br} warps={w} tiles={t} store_cs={cs}: {us:.1f} us ({moved / (us * 1e-6) / bw:.1%}; "
+                  f"{moved / (us * 1e-6) / ceiling:.1%} of copy)")
         dr, dw = default_config(d, out_dtype, "e4m3")
         us = _bench(lambda: gather_dequant_triton(k, s, slots, zero_negative=True, out_dtype=out_dtype))
         print(f"default {out_dtype}: block_rows={dr} warps={dw} tiles=1 store_cs=False: {us:.1f} us "
-              f"({moved / (us * 1e-6) / bw:.1%})", flush=True)
+              f"({moved / (us * 1e-6) / bw:.1%}; {moved / (us * 1e-6) / ceiling:.1%} of copy)", flush=True)
 
 
 def paged_diagnosis(bw):
