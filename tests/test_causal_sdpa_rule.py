@@ -271,7 +271,9 @@ def test_near_miss_keeps_bias(fresh, name):
 
 # ---- CUDA: the real fused kernels ---------------------------------------------------------------------------
 
-def transformers_style_sdpa(q, k, v):
+def transformers_style_sdpa(x):
+    """q, k, v from one fused projection ``x`` [B, H, S, 192 + 192 + 128] (one length symbol, as in a model)."""
+    q, k, v = x[..., :192], x[..., 192:384], x[..., 384:]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=short_prefill_keep(q, k), scale=q.shape[-1] ** -0.5)
 
 
@@ -281,13 +283,11 @@ def test_cuda_sdpa_compiled_equals_eager(fresh, dtype):
     compiled = torch.compile(transformers_style_sdpa, dynamic=True, fullgraph=True)
     for i, s in enumerate([64, 100, 256]):
         g = torch.Generator(device="cuda").manual_seed(i)
-        q, k = (torch.randn(2, 8, s, 192, device="cuda", dtype=dtype, generator=g) for _ in range(2))
-        v = torch.randn(2, 8, s, 128, device="cuda", dtype=dtype, generator=g)
-        for x in (q, k, v):
-            torch._dynamo.mark_static(x, 1)
-            torch._dynamo.mark_static(x, 3)
+        x = torch.randn(2, 8, s, 512, device="cuda", dtype=dtype, generator=g)
+        torch._dynamo.mark_static(x, 1)
+        torch._dynamo.mark_static(x, 3)
         with torch.no_grad():
-            out, ref = compiled(q, k, v), transformers_style_sdpa(q, k, v)
+            out, ref = compiled(x), transformers_style_sdpa(x)
         why = attention_mismatch(ref, out)
         assert why is None, f"S={s}: {why}"
     assert sum(matches("causal_sdpa").values()) >= 1, fresh.report()
