@@ -1,6 +1,6 @@
 """Run every idiom benchmark on the current GPU; write a markdown table and a PNG chart.
 
-    python bench/run.py [--out DIR] [--only SUBSTRING] [--cudagraphs]
+    python bench/run.py [--out DIR] [--only SUBSTRING[,SUBSTRING...]] [--cudagraphs]
 
 Output: DIR/<gpu>.md and DIR/<gpu>.png (default DIR: bench/results).
 """
@@ -45,7 +45,7 @@ def main() -> None:
     results = []
     for mod in MODULES:
         for case in mod.cases():
-            if a.only and a.only not in case.idiom:
+            if a.only and not any(part in case.idiom for part in a.only.split(",")):
                 continue
             own = getattr(mod, "run_case", None)  # a module may time its cases its own way
             r = own(case) if own else run_case(case, cudagraphs=a.cudagraphs)
