@@ -15,7 +15,8 @@ What is matched (a graph walk from each ``aten._scaled_dot_product_cudnn_attenti
 ``aten._scaled_dot_product_efficient_attention`` node):
 
 * ``attn_bias`` is ``where(keep, 0, fill)`` (or ``where(~keep, fill, 0)``), reaching the op through the
-  efficient kernel's alignment pad + slice and broadcasting ``expand``s (``sparse_attention``'s bias walk);
+  efficient kernel's alignment pad + slice and broadcasting ``expand``s, each used once (``sparse_attention``'s
+  bias walk);
 * ``fill`` is -inf, or finite and <= -1024 (``sparse_attention.MIN_FINITE_FILL``; the masking bound is
   stated in that module: a masked key's weight ``exp(s_j + fill - m)`` is exactly 0 in fp32 unless its
   logit exceeds the row's largest kept logit by about ``|fill| - 104``);
@@ -48,8 +49,8 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from ..report import log, source_location, stats_for
 from .common import Rule
 from .mask_topk import _iota_offset, _mask_as_bounds
-from .sparse_attention import (_FUSED_SDPA, MIN_FINITE_FILL, NEG_INF, Reject, _BIAS_VIEWS, _full_value, _is,
-                               _schema_args, _val)
+from .sparse_attention import (_FUSED_SDPA, MIN_FINITE_FILL, NEG_INF, Reject, _BIAS_VIEWS, _check_bias_views,
+                               _full_value, _fused_sdpa_path, _is, _schema_args, _val)
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -156,30 +157,18 @@ def _bias_source(bias):
     raise Reject("the attention bias is a where() that is not where(keep, 0, fill): not a pure masking bias")
 
 
-def _walk_back(bias_arg):
-    """From the op's ``attn_bias`` back through the bias views (pad + slice, expands) to its source."""
-    cur = bias_arg
-    for _ in range(4):
-        if not _is(cur, *_BIAS_VIEWS):
-            break
-        if _is(cur, aten.slice.Tensor) and _is(cur.args[0], aten.constant_pad_nd.default):
-            sl = _schema_args(cur)
-            pad = cur.args[0]
-            src = _val(pad.args[0])
-            end = _val(sl["end"]) if isinstance(sl["end"], torch.fx.Node) else sl["end"]
-            if sl["dim"] not in (-1, src.dim() - 1) or sl["start"] not in (None, 0) or sl["step"] != 1 or \
-                    end is None or not statically_known_true(end == src.shape[-1]) or \
-                    len(pad.args[1]) != 2 or pad.args[1][0] != 0:
-                raise Reject("the padded attention bias is not sliced back to its key length")
-            cur = pad.args[0]
-        elif _is(cur, aten.expand.default):
-            src, out = _val(cur.args[0]), _val(cur)
-            if not all(statically_known_true(a == b) for a, b in zip(src.shape[-2:], out.shape[-2:])):
-                raise Reject("the attention bias is expanded over the query or key dim")
-            cur = cur.args[0]
-        else:
-            raise Reject(f"the attention bias goes through {cur.target} before the SDPA op")
-    return cur
+def _walk_back(op, bias_arg):
+    """From the op's ``attn_bias`` back through the bias views (pad + slice, expands) to its source, checked
+    forward by ``sparse_attention``'s bias walk (each step used once, the pad sliced back, no expand over the
+    query or key dim)."""
+    src = bias_arg
+    while _is(src, *_BIAS_VIEWS):
+        src = src.args[0]
+    found = _fused_sdpa_path(src)
+    if found is None or found[1] is not op:
+        raise Reject("the attention bias reaches the SDPA op through other views than pad / slice / expand")
+    _check_bias_views(src, found[0], set())
+    return src
 
 
 def match_causal(op) -> tuple[dict, str]:
@@ -197,7 +186,7 @@ def match_causal(op) -> tuple[dict, str]:
     s, t = q.shape[-2], k.shape[-2]
     if not statically_known_true(s == t):
         raise Reject("query and key lengths are not provably equal (is_causal is the top-left aligned mask)")
-    keep, fill = _bias_source(_walk_back(a["attn_bias"]))
+    keep, fill = _bias_source(_walk_back(op, a["attn_bias"]))
     if not isinstance(fill, (int, float)) or isinstance(fill, bool) or fill != fill:
         raise Reject(f"the mask fill {fill!r} is not a constant")
     note = ""
