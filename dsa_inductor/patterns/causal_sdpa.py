@@ -53,7 +53,6 @@ from .sparse_attention import (_FUSED_SDPA, MIN_FINITE_FILL, NEG_INF, Reject, _B
                                _full_value, _fused_sdpa_path, _is, _schema_args, _val)
 
 aten = torch.ops.aten
-prims = torch.ops.prims
 _NOTS = (aten.bitwise_not.default, aten.logical_not.default)
 _ANDS = (aten.bitwise_and.Tensor, aten.logical_and.default)
 _VIEWS = (aten.unsqueeze.default, aten.expand.default, aten.reshape.default, aten.view.default,
@@ -98,31 +97,6 @@ def _strip_leading_broadcast(node):
             return node
 
 
-def _row_iota_offset(node, s) -> Optional[list]:
-    """If ``node`` is ``arange(s) + c`` laid along dim -2 (last dim 1, all others 1), the terms of ``c``
-    (``(sign, int | SymInt node)``), else None."""
-    val = _val(node)
-    if val is None or val.dim() < 2 or not statically_known_true(val.shape[-1] == 1) or \
-            not statically_known_true(val.shape[-2] == s) or \
-            any(not statically_known_true(d == 1) for d in val.shape[:-2]):
-        return None
-    terms = []
-    while isinstance(node, torch.fx.Node):
-        if _is(node, aten.unsqueeze.default):
-            node = node.args[0]
-        elif _is(node, aten.add.Tensor, aten.sub.Tensor) and not node.kwargs and (
-                isinstance(node.args[1], int) or isinstance(_val(node.args[1]), (int, torch.SymInt))):
-            terms.append((1 if node.target is aten.add.Tensor else -1, node.args[1]))
-            node = node.args[0]
-        elif _is(node, prims.iota.default):
-            kw = node.kwargs
-            ok = kw.get("start") == 0 and kw.get("step") == 1 and statically_known_true(_val(node).shape[0] == s)
-            return terms if ok else None
-        else:
-            return None
-    return None
-
-
 def _term_sum(terms):
     total = 0
     for sign, term in terms:
@@ -146,7 +120,7 @@ def _true_single_comparison(node) -> bool:
 
 
 def _bias_source(bias):
-    """``(where node, keep, fill)`` for ``bias`` = ``where(keep, 0, fill)`` / ``where(~keep, fill, 0)``."""
+    """``(keep, fill)`` for ``bias`` = ``where(keep, 0, fill)`` / ``where(~keep, fill, 0)``."""
     if not _is(bias, aten.where.self):
         raise Reject(f"the attention bias is {getattr(bias, 'target', bias)}, not where(mask, 0, fill)")
     cond, a, b = bias.args[:3]
@@ -219,7 +193,7 @@ def match_causal(op) -> tuple[dict, str]:
         if pv.dim() < 2 or not statically_known_true(pv.shape[-2] == s):
             raise Reject("the causal mask is broadcast along its query dim")
     row, terms = bounds["ends"]
-    q_terms = _row_iota_offset(row, s)
+    q_terms = _iota_offset(row, s, dim=-2)  # arange(S) + c along the query dim
     if q_terms is None:
         raise Reject("the per-row side of the causal comparison is not arange(S) along the query dim")
     if not statically_known_true(_term_sum(q_terms) + _term_sum(terms) == 1):

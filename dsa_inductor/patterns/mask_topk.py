@@ -289,13 +289,15 @@ def relax_unobservable_order(graph: torch.fx.Graph, stats) -> int:
     return relaxed
 
 
-def _iota_offset(node, n):
-    """If ``node`` is ``arange(n) + c`` laid along the last dim (all other dims 1), return the terms of c.
+def _iota_offset(node, n, dim=-1):
+    """If ``node`` is ``arange(n) + c`` laid along ``dim`` (the last by default; all other dims 1), return the
+    terms of c.
 
     ``c`` is a sum of ints and SymInt nodes (Dynamo makes ints dynamic): a list of ``(sign, term)``.
     """
     val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
-    if val is None or any(not statically_known_true(d == 1) for d in val.shape[:-1]):
+    if val is None or val.dim() < -dim or \
+            any(not statically_known_true(d == 1) for i, d in enumerate(val.shape) if i != val.dim() + dim):
         return None
     terms = []
     while isinstance(node, torch.fx.Node):
