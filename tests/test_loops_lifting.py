@@ -18,7 +18,7 @@ import dsa_inductor
 from dsa_inductor import loops, testing
 from dsa_inductor.loops import runtime
 
-from conftest import DEVICES
+from conftest import DEVICES, matches
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 import serving_loops  # noqa: E402
@@ -35,6 +35,21 @@ def gather_rows_range(table, idx, out):
         if j < 0:
             continue
         out[i] = table[j] * 2.0
+    return out
+
+
+def tile_rows(table, idx, out):
+    # the slice start is c + w * s with s = j % 3 and c >= w: tile s of the [M, 4] view from column 6
+    for i, j in enumerate(idx.tolist()):
+        r, s = divmod(j, 3)
+        out[i] = table[r, 6 + s * 4:6 + (s + 1) * 4]
+    return out
+
+
+def slice_rows(table, idx, out):
+    # the start is a plain loop int (not a remainder): gathered column by column
+    for i, j in enumerate(idx.tolist()):
+        out[i] = table[0, j:j + 4]
     return out
 
 
@@ -239,6 +254,33 @@ def test_fp8_cache_read_compile_count_inductor(fresh):
         if call in (0, 1, 19):
             same(got, indexer_step(cache, sm, block, d))
     assert be.n <= 2, be.n
+    # the lifted read is then caught by the gather-dequant rule: FP8 bytes and inline fp32 scale bytes read
+    # as tile `pos` of the page row's [B, D] / [B, 4] views, indexed by the same (page, pos) nodes
+    assert matches("gather_dequant") == {"u8_after:idx2:keepdim:f32_bytes": be.n}, dsa_inductor.report()
+    assert "drop in the kernel" in dsa_inductor.report()  # the skipped rows' zeros: no where pass after it
+
+
+@pytest.mark.parametrize("width", [18, 21, 17])
+def test_tile_and_slice_gathers_equal_original(width):
+    """Slices at ``c + w * (j % m)`` read one tile of a [M, w] view (one index per row); a slice past the
+    row (width 17: tile 2 needs columns 14..17) raises in both, as the original's short slice fails
+    to fill ``out[i]``; negative rows wrap as in the loop."""
+    lifted = loops.lift_function(tile_rows)
+    assert "('tile'," in lifted.plan.source and "('slice'," in loops.lift_function(slice_rows).plan.source
+    g = torch.Generator().manual_seed(width)
+    table = torch.randn(5, width, generator=g)
+    idx = torch.tensor([0, 1, 2, 14, -1, -15, 7, 8])
+    try:
+        want = tile_rows(table, idx, torch.zeros(8, 4))
+    except RuntimeError:
+        assert width < 18
+        with pytest.raises(RuntimeError):
+            lifted.vectorized(table, idx, torch.zeros(8, 4))
+    else:
+        same(lifted.vectorized(table, idx, torch.zeros(8, 4)), want)
+    starts = torch.tensor([0, width - 4, 3])
+    same(loops.lift_function(slice_rows).vectorized(table, starts, torch.zeros(3, 4)),
+         slice_rows(table, starts, torch.zeros(3, 4)))
 
 
 def test_range_loop_with_item(fresh):

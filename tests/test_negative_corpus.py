@@ -37,7 +37,7 @@ from torch._inductor.utils import run_and_get_code
 
 from dsa_inductor.lowerings.gather_dequant import quantize_e4m3
 from test_gather_dequant_rule import (nm_bf16_arithmetic, nm_e5m2, nm_not_gathered, nm_per_channel_scale,
-                                      nm_scale_along_tokens, nm_scale_other_index)
+                                      nm_scale_along_tokens, nm_scale_bytes_unaligned, nm_scale_other_index)
 from test_index_score_rule import (nm_bf16_scores, nm_broadcast_weights, nm_gelu, nm_per_head_scale,
                                    nm_scores_reused, nm_sum_over_rows)
 from test_mask_topk_rule import (nm_largest_false, nm_le_bound, nm_masked_after_topk, nm_other_dim,
@@ -454,6 +454,8 @@ CORPUS = [
     # gather_dequant
     NearMiss("gd_scale_other_index", nm_scale_other_index, cache, "gather_dequant",
              "the scale is gathered with another index tensor than the values"),
+    NearMiss("gd_scale_bytes_unaligned", nm_scale_bytes_unaligned, cache, "gather_dequant",
+             "fp32 scale bytes at an odd byte offset: the table has no fp32 view (eager views each copy)"),
     NearMiss("gd_per_channel_scale", nm_per_channel_scale, cache, "gather_dequant",
              "a per-channel scale [D] (not gathered): multiply by a non-broadcast tensor"),
     NearMiss("gd_scale_along_tokens", nm_scale_along_tokens, cache, "gather_dequant",

@@ -9,7 +9,9 @@ with a reason.  Nothing is guessed from names.  Two loop shapes are lifted:
   ``enumerate(zip(a.tolist(), b.tolist()))``.  The body may assign locals, skip rows with ``if cond:
   continue``, ``divmod`` / ``+ - * // %`` loop ints, gather from loop-invariant tensors with loop-int
   indices or loop-int slices of a provably constant width (``t[page, pos*D:(pos+1)*D]``, width proved
-  with sympy), call ``int()``/``.item()`` on gathered integer scalars, apply ``.view(dtype)``,
+  with sympy; a start ``c + w * s`` with ``s = x % m`` becomes tile ``s`` of a ``[M, w]`` view, so the
+  FP8 bytes and the inline scales of one token are both ``view[page, pos]``, the form the gather-dequant
+  rule matches), call ``int()``/``.item()`` on gathered integer scalars, apply ``.view(dtype)``,
   ``.to(dtype)``/``.float()``... and elementwise arithmetic, and call helpers whose body is a single
   ``return`` (nested ``def``s before the loop, or functions of the same module), which are inlined.
   This is the FP8 indexer-cache read of DeepSeek-V3.2 serving code (vLLM / SGLang ``slot_mapping``
@@ -188,6 +190,10 @@ class _Translator:
                     if loop_syms:
                         raise Refuse(f"slice width {width} depends on the iteration: {ast.unparse(p)}", p)
                     wcode = sympy.pycode(width)
+                    tile = self._tile_spec(lo, width, wcode)
+                    if tile is not None:
+                        specs.append(tile)
+                        continue
                     locode = lo.code if lo.kind == "bint" else \
                         self.tmp(f"_rt.torch.full(({self.valid}.shape[0],), _rt.check_int({lo.code}), dtype=_rt.torch.int64)")
                     specs.append(f"('slice', {locode}, {wcode})")
@@ -196,7 +202,7 @@ class _Translator:
                 else:
                     v = self.ex(p)
                     if v.kind == "bint":
-                        specs.append(f"('idx', {v.code})")
+                        specs.append(f"('idx', {self.live(v.code)})")
                         batched = True
                     elif v.kind == "inv":
                         specs.append(f"('int', {v.code})")
@@ -226,6 +232,38 @@ class _Translator:
             return Val("bten", self.tmp(f"_rt.item_index({base.code}, ({', '.join(idx)},))"))
         raise Refuse(f"indexing a loop int: {ast.unparse(e)}", e)
 
+    def _tile_spec(self, lo: Val, width, wcode: str) -> Optional[str]:
+        """``('tile', s, c, w, m)`` when the slice start is ``c + w * s`` with ``s = x % m`` a loop int, and
+        ``c``, ``w`` invariant: the slice is then tile ``s`` of the dimension's ``[M, w]`` view from ``c``,
+        one index per row instead of ``w`` (``runtime.gather``; the gather-dequant rule matches it)."""
+        if lo.kind != "bint" or lo.sym is None:
+            return None
+        loop_syms = [x for x in lo.sym.free_symbols if x.name.startswith("_b")]
+        if len(loop_syms) != 1 or loop_syms[0] not in self.gen.mods:
+            return None
+        s = loop_syms[0]
+        k = sympy.expand(sympy.diff(lo.sym, s))
+        c = sympy.expand(lo.sym - k * s)
+        if k.free_symbols & {s} or c.free_symbols & {s} or sympy.expand(k - width) != 0:
+            return None
+        code, m = self.gen.mods[s]
+        return f"('tile', {self.live(code)}, {sympy.pycode(c)}, {wcode}, {m})"
+
+    def live(self, code: str) -> str:
+        """The loop int ``code`` with dead rows reading 0, emitted once per (rows, value): every gather of
+        the loop then indexes with the same graph node (the gather-dequant rule needs the FP8 bytes and
+        their scales indexed by the same nodes; the graph has no CSE pass before ours)."""
+        key = (self.valid, code)
+        if key not in self.gen.live:
+            self.gen.live[key] = self.tmp(f"_rt.live_index({self.valid}, {code})")
+        return self.gen.live[key]
+
+    def _bint_mod(self, code: str, divisor: Val) -> Val:
+        sym = sympy.Symbol("_b" + code)
+        if divisor.kind == "inv":
+            self.gen.mods[sym] = (code, divisor.code)
+        return Val("bint", code, sym)
+
     def ex_BinOp(self, e):
         op = _BINOP.get(type(e.op))
         if op is None:
@@ -242,6 +280,8 @@ class _Translator:
             if op not in ("+", "-", "*", "//", "%"):
                 raise Refuse(f"operator {op} on loop ints (Python would compute a float/bigint)", e)
             name = self.tmp(f"_rt.int_binop({op!r}, {a.code}, {b.code})")
+            if op == "%":
+                return self._bint_mod(name, b)
             sym = None
             if a.sym is not None and b.sym is not None and op in ("+", "-", "*"):
                 sym = {"+": a.sym + b.sym, "-": a.sym - b.sym, "*": a.sym * b.sym}[op]
@@ -297,7 +337,7 @@ class _Translator:
                     raise Refuse(f"divmod of non-ints: {ast.unparse(e)}", e)
                 q = self.tmp(f"_rt.int_binop('//', {a.code}, {b.code})")
                 r = self.tmp(f"_rt.int_binop('%', {a.code}, {b.code})")
-                return Val("tuple", "", parts=(Val("bint", q, sympy.Symbol("_b" + q)), Val("bint", r, sympy.Symbol("_b" + r))))
+                return Val("tuple", "", parts=(Val("bint", q, sympy.Symbol("_b" + q)), self._bint_mod(r, b)))
             if f.id == "int" and len(args) == 1:
                 a = args[0]
                 if a.kind == "bint":
@@ -363,6 +403,11 @@ class _Gen:
     def __init__(self):
         self.lines: list = []
         self.counter = itertools.count()
+        # loop ints that are ``x % m`` with an invariant ``m``: symbol -> (code, code of m).  In Python such a
+        # value lies in [0, m) when m > 0, which lets a slice ``[c + s*w : c + (s+1)*w]`` read tile ``s``
+        # of a ``[M, w]`` view (see ``_tile_spec``).
+        self.mods: dict = {}
+        self.live: dict = {}  # (rows-alive code, loop int code) -> code of the int with dead rows at 0
 
     def emit(self, code: str) -> str:
         name = f"_t{next(self.counter)}"

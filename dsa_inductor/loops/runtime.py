@@ -122,23 +122,28 @@ def tensor_binop(op: str, a, a_batched: bool, b, b_batched: bool):
 def gather(t, valid, specs):
     """Per-row ``t[spec_0, spec_1, ...]`` for the live rows, as one advanced-indexing gather.
 
-    ``specs`` items: ``("int", k)`` an invariant int, ``("idx", v)`` a batched int [N], ``("slice", lo, w)``
-    a batched start [N] with an invariant width ``w`` (the analysis proved ``hi - lo == w``), ``("full",)``
-    a whole dimension.  Dead rows read index 0 (their values are never used).  Slices must lie inside the
+    ``specs`` items: ``("int", k)`` an invariant int, ``("idx", v)`` a batched int [N] (from
+    :func:`live_index`: dead rows hold 0, as in ``tile``), ``("slice", lo, w)``
+    a batched start [N] with an invariant width ``w`` (the analysis proved ``hi - lo == w``), ``("tile", s,
+    c, w, m)`` the slice ``[c + s*w : c + (s+1)*w]`` with ``s = x % m`` (see :func:`_gather_tile`),
+    ``("full",)`` a whole dimension.  Dead rows read index 0 (their values are never used).  Slices must lie inside the
     dimension for live rows, where Python would clamp them: checked with ``torch._assert_async``.
     Returns [N, *item_shape]."""
     if not isinstance(t, torch.Tensor):
         raise Unsupported("indexing something other than a tensor")
     n = valid.shape[0]
     valid = valid.to(t.device)
+    tiled = _gather_tile(t, valid, specs)
+    if tiled is not None:
+        return tiled
+    specs = [("slice", _tile_start(s), s[3]) if s[0] == "tile" else s for s in specs]
     nitem = sum(1 for s in specs if s[0] in ("slice", "full"))
     index, k = [], 0
     for dim, spec in enumerate(specs):
         if spec[0] == "int":
             index.append(check_int(spec[1]))
         elif spec[0] == "idx":
-            v = torch.where(valid, spec[1].to(t.device), 0)
-            index.append(v.reshape((n,) + (1,) * nitem))
+            index.append(spec[1].to(t.device).reshape((n,) + (1,) * nitem))
         else:
             if spec[0] == "full":
                 lo, w = torch.zeros((n,), dtype=torch.int64, device=t.device), t.shape[dim]
@@ -158,6 +163,45 @@ def gather(t, valid, specs):
     if not any(s[0] in ("idx", "slice", "full") for s in specs):
         raise Unsupported("gather without a batched index")
     return out
+
+
+def live_index(valid, v):
+    """Batched int ``v`` [N] with the dead rows (``~valid``) set to 0, so that they read a valid row."""
+    return torch.where(valid.to(v.device), v, 0)
+
+
+def _tile_start(spec):
+    _, s, c, w, _ = spec
+    return s * w + c
+
+
+def _gather_tile(t, valid, specs):
+    """Rows ``t[i_0, ..., i_j, c + s*w : c + (s+1)*w, :, ...]`` as ``view[i_0, ..., i_j, s]`` of the tile view
+    ``t.narrow(d, c, M*w).unflatten(d, (M, w))``, ``M = (L - c) // w``; None where that does not apply
+    (then the slice is gathered column by column).
+
+    Applies to one ``tile`` spec with only ``int`` / ``idx`` specs before it and ``full`` after, ``w > 0``,
+    ``0 <= c <= L - w``, and a divisor ``m > 0``, so ``s = x % m`` is in ``[0, m)`` as Python computes it.
+    For live rows the original slice lies inside the dimension (checked, as the column form checks it)
+    exactly when ``s < M``; dead rows read tile 0 (``s`` comes from :func:`live_index`)."""
+    kinds = [sp[0] for sp in specs]
+    if kinds.count("tile") != 1:
+        return None
+    d = kinds.index("tile")
+    if any(k not in ("int", "idx") for k in kinds[:d]) or any(k != "full" for k in kinds[d + 1:]):
+        return None
+    _, s, c, w, m = specs[d]
+    if not all(is_int(x) for x in (c, w, m)):
+        return None
+    size = t.shape[d]
+    if not (m > 0 and w > 0 and 0 <= c and c + w <= size):
+        return None
+    tiles = (size - c) // w
+    view = t.narrow(d, c, tiles * w).unflatten(d, (tiles, w))
+    s = s.to(t.device)
+    torch._assert_async(torch.all((s < tiles) | ~valid), "dsa_inductor lifted loop: slice out of range")
+    index = [check_int(sp[1]) if sp[0] == "int" else sp[1].to(t.device) for sp in specs[:d]]
+    return view[tuple(index) + (s,)]
 
 
 def item_index(x, idx):

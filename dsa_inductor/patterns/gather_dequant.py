@@ -19,13 +19,17 @@ Search variants (the core: gather, decode, scale) are the product of
 * the scale's shape: ``token`` (``s[idx].unsqueeze(-1)``), ``keepdim`` (``s[idx]`` is ``[..., 1]``) or
   ``group`` (``(k.unflatten(-1, (G, D // G)) * s[idx].unsqueeze(-1)).flatten(-2)``, block scales);
 * the scale's decoding: ``raw`` (fp32, or a bf16/fp16 scale promoted by the multiply), ``cast``
-  (``s.float()``) or ``e8m0`` (UE8M0 bytes, ``s.view(torch.float8_e8m0fnu).float()``).
+  (``s.float()``), ``e8m0`` (UE8M0 bytes, ``s.view(torch.float8_e8m0fnu).float()``) or ``f32_bytes``
+  (fp32 scales kept as uint8 until after the gather, ``s[idx].view(torch.float32)`` on ``[..., 4 * G]``
+  bytes: the inline page layout as the lifted per-token loop reads it; matched where the byte table
+  itself provably has an fp32 view, i.e. 4-aligned offset and strides).
 
 The multiply is commutative; the rule puts the FP8 operand first before matching.  After the core match,
 follow-up rewrites (listed under ``then`` in the report) fold into the op, without changing any value:
 
 * ``index0 = x // B`` and ``index1 = x % B`` with ``B`` the page size: slot addressing (no index kernel);
-* ``where(mask, 0, k)`` / ``masked_fill(mask, 0)`` / ``where(keep, k, 0)`` with a per-token mask:
+* ``where(mask, 0, k)`` / ``masked_fill(mask, 0)`` / ``where(keep, k, 0)`` with a per-token mask (the
+  zero a scalar or a zeros tensor of the result's shape, the mask ``unsqueeze``d or reshaped to it):
   ``drop``; when the mask is ``slot < 0`` and the index is ``slot`` or ``slot.clamp(min=0)``,
   ``zero_negative`` on the raw slots;
 * a final ``.to(bfloat16 / float16)``: ``out_dtype`` (the op rounds the same fp32 product once).
@@ -59,7 +63,7 @@ _FLOAT_SCALES = (torch.float32, torch.bfloat16, torch.float16)
 
 VALUE_FORMS = ("u8_before", "u8_after", "fp8")
 SCALE_SHAPES = ("token", "keepdim", "group")
-SCALE_DECODES = ("raw", "cast", "e8m0")
+SCALE_DECODES = ("raw", "cast", "e8m0", "f32_bytes")
 EX_P, EX_B, EX_D, EX_G, EX_N = 7, 4, 32, 4, 5  # example sizes for tracing (all distinct)
 
 
@@ -99,6 +103,8 @@ def _decode_scales(form: Form, scales, idx):
         s = s.float()
     elif form.scale_decode == "e8m0":
         s = s.view(_E8M0).float()
+    elif form.scale_decode == "f32_bytes":
+        s = s.view(torch.float32)
     return s
 
 
@@ -113,6 +119,8 @@ def _scaled(form: Form, x, s, group):
 
 def _scale_arg(form: Form, scales):
     """The op's ``scales`` (rank of ``values``, groups last) from the pattern's scale table."""
+    if form.scale_decode == "f32_bytes":  # the table's bytes as fp32 (``_check`` proved the view is legal)
+        return scales.view(torch.float32)
     return scales.unsqueeze(-1) if form.scale_shape == "token" else scales
 
 
@@ -148,7 +156,10 @@ def _make_variant(form: Form) -> Variant:
         vshape = (EX_P, EX_B, d) if form.n_idx == 2 else (EX_P, d)
         lead = vshape[:-1]
         sshape = {"token": lead, "keepdim": (*lead, 1), "group": (*lead, EX_G)}[form.scale_shape]
-        sdt = {"raw": torch.float32, "cast": torch.bfloat16, "e8m0": torch.uint8}[form.scale_decode]
+        sdt = {"raw": torch.float32, "cast": torch.bfloat16, "e8m0": torch.uint8,
+               "f32_bytes": torch.uint8}[form.scale_decode]
+        if form.scale_decode == "f32_bytes":
+            sshape = (*sshape[:-1], 4 * sshape[-1])
         idx = [torch.empty(EX_N, dtype=torch.int64) for _ in range(form.n_idx)]
         return [torch.empty(vshape, dtype=vdt), *idx, torch.empty(sshape, dtype=sdt)] + (
             [GROUP_MAGIC] if grouped else [])
@@ -187,10 +198,15 @@ def _check(form: Form, match) -> Optional[str]:
         t = tensor_meta(match, name)
         if t is None or t.dtype not in _INT:
             return f"{name} is not an int32/int64 tensor ({getattr(t, 'dtype', None)}): a mask index gathers otherwise"
-    if form.scale_decode == "e8m0" and scales.dtype != torch.uint8:
-        return f"UE8M0 scales have dtype {scales.dtype}, expected uint8"
-    if form.scale_decode != "e8m0" and scales.dtype not in _FLOAT_SCALES:
+    if form.scale_decode in ("e8m0", "f32_bytes") and scales.dtype != torch.uint8:
+        return f"{'UE8M0' if form.scale_decode == 'e8m0' else 'byte-stored fp32'} scales have dtype {scales.dtype}, expected uint8"
+    if form.scale_decode in ("raw", "cast") and scales.dtype not in _FLOAT_SCALES:
         return f"scales have dtype {scales.dtype}, expected float32/bfloat16/float16"
+    if form.scale_decode == "f32_bytes":
+        why = _fp32_view_refusal(scales)
+        if why is not None:
+            return why
+        scales = scales.view(torch.float32)
     sc_shape = (*scales.shape, 1) if form.scale_shape == "token" else tuple(scales.shape)
     if len(sc_shape) != values.dim():
         return (f"the scale table {tuple(scales.shape)} does not hold one scale row per cache row "
@@ -214,6 +230,17 @@ def _check(form: Form, match) -> Optional[str]:
                 f"{gathered}: the scale varies along another dim")
     if out.dtype != torch.float32:
         return f"the product has dtype {out.dtype}, expected float32"
+    return None
+
+
+def _fp32_view_refusal(scales) -> Optional[str]:
+    """Why the uint8 scale table cannot be viewed as float32 as a whole (eager views each gathered row,
+    a contiguous copy), or None: the bytes of a scale must be the last dim's, 4-aligned."""
+    if not (_static_eq(scales.stride(-1), 1) and statically_known_true(scales.shape[-1] % 4 == 0)):
+        return "the fp32 scale bytes are not contiguous groups of 4 in the last dim"
+    if not all(statically_known_true(st % 4 == 0) for st in scales.stride()[:-1]) or \
+            not statically_known_true(scales.storage_offset() % 4 == 0):
+        return "the fp32 scale bytes are not 4-byte aligned in the cache (strides or offset)"
     return None
 
 
@@ -304,7 +331,9 @@ _FULL = aten.full.default
 
 
 def _is_zero(node) -> bool:
-    if not (isinstance(node, torch.fx.Node) and node.target is _FULL and list(node.args[0]) == []):
+    """A ``full`` of +0: a scalar, or a zeros tensor (the lifted loops' output buffer, ``out[i]`` never
+    written); the caller checks that the ``where`` keeps the op's shape and dtype, so it does not broadcast."""
+    if not (isinstance(node, torch.fx.Node) and node.target is _FULL):
         return False
     v = node.args[1]
     return isinstance(v, (int, float)) and v == 0 and math.copysign(1.0, v) > 0
@@ -316,9 +345,16 @@ _CMP = (aten.lt.Scalar, aten.ge.Scalar, aten.le.Scalar, aten.gt.Scalar, aten.eq.
 def _token_mask(graph, cond, extra: int, before):
     """A node holding ``cond`` without its ``extra`` trailing size-1 broadcast dims, or None.
 
-    Takes ``unsqueeze(c, last)`` repeated, or a scalar comparison of such an unsqueeze (rebuilt on ``c``).
+    Takes ``unsqueeze(c, last)`` repeated, ``reshape(c, [*c.shape, 1, ...])``, or a scalar comparison of
+    such an unsqueeze (rebuilt on ``c``).
     """
     node = cond
+    if isinstance(node, torch.fx.Node) and node.target is aten.reshape.default and extra > 0:
+        inner, shape = _val(node.args[0]), list(node.args[1])
+        if inner is not None and len(shape) == inner.dim() + extra and all(
+                _static_eq(a, b) for a, b in zip(shape, inner.shape)) and all(
+                _static_eq(x, 1) for x in shape[inner.dim():]):
+            return node.args[0]
     for _ in range(extra):
         if isinstance(node, torch.fx.Node) and node.target is aten.unsqueeze.default:
             inner = _val(node.args[0])
@@ -428,7 +464,7 @@ class GatherDequantRule(Rule):
 
     def variants(self):
         for values, n_idx, shape, decode in itertools.product(VALUE_FORMS, (1, 2), SCALE_SHAPES, SCALE_DECODES):
-            if decode == "e8m0" and _E8M0 is None:
+            if decode == "e8m0" and _E8M0 is None or decode == "f32_bytes" and shape == "token":
                 continue
             yield _make_variant(Form(values, n_idx, shape, decode))
 
