@@ -73,3 +73,26 @@ def indexer_step(cache, slot_mapping, block_size: int, D: int):
 def offsets_step(seq_lens, query_lens):
     ks, ke = causal_window_offsets(seq_lens, query_lens)
     return ks, ke - ks
+
+
+def _in_window(logits, seq_lens, query_lens):
+    ks, ke = causal_window_offsets(seq_lens, query_lens)
+    ks, ke = ks.to(logits.device), ke.to(logits.device)
+    pos = torch.arange(logits.shape[-1], device=logits.device)
+    return (pos >= ks[:, None]) & (pos < ke[:, None])
+
+
+def prefill_topk_indices(logits, seq_lens, query_lens, k: int):
+    """The indexer's prefill selection over the offsets: ``logits`` fp32 ``[sum(query_lens), sum(seq_lens)]``
+    masked outside each token's ``[ks, ke)``, then the top ``min(k, N)`` key positions ``[T, k]`` (int64).
+    Lifted, the offsets become tensors in the graph and the mask-then-topk rule takes ``ks`` / ``ke`` as
+    ``row_starts`` / ``row_ends``."""
+    keep = _in_window(logits, seq_lens, query_lens)
+    return logits.masked_fill(~keep, float("-inf")).topk(min(k, logits.shape[-1]), dim=-1).indices
+
+
+def prefill_window_softmax(logits, seq_lens, query_lens):
+    """Softmax of each query token's ``[ks, ke)`` window of ``logits`` (as above), ``[T, N]``: the
+    windowed-softmax rule's range form once the offsets are lifted."""
+    keep = _in_window(logits, seq_lens, query_lens)
+    return logits.masked_fill(~keep, float("-inf")).softmax(-1)

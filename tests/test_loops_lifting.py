@@ -340,6 +340,34 @@ def test_offsets_fullgraph_and_scalar_capture(fresh):
             assert torch.equal(g, w)
 
 
+@pytest.mark.parametrize("fn,rule", [(serving_loops.prefill_topk_indices, "mask_topk"),
+                                     (serving_loops.prefill_window_softmax, "windowed_softmax")],
+                         ids=["topk", "softmax"])
+def test_lifted_offsets_feed_the_window_rules(fresh, fn, rule):
+    """The lifted offsets loop, then a mask over each token's [ks, ke) and topk / softmax: the graph holds
+    the offsets as tensors (unbacked length = the logits' rows), so the mask-then-topk / windowed-softmax
+    rule replaces the mask with row bounds.  Two compiles (static, dynamic) across batches of 2 to 6 requests."""
+    be = CountingBackend(inductor=True)
+    f = torch.compile(fn, backend=be)
+    rng = random.Random(5)
+    for call in range(12):
+        q = [rng.randint(1, 6) for _ in range(rng.randint(2, 6))]  # >= 2 rows, > k keys: no 0/1, min(k, N)
+        seq = torch.tensor([n + rng.randint(2, 5) for n in q])  # specializations beyond the dynamic graph
+        q = torch.tensor(q)
+        logits = torch.randn(int(q.sum()), int(seq.sum()))
+        logits[0, 0] = float("nan") if call % 3 == 0 else logits[0, 0]  # a NaN in the window of row 0
+        args = (logits, seq, q) + ((4,) if rule == "mask_topk" else ())
+        got, want = f(*args), fn(*args)
+        if rule == "mask_topk":
+            keep = serving_loops._in_window(logits, seq, q)
+            testing.assert_topk(logits.masked_fill(~keep, float("-inf")), min(4, logits.shape[-1]), None, got,
+                                need_values=False)
+        else:
+            testing.assert_softmax(want, got)
+    assert be.n <= 2, be.n
+    assert sum(matches(rule).values()) == be.n, dsa_inductor.report()
+
+
 def test_ragged_rows_op():
     rid, pos = runtime.ragged_rows(torch.tensor([2, 0, -3, 3]))
     assert rid.tolist() == [0, 0, 3, 3, 3] and pos.tolist() == [0, 1, 0, 1, 2]
