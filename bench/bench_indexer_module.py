@@ -170,9 +170,9 @@ def run(small: bool = False, s: int | None = None) -> dict:
         ours(*args)
         res["ours_us"], res["ours_peak"], idx = _measure(ours, args, cuda)
         res["report"] = dsa_inductor.report()
-        from dsa_inductor.report import _STATS
+        from dsa_inductor.report import match_count
 
-        res["matches"] = sum(sum(st.matches.values()) for st in _STATS.values())
+        res["matches"] = match_count()
         dsa_inductor.unregister_dsa_passes()
         torch._dynamo.reset()
         masked = reference_scores(indexer, *args)

@@ -125,9 +125,9 @@ def run_case(case: Case, cudagraphs: bool = False) -> Result:
         dsa_inductor.unregister_dsa_passes()
         torch._dynamo.reset()
 
-    from dsa_inductor.report import _STATS
+    from dsa_inductor.report import match_count
 
-    matches = sum(sum(st.matches.values()) for st in _STATS.values())
+    matches = match_count()
     problem = case.check(args, eager_out, our_out) if case.check else None
     if cudagraphs and case.check and problem is None:
         problem = case.check(args, eager_out, graph_out)

@@ -41,6 +41,11 @@ def stats_for(rule: str, op: str = "") -> RuleStats:
     return _STATS[rule]
 
 
+def match_count() -> int:
+    """Rewrites made by all rules since the last ``reset()`` (every variant of every rule)."""
+    return sum(sum(st.matches.values()) for st in _STATS.values())
+
+
 def note_graph() -> None:
     _GRAPHS["examined"] += 1
 

@@ -229,8 +229,8 @@ def nm_scale_bytes_unaligned(k_cache, k_scale, idx, idx2):
     return values[idx].view(FP8).float() * scale_bytes[idx].view(torch.float32)
 
 
-NEAR_MISSES = [nm_scale_bytes_unaligned, nm_scale_other_index, nm_per_channel_scale, nm_scale_along_tokens, nm_bf16_arithmetic, nm_e5m2,
-               nm_not_gathered]
+NEAR_MISSES = [nm_scale_bytes_unaligned, nm_scale_other_index, nm_per_channel_scale, nm_scale_along_tokens,
+               nm_bf16_arithmetic, nm_e5m2, nm_not_gathered]
 
 
 @pytest.mark.parametrize("fn", NEAR_MISSES, ids=lambda f: f.__name__)

@@ -122,11 +122,11 @@ def tensor_binop(op: str, a, a_batched: bool, b, b_batched: bool):
 def gather(t, valid, specs):
     """Per-row ``t[spec_0, spec_1, ...]`` for the live rows, as one advanced-indexing gather.
 
-    ``specs`` items: ``("int", k)`` an invariant int, ``("idx", v)`` a batched int [N] (from
-    :func:`live_index`: dead rows hold 0, as in ``tile``), ``("slice", lo, w)``
-    a batched start [N] with an invariant width ``w`` (the analysis proved ``hi - lo == w``), ``("tile", s,
-    c, w, m)`` the slice ``[c + s*w : c + (s+1)*w]`` with ``s = x % m`` (see :func:`_gather_tile`),
-    ``("full",)`` a whole dimension.  Dead rows read index 0 (their values are never used).  Slices must lie inside the
+    ``specs`` items: ``("int", k)`` an invariant int; ``("idx", v)`` a batched int [N] (from
+    :func:`live_index`: dead rows hold 0, as in ``tile``); ``("slice", lo, w)`` a batched start [N] with an
+    invariant width ``w`` (the analysis proved ``hi - lo == w``); ``("tile", s, c, w, m)`` the slice
+    ``[c + s*w : c + (s+1)*w]`` with ``s = x % m`` (see :func:`_gather_tile`); ``("full",)`` a whole
+    dimension.  Dead rows read index 0 (their values are never used).  Slices must lie inside the
     dimension for live rows, where Python would clamp them: checked with ``torch._assert_async``.
     Returns [N, *item_shape]."""
     if not isinstance(t, torch.Tensor):

@@ -199,7 +199,8 @@ def _check(form: Form, match) -> Optional[str]:
         if t is None or t.dtype not in _INT:
             return f"{name} is not an int32/int64 tensor ({getattr(t, 'dtype', None)}): a mask index gathers otherwise"
     if form.scale_decode in ("e8m0", "f32_bytes") and scales.dtype != torch.uint8:
-        return f"{'UE8M0' if form.scale_decode == 'e8m0' else 'byte-stored fp32'} scales have dtype {scales.dtype}, expected uint8"
+        kind = "UE8M0" if form.scale_decode == "e8m0" else "byte-stored fp32"
+        return f"{kind} scales have dtype {scales.dtype}, expected uint8"
     if form.scale_decode in ("raw", "cast") and scales.dtype not in _FLOAT_SCALES:
         return f"scales have dtype {scales.dtype}, expected float32/bfloat16/float16"
     if form.scale_decode == "f32_bytes":
