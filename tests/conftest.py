@@ -35,11 +35,12 @@ def examples(cuda: int, cpu: int) -> int:
     return max(5, int(cuda * float(os.environ.get("DSA_GPU_EXAMPLES", "1")))) if CUDA else cpu
 
 
-def sanitizer_rows(rows: int) -> int:
+def sanitizer_rows(rows: int, cap: int = 1024) -> int:
     """Rows of a large-shape GPU kernel test: under compute-sanitizer (``DSA_SANITIZER=1``, set by
-    ``.ci/gpu``) at most 1024, which keeps each launch configuration (masked_topk picks its warps at 1024
-    row programs; the row length, which sets the block sizes, is unchanged) at a fraction of the work."""
-    return min(rows, 1024) if os.environ.get("DSA_SANITIZER") == "1" else rows
+    ``.ci/gpu``) at most ``cap`` (default 1024), which keeps each launch configuration (masked_topk picks its
+    warps at 1024 row programs; the row length, which sets the block sizes, is unchanged) at a fraction of
+    the work."""
+    return min(rows, cap) if os.environ.get("DSA_SANITIZER") == "1" else rows
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ the tile list it walks; on CUDA also at transformers' expanded-MLA shape (dqk 19
 
 import pytest
 import torch
-from conftest import examples
+from conftest import examples, sanitizer_rows
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -180,7 +180,9 @@ def test_masked_flash_at_transformers_shape(causal):
 @pytest.mark.parametrize("causal", [True, False])
 def test_kernel_at_deepseek_shape(causal, compact):
     g = torch.Generator(device="cuda").manual_seed(0)
-    s, t, h, k = 256, 2048, 128, 2048
+    # under compute-sanitizer 16 query rows: the grid shrinks, the launch configuration (set by H, K, the dims)
+    # does not; racecheck over all 256 rows did not finish in 560 s (session 9)
+    s, t, h, k = sanitizer_rows(256, cap=16), 2048, 128, 2048
     q = torch.randn(1, s, h, 576, device="cuda", dtype=torch.bfloat16, generator=g)
     kv = torch.randn(1, t, 1, 576, device="cuda", dtype=torch.bfloat16, generator=g)
     idx = torch.rand(1, s, t, device="cuda", generator=g).argsort(-1)[..., :k].to(torch.int32)
