@@ -168,6 +168,38 @@ def test_sliding_window_8192(dtype):
     assert windowed_attention_mismatch(eager(q, k, v, s, e, 128 ** -0.5), out, q.dtype) is None
 
 
+def odd_dim_mismatches(**tile):
+    """Mismatches against eager of the kernel with ``tile`` (default: the op's) at head dims that are not powers of
+    two: Dqk = DA + DB, Dv padded (the GPU property test found the 64 x 64, 4-warp tile wrong at D = 33, Dv = 2)."""
+    bad = []
+    for dtype in (torch.float16, torch.bfloat16):
+        for d in (17, 33, 40, 65, 100):
+            for dv in (2, 24, 128):
+                g = torch.Generator(device="cuda").manual_seed(d * 1000 + dv)
+                q = torch.randn(2, 70, d, device="cuda", generator=g).to(dtype)
+                k = torch.randn(2, 150, d, device="cuda", generator=g).to(dtype)
+                v = torch.randn(2, 150, dv, device="cuda", generator=g).to(dtype)
+                e = torch.arange(70, device="cuda") + 81
+                out = windowed_attention_triton(q, k, v, e - 40, e, d ** -0.5, dtype, **tile)
+                why = windowed_attention_mismatch(eager(q, k, v, e - 40, e, d ** -0.5, dtype), out, dtype)
+                if why is not None:
+                    bad.append((dtype, d, dv, why))
+    return bad
+
+
+@pytest.mark.skipif(not CUDA, reason="a compiler fault of the GPU build")
+def test_default_tile_at_odd_head_dims():
+    assert odd_dim_mismatches() == []
+
+
+@pytest.mark.skipif(not CUDA, reason="the interpreter (CPU) runs any tile")
+def test_miscompiled_tile_is_refused():
+    q = torch.randn(8, 33, device="cuda", dtype=torch.float16)
+    with pytest.raises(ValueError, match="`block_m` / `block_n` / `num_warps`: a 64 x 64 tile with 4 warps"):
+        windowed_attention_triton(q, q, q, block_m=64, block_n=64, num_warps=4)
+    windowed_attention_triton(q, q, q, block_m=64, block_n=64, num_warps=8)  # 8 warps: allowed
+
+
 def test_opcheck():
     q, k, v = (torch.randn(2, 3, 12, 8, device=DEVICE) for _ in range(3))
     e = torch.arange(1, 13, device=DEVICE)

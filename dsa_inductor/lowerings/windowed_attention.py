@@ -67,10 +67,24 @@ OP_NAME = "dsa_inductor::windowed_attention"
 VERIFY = False  # set by register_dsa_passes(verify=True): check each CUDA call against the plain-torch path
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 # Tunables (bf16/fp16 inputs, fp32 inputs): query rows and keys per tile, warps, pipeline stages.  From
-# bench/tune_windowed_attention.py on an H200 (torch 2.11, triton 3.6; 8192 x 128, window 128, GPU time): bf16
-# 7.8 us (64/64/4/2: 8.3); fp32 with "ieee" dots 64 us (64/32/4/2: 1940 us, the FMA dot's registers spill).
-CONFIG_16 = dict(block_m=64, block_n=64, num_warps=4, num_stages=3)
+# bench/tune_windowed_attention.py on an H200 (torch 2.11, triton 3.6; 8192 x 128, window 128, GPU time): fp32
+# with "ieee" dots 64 us (64/32/4/2: 1940 us, the FMA dot's registers spill).  16-bit: 64/64/4/3 measured 7.8 us
+# there, but Triton 3.6 miscompiles that tile (see _miscompiled_tile), so 64 query rows x 32 keys.
+CONFIG_16 = dict(block_m=64, block_n=32, num_warps=4, num_stages=3)
 CONFIG_32 = dict(block_m=32, block_n=32, num_warps=4, num_stages=2)
+
+
+def _miscompiled_tile(block_m, block_n, num_warps):
+    """Why a tile must not run on a GPU, or None.  Found by the GPU property test (session 10, H200, Triton
+    3.6): 64 x 64 tiles with 4 warps give the same wrong value on every run at D = 33, Dv = 2, fp16 (0.1998 for
+    eager's 0.1581; correct at D = 128), and 128 x 64 with 4 warps an illegal memory access; every other tile of
+    {32, 64, 128} x {16, 32, 64} x {4, 8} warps x {1, 2, 3} stages was right on that input, and memcheck /
+    racecheck see nothing (a compiler fault, not a race in the kernel's code).  Refused rather than guessed
+    around: a wrong result here would be silent."""
+    if block_m >= 64 and block_n >= 64 and num_warps == 4:
+        return (f"a {block_m} x {block_n} tile with 4 warps is miscompiled by Triton 3.6 on Hopper (wrong values "
+                "or illegal accesses at some head dims); use 8 warps or block_n <= 32")
+    return None
 # fp32 dots: "ieee" as eager's fp32 matmul without TF32 ("tf32x3" is faster and close to fp32, not equal)
 FP32_PRECISION = "ieee"
 
@@ -280,6 +294,9 @@ def windowed_attention_triton(q, k, v, row_starts=None, row_ends=None, scale=1.0
     cfg.update({n: x for n, x in (("block_m", block_m), ("block_n", block_n), ("num_warps", num_warps),
                                   ("num_stages", num_stages)) if x})
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    bad = None if interpret else _miscompiled_tile(cfg["block_m"], cfg["block_n"], cfg["num_warps"])
+    if bad:
+        raise ValueError(f"windowed_attention: `block_m` / `block_n` / `num_warps`: {bad}")
     upcast = interpret  # 16-bit dots upcast, bf16 rounding on the bits (see _up, _to)
     fp32 = "ieee" if interpret else FP32_PRECISION
 
