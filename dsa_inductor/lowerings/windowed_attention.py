@@ -68,8 +68,9 @@ VERIFY = False  # set by register_dsa_passes(verify=True): check each CUDA call 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 # Tunables (bf16/fp16 inputs, fp32 inputs): query rows and keys per tile, warps, pipeline stages.  From
 # bench/tune_windowed_attention.py on an H200 (torch 2.11, triton 3.6; 8192 x 128, window 128, GPU time): fp32
-# with "ieee" dots 64 us (64/32/4/2: 1940 us, the FMA dot's registers spill).  16-bit: 64/64/4/3 measured 7.8 us
-# there, but Triton 3.6 miscompiles that tile (see _miscompiled_tile), so 64 query rows x 32 keys.
+# with "ieee" dots 64 us (64/32/4/2: 1940 us, the FMA dot's registers spill).  16-bit: 64/32/4/3 8.0 us, the
+# fastest of the 28 allowed configs in session 10's sweep (64/64/8/3 8.8, 32/64/4/3 9.1); 64/64/4/3 had measured
+# 7.8 us (session 7), but Triton 3.6 miscompiles that tile (see _miscompiled_tile).
 CONFIG_16 = dict(block_m=64, block_n=32, num_warps=4, num_stages=3)
 CONFIG_32 = dict(block_m=32, block_n=32, num_warps=4, num_stages=2)
 
