@@ -79,8 +79,9 @@ def _miscompiled_tile(block_m, block_n, num_warps):
     """Why a tile must not run on a GPU, or None.  Found by the GPU property test (session 10, H200, Triton
     3.6): 64 x 64 tiles with 4 warps give the same wrong value on every run at D = 33, Dv = 2, fp16 (0.1998 for
     eager's 0.1581; correct at D = 128), and 128 x 64 with 4 warps an illegal memory access; every other tile of
-    {32, 64, 128} x {16, 32, 64} x {4, 8} warps x {1, 2, 3} stages was right on that input, and memcheck /
-    racecheck see nothing (a compiler fault, not a race in the kernel's code).  Refused rather than guessed
+    {32, 64, 128} x {16, 32, 64} x {4, 8} warps x {1, 2, 3} stages was right on that input, racecheck of it
+    reports no hazard and the interpreter gives eager's value (session 7's failure of this tile at D = 40 was
+    memcheck- and racecheck-clean too): a compiler fault, not a race in the kernel's code.  Refused rather than guessed
     around: a wrong result here would be silent."""
     if block_m >= 64 and block_n >= 64 and num_warps == 4:
         return (f"a {block_m} x {block_n} tile with 4 warps is miscompiled by Triton 3.6 on Hopper (wrong values "
