@@ -28,6 +28,7 @@ from torch._inductor.utils import fresh_inductor_cache, run_and_get_code
 import dsa_inductor
 from dsa_inductor import pass_manager
 from dsa_inductor.pass_manager import DSAPassManager, package_source_hash, source_hash
+from dsa_inductor.report import match_count
 
 PKG = pathlib.Path(dsa_inductor.__file__).resolve().parent
 SOURCES = sorted(str(p.relative_to(PKG)) for p in PKG.rglob("*.py"))
@@ -149,12 +150,6 @@ def _compile_and_run():
     return out, "\n".join(code), counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
 
 
-def _matches():
-    from dsa_inductor.report import match_count
-
-    return match_count()
-
-
 def _same_selection(out):
     ref = masked_topk_fn(X, M)
     masked = X.masked_fill(~M, float("-inf"))
@@ -180,14 +175,14 @@ def test_graph_cached_without_rules_is_not_served_with_rules(fx_cache, rules_off
     dsa_inductor.register_dsa_passes()
     out, code, hit, miss = _compile_and_run()  # rules on: the rules-off entry must not be served
     assert (hit, miss) == (0, 1)
-    assert _matches() == 1, dsa_inductor.report()
+    assert match_count() == 1, dsa_inductor.report()
     assert "torch.ops.dsa_inductor.masked_topk" in code
     assert "came from the FX graph cache" not in dsa_inductor.report()
     _same_selection(out)
 
     out, code, hit, miss = _compile_and_run()  # the same rules again: served from the cache, the pass not run
     assert (hit, miss) == (1, 0)
-    assert _matches() == 1  # nothing new was examined ...
+    assert match_count() == 1  # nothing new was examined ...
     assert "1 graph(s) came from the FX graph cache" in dsa_inductor.report()  # ... and report() says why
     assert "dsa_inductor.masked_topk" in code  # the cached graph is the rewritten one
     _same_selection(out)
@@ -210,7 +205,7 @@ def test_other_rules_verify_or_sources_miss_the_cache(fx_cache, monkeypatch):
     dsa_inductor.reset_report()
     dsa_inductor.register_dsa_passes(patterns=others)  # another enabled set: mask_topk off
     out, code, hit, miss = _compile_and_run()
-    assert (hit, miss) == (0, 1) and "dsa_inductor" not in code and _matches() == 0
+    assert (hit, miss) == (0, 1) and "dsa_inductor" not in code and match_count() == 0
     _same_selection(out)
 
     dsa_inductor.register_dsa_passes(verify=True)  # all rules, verify on
@@ -224,4 +219,4 @@ def test_other_rules_verify_or_sources_miss_the_cache(fx_cache, monkeypatch):
     monkeypatch.setattr(pass_manager, "package_source_hash", lambda: "f" * 64)  # a changed rule or kernel
     dsa_inductor.reset_report()
     _, code, hit, miss = _compile_and_run()
-    assert (hit, miss) == (0, 1) and _matches() == 1 and "dsa_inductor.masked_topk" in code
+    assert (hit, miss) == (0, 1) and match_count() == 1 and "dsa_inductor.masked_topk" in code

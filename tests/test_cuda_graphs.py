@@ -21,6 +21,7 @@ import bench_mask_topk as bm  # noqa: E402
 import bench_windowed_softmax as bw  # noqa: E402
 from dsa_inductor.lowerings.gather_dequant import gather_dequant_reference  # noqa: E402
 from dsa_inductor.lowerings.masked_topk import masked_logits, topk_mismatch  # noqa: E402
+from dsa_inductor.report import match_count  # noqa: E402
 
 
 def _graphed(fn):
@@ -37,12 +38,6 @@ def _clone(x):
     return x.clone() if isinstance(x, torch.Tensor) else type(x)(_clone(o) for o in x)
 
 
-def _matched():
-    from dsa_inductor.report import match_count
-
-    return match_count()
-
-
 def test_mask_topk_range(fresh):
     g = torch.Generator(device="cuda").manual_seed(0)
     logits = torch.randn(512, 1024, device="cuda", generator=g)
@@ -51,7 +46,7 @@ def test_mask_topk_range(fresh):
     for out in _run_graphed(bm.indexer_range_topk, (logits, starts, ends, 64)):
         why = topk_mismatch(masked_logits(logits, starts, ends), 64, None, out, sorted=True, need_values=False)
         assert why is None, why
-    assert _matched() >= 1
+    assert match_count() >= 1
 
 
 def test_topk_to_scatter_mask(fresh):
@@ -61,7 +56,7 @@ def test_topk_to_scatter_mask(fresh):
     eager = bm.indexer_topk_to_mask(scores, mask, 32)
     for out in _run_graphed(bm.indexer_topk_to_mask, (scores, mask, 32)):
         assert torch.equal(out, eager)
-    assert _matched() >= 1
+    assert match_count() >= 1
 
 
 def test_gather_dequant(fresh):
@@ -73,7 +68,7 @@ def test_gather_dequant(fresh):
     ref = gather_dequant_reference(cache, scale.unsqueeze(-1), slots, zero_negative=True)
     for out in _run_graphed(bg.decode_read, (cache, scale, slots)):
         assert torch.equal(out, ref)
-    assert _matched() >= 1
+    assert match_count() >= 1
 
 
 def test_windowed_softmax(fresh):
@@ -82,7 +77,7 @@ def test_windowed_softmax(fresh):
     eager = bw.sliding_window_softmax(scores, 17)
     for out in _run_graphed(bw.sliding_window_softmax, (scores, 17)):
         torch.testing.assert_close(out, eager, atol=1e-6, rtol=1e-5)
-    assert _matched() >= 1
+    assert match_count() >= 1
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -107,7 +102,7 @@ def test_index_score(fresh):
     for out in _run_graphed(bi.transformers_index_score, (q, k, w)):
         why = bi._check((q, k, w), eager, out)
         assert why is None, why
-    assert _matched() >= 1
+    assert match_count() >= 1
 
 
 def test_transformers_model(fresh):
@@ -129,7 +124,7 @@ def test_transformers_model(fresh):
         compiled = _graphed(model)
         for _ in range(4):
             torch.testing.assert_close(compiled(ids).logits, eager, atol=1e-4, rtol=1e-4)
-    assert _matched() >= 1
+    assert match_count() >= 1
 
 
 def test_serving_fp8_cache_read_loop(fresh):
