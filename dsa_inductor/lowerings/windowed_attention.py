@@ -73,6 +73,8 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 # 7.8 us (session 7), but Triton 3.6 miscompiles that tile (see _miscompiled_tile).
 CONFIG_16 = dict(block_m=64, block_n=32, num_warps=4, num_stages=3)
 CONFIG_32 = dict(block_m=32, block_n=32, num_warps=4, num_stages=2)
+# fp32 dots: "ieee" as eager's fp32 matmul without TF32 ("tf32x3" is faster and close to fp32, not equal)
+FP32_PRECISION = "ieee"
 
 
 def _miscompiled_tile(block_m, block_n, num_warps):
@@ -81,14 +83,12 @@ def _miscompiled_tile(block_m, block_n, num_warps):
     eager's 0.1581; correct at D = 128), and 128 x 64 with 4 warps an illegal memory access; every other tile of
     {32, 64, 128} x {16, 32, 64} x {4, 8} warps x {1, 2, 3} stages was right on that input, racecheck of it
     reports no hazard and the interpreter gives eager's value (session 7's failure of this tile at D = 40 was
-    memcheck- and racecheck-clean too): a compiler fault, not a race in the kernel's code.  Refused rather than guessed
-    around: a wrong result here would be silent."""
+    memcheck- and racecheck-clean too): a compiler fault, not a race in the kernel's code.  Refused rather
+    than guessed around: a wrong result here would be silent."""
     if block_m >= 64 and block_n >= 64 and num_warps == 4:
         return (f"a {block_m} x {block_n} tile with 4 warps is miscompiled by Triton 3.6 on Hopper (wrong values "
                 "or illegal accesses at some head dims); use 8 warps or block_n <= 32")
     return None
-# fp32 dots: "ieee" as eager's fp32 matmul without TF32 ("tf32x3" is faster and close to fp32, not equal)
-FP32_PRECISION = "ieee"
 
 
 def _check_args(q, k, v, row_starts, row_ends, scale, scores_dtype):
