@@ -15,13 +15,19 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis import HealthCheck, Phase, settings  # noqa: E402
 
 settings.register_profile("ci", deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("gpu", deadline=None, max_examples=300,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+if os.environ.get("DSA_SANITIZER") == "1":
+    # Under compute-sanitizer every launch is slow, and a failure found while generating used to be shrunk until
+    # the run's time limit killed it, before anything was printed (session 11): report the first one as found.
+    settings.register_profile("sanitizer", settings(settings.default, phases=[Phase.explicit, Phase.reuse,
+                                                                              Phase.generate]))
+    settings.load_profile("sanitizer")
 
 import dsa_inductor  # noqa: E402
 

@@ -175,6 +175,43 @@ def test_masked_flash_at_transformers_shape(causal):
     assert why is None, why
 
 
+def flash_odd_dim_mismatches(**tile):
+    """Mismatches against the reference of the masked flash kernel with ``tile`` (default: the op's) at head dims
+    that are not powers of two (Dqk = DA + DB, Dv padded): session 11's sweep found 64 x 64 / 64 x 128 / 128 x 64
+    tiles with 4 warps wrong or out of bounds there (``host.refuse_miscompiled_tile``)."""
+    bad = []
+    for dtype in (torch.float16, torch.bfloat16):
+        for d in (17, 33, 40, 65, 100):
+            for dv in (2, 24, 128):
+                g = torch.Generator(device="cuda").manual_seed(d * 1000 + dv)
+                b, s, t, h, hk, kk = 2, 37, 150, 8, 4, 48
+                q = torch.randn(b, s, h, d, device="cuda", generator=g).to(dtype)
+                k = torch.randn(b, t, hk, d, device="cuda", generator=g).to(dtype)
+                v = torch.randn(b, t, hk, dv, device="cuda", generator=g).to(dtype)
+                idx = torch.randint(-1, t, (b, s, kk), device="cuda", generator=g).to(torch.int32)
+                ends = (torch.arange(s, device="cuda") + t - s + 1).expand(b, s)
+                args = (q, k, v, idx, ends, None, None, d ** -0.5, dv, 0, True, dtype)
+                why = attention_mismatch(sparse_attention_reference(*args), sparse_attention_triton(*args, **tile))
+                if why is not None:
+                    bad.append((dtype, d, dv, why))
+    return bad
+
+
+@pytest.mark.skipif(not CUDA, reason="a compiler fault of the GPU build")
+def test_masked_flash_default_tile_at_odd_head_dims():
+    assert flash_odd_dim_mismatches() == []
+
+
+@pytest.mark.skipif(not CUDA, reason="the interpreter (CPU) runs any tile")
+def test_masked_flash_miscompiled_tile_is_refused():
+    q = torch.randn(1, 64, 2, 33, device="cuda", dtype=torch.float16)
+    idx = torch.zeros(1, 64, 4, device="cuda", dtype=torch.int32)
+    args = (q, q, q, idx, None, None, None, 0.2, 33, 0, True, torch.float16)
+    with pytest.raises(ValueError, match="`block_m` / `block_n` / `num_warps`: a 64 x 64 tile with 4 warps"):
+        sparse_attention_triton(*args, block_m=64, block_n=64, num_warps=4)
+    sparse_attention_triton(*args, block_m=64, block_n=64, num_warps=8)  # 8 warps: allowed
+
+
 @pytest.mark.skipif(not CUDA, reason="the DeepSeek-V3.2 shape needs a GPU")
 @pytest.mark.parametrize("compact", [True, False])
 @pytest.mark.parametrize("causal", [True, False])

@@ -26,14 +26,27 @@ FLOATS = [torch.float32, torch.float16, torch.bfloat16]
 NEG_INF = float("-inf")
 
 
+def on_oracle_device(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, on the CPU under compute-sanitizer (``DSA_SANITIZER=1``), the result moved back.
+    The oracles' cuBLAS GEMMs are not the kernel under test, and racecheck aborted inside them ("failed to handle
+    a hardware exception", H200: eager's at the 8192-key shape in session 10, the reference's in session 11)."""
+    if os.environ.get("DSA_SANITIZER") != "1" or not args[0].is_cuda:
+        return fn(*args, **kwargs)
+
+    def cpu(x):
+        return x.cpu() if isinstance(x, torch.Tensor) else x
+
+    out = fn(*map(cpu, args), **{n: cpu(x) for n, x in kwargs.items()})
+    return out.to(args[0].device)
+
+
 def eager(q, k, v, s=None, e=None, scale=1.0, scores_dtype=None):
-    """What model code computes, written independently of the op's reference.  Under compute-sanitizer
-    (``DSA_SANITIZER=1``) it runs on the CPU: racecheck aborted inside cuBLAS's GEMM of this function at the
-    8192-key shape ("failed to handle a hardware exception", H200, session 10), which is not the kernel under
-    test."""
-    if q.is_cuda and os.environ.get("DSA_SANITIZER") == "1":
-        cpu = [x.cpu() if isinstance(x, torch.Tensor) else x for x in (q, k, v, s, e)]
-        return eager(*cpu, scale, scores_dtype).to(q.device)
+    """What model code computes, written independently of the op's reference (on the CPU under
+    compute-sanitizer: ``on_oracle_device``)."""
+    return on_oracle_device(_eager, q, k, v, s, e, scale, scores_dtype)
+
+
+def _eager(q, k, v, s, e, scale, scores_dtype):
     scores = (q @ k.transpose(-1, -2)).to(scores_dtype or q.dtype) * scale
     pos = torch.arange(k.shape[-2], device=q.device)
     keep = torch.ones_like(pos, dtype=torch.bool)
@@ -97,7 +110,7 @@ def test_kernel_equals_eager(problem):
     ref = eager(q, k, v, kw.get("row_starts"), kw.get("row_ends"), scale, scores_dtype)
     why = windowed_attention_mismatch(ref, out, q.dtype)
     assert why is None, why
-    mine = windowed_attention_reference(q, k, v, **kw, scale=scale, scores_dtype=scores_dtype)
+    mine = on_oracle_device(windowed_attention_reference, q, k, v, **kw, scale=scale, scores_dtype=scores_dtype)
     assert windowed_attention_mismatch(ref, mine, q.dtype) is None
 
 

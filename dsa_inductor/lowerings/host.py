@@ -28,3 +28,27 @@ def broadcast_shapes(*shapes) -> tuple:
                 elif d != 1:
                     raise RuntimeError(f"shape mismatch: objects cannot be broadcast to a single shape: {shapes}")
     return tuple(out)
+
+
+def refuse_miscompiled_tile(op: str, block_m: int, block_n: int, num_warps: int) -> None:
+    """Raise ValueError naming ``block_m`` / ``block_n`` / ``num_warps`` for a tile that Triton 3.6 miscompiles on
+    Hopper: ``block_m`` >= 64 query rows x ``block_n`` >= 64 keys with 4 warps, in the flash-style kernels that
+    split Dqk into a power of two plus a rest (``windowed_attention``, ``sparse_attention``'s masked flash path).
+
+    Found by the GPU property tests and sweeps on an H200 (torch 2.11, Triton 3.6):
+
+    * windowed_attention (session 10): 64 x 64 gave the same wrong value on every run at D = 33, Dv = 2, fp16
+      (0.1998 for eager's 0.1581; right at D = 128), 128 x 64 an illegal memory access; every other tile of
+      {32, 64, 128} x {16, 32, 64} x {4, 8} warps x {1, 2, 3} stages was right on that input;
+    * the masked flash kernel (session 11, ``.dev`` sweep at D in {17, 33, 40, 65, 100}, Dv in {2, 24, 128}):
+      64 x 64 and 64 x 128 wrong at 7 of 15 head-dim pairs, 128 x 64 and 64 x 128 illegal accesses at 5; the
+      same tiles with 8 warps, 64 x 32 with 4 warps and the defaults were right at all of them.
+
+    Racecheck of the failing cases reports no hazard and the interpreter gives eager's value (session 7's failure
+    at D = 40 was memcheck- and racecheck-clean too): a compiler fault, not a race in our code.  Refused rather
+    than guessed around: a wrong result here would be silent.  The interpreter (``TRITON_INTERPRET=1``) runs any
+    tile; callers skip this check there."""
+    if block_m >= 64 and block_n >= 64 and num_warps == 4:
+        raise ValueError(f"{op}: `block_m` / `block_n` / `num_warps`: a {block_m} x {block_n} tile with 4 warps is "
+                         "miscompiled by Triton 3.6 on Hopper (wrong values or illegal accesses at some head dims); "
+                         "use 8 warps or block_n <= 32")

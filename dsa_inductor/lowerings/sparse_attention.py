@@ -67,7 +67,7 @@ from typing import Optional
 import torch
 
 from ..testing import attention_mismatch  # noqa: F401  (the equivalence contract; re-exported)
-from .host import broadcast_shapes
+from .host import broadcast_shapes, refuse_miscompiled_tile
 from .registry import fused_op
 
 try:  # triton is optional on CPU-only installs; the CPU path never needs it.
@@ -95,7 +95,8 @@ COMPACT_STAGES = 2
 # first would spill heavily.
 # H100, B=1 S=T=4096 H=128 192/128 bf16, the indexer's causal topk 2048 (bench/tune_sparse_attention.py
 # --per-head): 128/128/8/2 2147 us, 128/64/8/2 2481 us, 64/64/4/2 2206 us.  Tiles of 128 keys double-buffered
-# need Dqk + Dv <= 320 to fit shared memory; wider heads take FLASH_BLOCK_N_WIDE.
+# need Dqk + Dv <= 320 to fit shared memory; wider heads take FLASH_BLOCK_N_WIDE.  64/64/4 is refused on a GPU
+# since session 11 (host.refuse_miscompiled_tile: Triton 3.6 gives wrong values at odd head dims).
 FLASH_BLOCK_M = 128
 FLASH_BLOCK_N = 128
 FLASH_BLOCK_N_WIDE = 64
@@ -657,7 +658,8 @@ def sparse_attention_triton(q, k, v, topk_indices, row_ends=None, keep_mask=None
 
     Raises:
         ValueError / TypeError as the op; ValueError for a ``block_m`` that is not a power of two or a
-        ``block_n`` that is not one >= 32.
+        ``block_n`` that is not one >= 32, and on a GPU for a flash tile Triton 3.6 miscompiles
+        (``host.refuse_miscompiled_tile``: >= 64 x >= 64 with 4 warps).
     """
     if triton is None:
         raise RuntimeError("sparse_attention: triton is not installed")
@@ -715,13 +717,16 @@ def sparse_attention_triton(q, k, v, topk_indices, row_ends=None, keep_mask=None
         bm, bn = block_m or dm, block_n or dn
         if bm > 0 and not bm & (bm - 1):  # (else selection_tiles raises)
             bm = max(16, min(bm, triton.next_power_of_2(s)))  # no taller than the queries (a tl.dot needs 16)
+        warps = num_warps or dwarps
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            refuse_miscompiled_tile("sparse_attention", bm, bn, warps)
         bits, tiles, counts = selection_tiles(idx, t, row_ends, keep_mask, bm, bn)
         nt = triton.cdiv(t, bn)
         _masked_flash_kernel[(b * h * triton.cdiv(s, bm),)](
             q, q.stride(0), q.stride(1), q.stride(2), k, k.stride(0), k.stride(1), k.stride(2),
             vt, vt.stride(0), vt.stride(1), vt.stride(2), bits, triton.cdiv(t, 32), tiles, counts, nt, *tail_args,
             s, t, h, h // hk, scale_log2, V_IS_KA=v is None and dv == da, PREC=prec, UPCAST=upcast,
-            BLOCK_M=bm, BLOCK_N=bn, num_warps=num_warps or dwarps, num_stages=num_stages or dstages,
+            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=num_stages or dstages,
             **common)
     else:
         dw = max(da, dvp)  # one tile width for k and v (see the kernel)

@@ -51,7 +51,7 @@ from typing import Optional
 import torch
 
 from ..testing import windowed_attention_mismatch
-from .host import broadcast_shapes
+from .host import broadcast_shapes, refuse_miscompiled_tile
 from .registry import fused_op
 from .windowed_softmax import window_keep
 
@@ -70,25 +70,11 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 # bench/tune_windowed_attention.py on an H200 (torch 2.11, triton 3.6; 8192 x 128, window 128, GPU time): fp32
 # with "ieee" dots 64 us (64/32/4/2: 1940 us, the FMA dot's registers spill).  16-bit: 64/32/4/3 8.0 us, the
 # fastest of the 28 allowed configs in session 10's sweep (64/64/8/3 8.8, 32/64/4/3 9.1); 64/64/4/3 had measured
-# 7.8 us (session 7), but Triton 3.6 miscompiles that tile (see _miscompiled_tile).
+# 7.8 us (session 7), but Triton 3.6 miscompiles that tile (see host.miscompiled_tile).
 CONFIG_16 = dict(block_m=64, block_n=32, num_warps=4, num_stages=3)
 CONFIG_32 = dict(block_m=32, block_n=32, num_warps=4, num_stages=2)
 # fp32 dots: "ieee" as eager's fp32 matmul without TF32 ("tf32x3" is faster and close to fp32, not equal)
 FP32_PRECISION = "ieee"
-
-
-def _miscompiled_tile(block_m, block_n, num_warps):
-    """Why a tile must not run on a GPU, or None.  Found by the GPU property test (session 10, H200, Triton
-    3.6): 64 x 64 tiles with 4 warps give the same wrong value on every run at D = 33, Dv = 2, fp16 (0.1998 for
-    eager's 0.1581; correct at D = 128), and 128 x 64 with 4 warps an illegal memory access; every other tile of
-    {32, 64, 128} x {16, 32, 64} x {4, 8} warps x {1, 2, 3} stages was right on that input, racecheck of it
-    reports no hazard and the interpreter gives eager's value (session 7's failure of this tile at D = 40 was
-    memcheck- and racecheck-clean too): a compiler fault, not a race in the kernel's code.  Refused rather
-    than guessed around: a wrong result here would be silent."""
-    if block_m >= 64 and block_n >= 64 and num_warps == 4:
-        return (f"a {block_m} x {block_n} tile with 4 warps is miscompiled by Triton 3.6 on Hopper (wrong values "
-                "or illegal accesses at some head dims); use 8 warps or block_n <= 32")
-    return None
 
 
 def _check_args(q, k, v, row_starts, row_ends, scale, scores_dtype):
@@ -296,9 +282,8 @@ def windowed_attention_triton(q, k, v, row_starts=None, row_ends=None, scale=1.0
     cfg.update({n: x for n, x in (("block_m", block_m), ("block_n", block_n), ("num_warps", num_warps),
                                   ("num_stages", num_stages)) if x})
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    bad = None if interpret else _miscompiled_tile(cfg["block_m"], cfg["block_n"], cfg["num_warps"])
-    if bad:
-        raise ValueError(f"windowed_attention: `block_m` / `block_n` / `num_warps`: {bad}")
+    if not interpret:
+        refuse_miscompiled_tile("windowed_attention", cfg["block_m"], cfg["block_n"], cfg["num_warps"])
     upcast = interpret  # 16-bit dots upcast, bf16 rounding on the bits (see _up, _to)
     fp32 = "ieee" if interpret else FP32_PRECISION
 
