@@ -516,6 +516,59 @@ def test_causal_sdpa_properties(fresh, cls):
                3 if layout == "contiguous" else 4, setup=fused_sdpa_on_cpu)
 
 
+# =================================================================================================== reroll
+
+from test_reroll_rule import reroll_columns, reroll_stack, reroll_tuple_new_out  # noqa: E402
+
+
+@st.composite
+def reroll_inputs(draw, fn, dtype, layout, edge_t):
+    """A cache [N, D] (N >= 20: the loops read constant slots up to 19; D in {0, 1} for an edge class) with
+    ties, NaN and +/-inf, in the class's layout, and its per-slot scale [N, 1].  ``reroll_columns`` reads
+    columns 0..6 of a [N, D >= 7] cache instead."""
+    g = _seed(draw)
+    if fn is reroll_columns:
+        n, d = draw(st.integers(2, 40)), draw(st.integers(7, 40))
+    else:
+        n = draw(st.integers(20, 40))
+        d = draw(st.sampled_from([0, 1]) | st.integers(2, 40)) if edge_t else draw(st.integers(2, 40))
+    cache = _layout(_specials(draw, torch.randn(n, d, generator=g).to(dtype), g), layout)
+    if fn is reroll_columns:
+        return (cache,)
+    return cache, _specials(draw, torch.randn(n, 1, generator=g).to(dtype), g)
+
+
+def _reroll_check(args, out, ref):
+    testing.assert_exact(out, ref, "rerolled chain")  # the same ops on the same values: bit for bit
+
+
+def _eager_rounding():
+    """Inductor computes a 16-bit pointwise chain in fp32 and rounds only what it stores, so stock
+    torch.compile differs from eager there already (bf16 ``(cache[s] * scale[s]).relu()`` by one ulp of the
+    product; ``cache[s] * scale[s] + 1.0`` in fp16 by 1% after the cancellation).  With its
+    ``emulate_precision_casts`` the compiled chain rounds where eager rounds, and what is left to differ would be
+    the rule's doing: the reroll classes compare bit for bit."""
+    return torch._inductor.config.patch(emulate_precision_casts=True)
+
+
+REROLL_CLASSES = {  # id -> (fn, dtype, layout, D in {0, 1} too, examples, max graphs)
+    "stack-fp32-contiguous-D01": (reroll_stack, torch.float32, "contiguous", True, 90, 3),
+    "stack-bf16-transposed": (reroll_stack, torch.bfloat16, "transposed", False, 40, 1),
+    "stack-fp16-sliced": (reroll_stack, torch.float16, "sliced", False, 40, 1),
+    "tuple_new_out-fp32-sliced": (reroll_tuple_new_out, torch.float32, "sliced", False, 40, 1),
+    # (16-bit values written into the fp32 ``out`` are left alone: the rule reads the converting copy as a read of
+    # the tensor being written; safe, and named in report())
+    "columns-fp32-transposed": (reroll_columns, torch.float32, "transposed", False, 40, 1),
+}
+
+
+@pytest.mark.parametrize("cls", list(REROLL_CLASSES))
+def test_reroll_properties(fresh, cls):
+    fn, dtype, layout, edge_t, n, graphs = REROLL_CLASSES[cls]
+    _run_class("reroll", fn, reroll_inputs(fn, dtype, layout, edge_t), _reroll_check, n, graphs,
+               setup=_eager_rounding)
+
+
 # ======================================================================================== k > N without min
 
 def test_topk_k_above_n_raises_like_eager(fresh):

@@ -230,6 +230,14 @@ class _Chains:
 # ----------------------------------------------------------------------------------------------------
 # batched construction
 
+# Node meta that Inductor's lowering reads, carried from each chain-0 pointwise node to its batched node.
+# ``low_precision_pointwise_barrier`` marks the ops eager runs as ops of their own: with
+# ``config.emulate_precision_casts`` Inductor rounds their 16-bit results as eager does (torch/_inductor/
+# lowering.py, ``make_pointwise``); without it the batched chain skipped eager's roundings (found by the
+# property suite's bf16 reroll class, session 11).
+_LOWERING_META = ("low_precision_pointwise_barrier",)
+
+
 class _Builder:
     def __init__(self, graph: Graph, chains: _Chains):
         self.graph, self.c, self.n = graph, chains, chains.n
@@ -352,6 +360,9 @@ class _Builder:
             rank = va.dim()
             args, kwargs = torch.fx.node.map_arg((a.args, a.kwargs), lambda x: self.operand(x, rank))
             out = self.call(t, *args, **kwargs)
+            for key in _LOWERING_META:
+                if key in a.meta:
+                    out.meta[key] = a.meta[key]
         else:
             raise _Reject(f"op {t} is not batchable by this pass")
         vo = _val(out)
