@@ -516,6 +516,60 @@ def test_causal_sdpa_properties(fresh, cls):
                3 if layout == "contiguous" else 4, setup=fused_sdpa_on_cpu)
 
 
+# ====================================================================================== windowed_attention
+
+from test_windowed_attention_rule import prefill_ks_ke, sliding_window_attention  # noqa: E402
+
+
+@st.composite
+def windowed_attention_inputs(draw, fn, dtype, idt, layout, edge_t):
+    """``sliding_window_attention``: q [B, H, S, D] in the class's layout, k / v [B, H, T, *], a window of 1 to
+    beyond T.  ``prefill_ks_ke``: 2-d q [S, D], k / v [T, *] and per-query ``[ks, ke)`` with out-of-range
+    bounds and an empty row (NaN, as eager).  Ties, NaN and +/-inf in q and k (a NaN or inf key in a window
+    turns its rows NaN, in eager too)."""
+    g = _seed(draw)
+    b, s, t = _sizes(draw, edge_t)
+    d, dv = draw(st.integers(2, 16)), draw(st.integers(2, 12))
+
+    def rand(*shape, special=True):
+        x = torch.randn(*shape, generator=g).to(dtype)
+        return _specials(draw, x, g) if special else x
+
+    if fn is sliding_window_attention:
+        h = draw(st.integers(2, 3))
+        q = _layout(rand(b, h, s, d), layout)
+        return q, rand(b, h, t, d), rand(b, h, t, dv, special=False), draw(st.integers(2, t + 3))
+    ks = torch.randint(-2, t + 3, (s,), generator=g)
+    ke = torch.randint(-2, t + 3, (s,), generator=g)
+    ke[0] = ks[0]
+    q = _layout(rand(s, d), layout)
+    return q, rand(t, d), rand(t, dv, special=False), ks.to(idt), ke.to(idt)
+
+
+def _windowed_attention_check(args, out, ref):
+    why = testing.windowed_attention_mismatch(ref, out, args[0].dtype)
+    assert why is None, why
+
+
+WINDOWED_ATTENTION_CLASSES = {  # id -> (fn, dtype, index dtype, layout, T in {0, 1} too, examples, max graphs)
+    "ks_ke-fp32-int64-contiguous-T01": (prefill_ks_ke, torch.float32, torch.int64, "contiguous", True, 90, 3),
+    "ks_ke-bf16-int32-transposed": (prefill_ks_ke, torch.bfloat16, torch.int32, "transposed", False, 40, 1),
+    "sliding-fp16-sliced": (sliding_window_attention, torch.float16, None, "sliced", False, 40, 1),
+    "sliding-fp32-transposed": (sliding_window_attention, torch.float32, None, "transposed", False, 40, 1),
+}
+
+
+@pytest.mark.parametrize("cls", list(WINDOWED_ATTENTION_CLASSES))
+def test_windowed_attention_properties(fresh, cls):
+    fn, dtype, idt, layout, edge_t, n, graphs = WINDOWED_ATTENTION_CLASSES[cls]
+    # T = 0 and T = 1: Dynamo specializes the size.  At T = 0 the softmax over no key is not softmax's
+    # decomposition (windowed_softmax: "amax is not the max of a softmax"); at T = 1 the windowed softmax matches
+    # but ``probs @ v`` over one key is a broadcast multiply, not a matmul (this rule: "the attention weights feed
+    # aten.mul.Tensor").  Inductor computes those two graphs; compiled == eager is still checked.
+    _run_class("windowed_attention", fn, windowed_attention_inputs(fn, dtype, idt, layout, edge_t),
+               _windowed_attention_check, n, graphs, unmatched=2 if edge_t else 0)
+
+
 # =================================================================================================== reroll
 
 from test_reroll_rule import reroll_columns, reroll_stack, reroll_tuple_new_out  # noqa: E402
