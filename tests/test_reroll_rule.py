@@ -186,3 +186,15 @@ def test_reroll_near_misses_left_alone(fresh, case, monkeypatch):
     assert _matches() == 0, dsa_inductor.report()
     assert any(reason in r for r in _rejections()), (reason, _rejections())
     assert reason in dsa_inductor.report()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reroll_keeps_eager_rounding_under_emulate_precision_casts(fresh, dtype):
+    """With ``emulate_precision_casts`` Inductor rounds each 16-bit op of the user's program as eager does (it reads
+    the ``low_precision_pointwise_barrier`` mark of the node); the batched nodes carry the marks, so the rerolled
+    graph equals eager bit for bit (without them ``cache[s] * scale[s] + 1.0`` skipped the product's rounding)."""
+    cache, scale = (x.to(dtype) for x in _inputs(11))
+    with torch._inductor.config.patch(emulate_precision_casts=True):
+        out = torch.compile(reroll_stack, dynamic=True)(cache, scale)
+    assert _matches() == 1, dsa_inductor.report()
+    _equal(out, reroll_stack(cache, scale))
