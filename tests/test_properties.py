@@ -381,8 +381,8 @@ def gather_inputs(draw, fn, idt, layout, edge_t):
     return q, s, slots
 
 
-def _gather_check(args, out, ref):
-    testing.assert_exact(out, ref)
+def _exact_check(args, out, ref):
+    testing.assert_exact(out, ref)  # gather_dequant's and reroll's: the same values read and scaled, bit for bit
 
 
 GATHER_CLASSES = {
@@ -396,7 +396,7 @@ GATHER_CLASSES = {
 @pytest.mark.parametrize("cls", list(GATHER_CLASSES))
 def test_gather_dequant_properties(fresh, cls):
     fn, idt, layout, edge_t, n, graphs = GATHER_CLASSES[cls]
-    _run_class("gather_dequant", fn, gather_inputs(fn, idt, layout, edge_t), _gather_check, n, graphs)
+    _run_class("gather_dequant", fn, gather_inputs(fn, idt, layout, edge_t), _exact_check, n, graphs)
 
 
 # ======================================================================================== sparse_attention
@@ -595,10 +595,6 @@ def reroll_inputs(draw, fn, dtype, layout, edge_t):
     return cache, _specials(draw, torch.randn(n, 1, generator=g).to(dtype), g)
 
 
-def _reroll_check(args, out, ref):
-    testing.assert_exact(out, ref, "rerolled chain")  # the same ops on the same values: bit for bit
-
-
 def _stock_compiled(fn):
     """``fn`` compiled by stock torch.compile (dsa_inductor's post-grad pass out of its slot while it compiles).
 
@@ -635,9 +631,9 @@ REROLL_CLASSES = {  # id -> (fn, dtype, layout, D in {0, 1} too, examples, max g
 def test_reroll_properties(fresh, cls):
     fn, dtype, layout, edge_t, n, graphs = REROLL_CLASSES[cls]
     if dtype == torch.float32:  # eager is the oracle, bit for bit
-        _run_class("reroll", fn, reroll_inputs(fn, dtype, layout, edge_t), _reroll_check, n, graphs)
+        _run_class("reroll", fn, reroll_inputs(fn, dtype, layout, edge_t), _exact_check, n, graphs)
     else:  # the stock compile is (its graph is the one the rule leaves alone: one more graph, one unmatched)
-        _run_class("reroll", fn, reroll_inputs(fn, dtype, layout, edge_t), _reroll_check, n, graphs + 1,
+        _run_class("reroll", fn, reroll_inputs(fn, dtype, layout, edge_t), _exact_check, n, graphs + 1,
                    unmatched=1, oracle=_stock_compiled)
 
 
