@@ -621,8 +621,8 @@ REROLL_CLASSES = {  # id -> (fn, dtype, layout, D in {0, 1} too, examples, max g
     "stack-bf16-transposed": (reroll_stack, torch.bfloat16, "transposed", False, 40, 1),
     "stack-fp16-sliced": (reroll_stack, torch.float16, "sliced", False, 40, 1),
     "tuple_new_out-fp32-sliced": (reroll_tuple_new_out, torch.float32, "sliced", False, 40, 1),
-    # (16-bit values written into the fp32 ``out`` are left alone: the rule reads the converting copy as a read of
-    # the tensor being written; safe, and named in report())
+    # bf16 values written into the fp32 ``out``: functionalization's converting copy per write
+    "tuple_new_out-bf16-transposed": (reroll_tuple_new_out, torch.bfloat16, "transposed", False, 40, 1),
     "columns-fp32-transposed": (reroll_columns, torch.float32, "transposed", False, 40, 1),
 }
 

@@ -50,6 +50,13 @@ def reroll_columns(cache):
     return out
 
 
+def reroll_into_bf16_out(cache, scale):
+    out = torch.zeros(3, cache.shape[1], dtype=torch.bfloat16, device=cache.device)
+    for i, s in enumerate((0, 1, 2)):
+        out[i] = cache[s] * scale[s]  # fp32 values into a bf16 out: functionalization's converting copy
+    return out
+
+
 # near misses: not rerolled
 def differs_in_an_op(cache, scale):
     out = torch.zeros(4, cache.shape[1], device=cache.device)
@@ -141,6 +148,7 @@ POSITIVES = {
     "stack": (reroll_stack, lambda s: _inputs(s)),
     "constant-width slices": (reroll_slices, lambda s: (torch.randn(32), torch.randn(8))),
     "columns": (reroll_columns, lambda s: (_inputs(s)[0],)),
+    "values of another dtype than out": (reroll_into_bf16_out, lambda s: _inputs(s)),
 }
 
 

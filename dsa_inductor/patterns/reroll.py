@@ -27,7 +27,10 @@ Equality holds by construction and is checked node by node:
   have shape ``[N, *item]`` and the dtype of chain 0's node (so type promotion did not change; otherwise the
   region is left alone);
 * the sink writes consecutive slices: ``select_scatter`` indices ``j0, j0 + 1, ...`` in order, or the
-  ``cat`` holds exactly the chains' results, in order;
+  ``cat`` holds exactly the chains' results, in order.  A write of values of another dtype than ``out``
+  reaches the graph as ``select_scatter(acc, copy(select(acc, d, j), src), d, j)``; that copy never reads the
+  view's values, so it is batched as ``convert_element_type(src)`` (broadcast to the slot) and the view
+  dropped (``_write_copy``);
 * nothing leaks: no intermediate or result of a chain is used outside its chain and its sink, no chain reads
   the tensor being written, and no mutating node lies between the first chain node and the sink (the
   batched reads happen at the sink).
@@ -160,8 +163,9 @@ class RerollRule(Rule):
 class _Chains:
     """Chain 0's private nodes, their counterparts in the other chains, and the varying constants."""
 
-    def __init__(self, results: list, sinks: set):
+    def __init__(self, results: list, sinks: set, converts: frozenset = frozenset()):
         self.results = results
+        self.converts = converts  # the sinks' converting copies (_write_copy): only their source is walked
         self.n = len(results)
         self.sinks = sinks
         self.peers: dict = {}  # chain-0 node -> [node of chain k for k in range(n)]
@@ -192,6 +196,16 @@ class _Chains:
             raise _Reject(f"chains differ in a non-index op: {a.target} vs {b.target}")
         if self.owner.get(b, k) != k or (k and self.owner.get(a, 0) != 0):
             raise _Reject("chains overlap")
+        if (a in self.converts) != (b in self.converts):
+            raise _Reject("chains differ in how their value is written")
+        if a in self.converts:  # copy(dst, src): dst gives only the shape and dtype (the same in every chain)
+            va, vb = _val(a), _val(b)
+            if va.dtype != vb.dtype or tuple(va.shape) != tuple(vb.shape):
+                raise _Reject("chains write values of different shapes or dtypes")
+            self.peers.setdefault(a, [a] + [None] * (self.n - 1))[k] = b
+            self.owner[a], self.owner[b] = 0, k
+            self._walk(a.args[1], b.args[1], k)
+            return
         la, sa = tree_flatten((a.args, a.kwargs))
         lb, sb = tree_flatten((b.args, b.kwargs))
         if sa != sb:
@@ -313,7 +327,13 @@ class _Builder:
         va = _val(a)
         if not isinstance(va, torch.Tensor):
             raise _Reject(f"{t} does not produce a tensor")
-        if t in (aten.select.int, aten.slice.Tensor):
+        if a in c.converts:  # copy(select(out, d, j), src) == src converted to out's dtype, broadcast to the slot
+            rank = va.dim()
+            # (post-grad graphs spell a dtype conversion as prims.convert_element_type: _to_copy is decomposed)
+            out = self.call(torch.ops.prims.convert_element_type.default, self.operand(a.args[1], rank), va.dtype)
+            if tuple(_val(out).shape) != (self.n, *va.shape):
+                out = self.call(aten.expand.default, out, [self.n, *va.shape])
+        elif t in (aten.select.int, aten.slice.Tensor):
             x, dim = a.args[0], a.args[1]
             xv = _val(x)
             dim = dim + xv.dim() if dim < 0 else dim
@@ -378,6 +398,22 @@ class _Builder:
             self.graph.erase_node(node)
 
 
+def _write_copy(scatter: Node) -> Optional[Node]:
+    """The value of ``scatter`` (``select_scatter(acc, v, d, j)``) when it is ``copy(select(acc, d, j), src)``,
+    used once, with the view used only by it: how functionalization writes ``out[j] = src`` when ``src`` has
+    another dtype than ``out`` (or broadcasts).  Its value is ``src`` converted to ``out``'s dtype and broadcast
+    to the slot's shape: the view's values are never read.  Else None."""
+    acc, v, d, j = scatter.args[:4]
+    if not (isinstance(v, Node) and v.target is aten.copy.default and len(v.args) == 2 and not v.kwargs
+            and len(v.users) == 1):
+        return None
+    dst = v.args[0]
+    if not (isinstance(dst, Node) and dst.target is aten.select.int and tuple(dst.args) == (acc, d, j)
+            and len(dst.users) == 1 and isinstance(v.args[1], Node)):
+        return None
+    return v
+
+
 def _reaches(starts: list, targets: set, limit: int = 10000) -> bool:
     """Whether a forward walk over users from ``starts`` meets one of ``targets``."""
     seen, todo = set(), list(starts)
@@ -399,9 +435,12 @@ def _reroll(graph: Graph, kind: str, nodes: list) -> tuple:
                 [s.args[3] for s in nodes] != list(range(j0, j0 + len(nodes))):
             raise _Reject(f"writes to {[s.args[3] for s in nodes]}: not consecutive slices in order "
                           "(overlapping or reordered writes)")
+        converts = [_write_copy(s) for s in nodes]
+        converts = frozenset(converts) if all(converts) else frozenset()
+        dsts = {c.args[0] for c in converts}
         sink_of = dict(enumerate(nodes))
         for s in nodes[:-1]:
-            extra = [u for u in _live_users(s) if u is not _next_scatter(s)]
+            extra = [u for u in _live_users(s) if u is not _next_scatter(s) and u not in dsts]
             if extra:
                 raise _Reject("a chain reads the tensor being written (loop-carried)" if _reaches(extra, set(nodes))
                               else "an intermediate state of the output is read elsewhere")
@@ -414,9 +453,10 @@ def _reroll(graph: Graph, kind: str, nodes: list) -> tuple:
         results = list(cat.args[0])
         sink_of = {k: cat for k in range(len(results))}
         sinks = {cat}
+        converts, dsts = frozenset(), set()
     if not all(isinstance(r, Node) for r in results):
         raise _Reject("a written value is not a graph node")
-    chains = _Chains(results, sinks)
+    chains = _Chains(results, sinks, converts)
     chains.check_private(sink_of)
     order = chains.order(graph)
     if not chains.varying:
@@ -464,6 +504,7 @@ def _reroll(graph: Graph, kind: str, nodes: list) -> tuple:
     # erase the sinks and the chains (and the dead views of the accumulators), last first
     doomed = list(nodes) + [p for peers in chains.peers.values() for p in peers]
     doomed += [u for n in doomed for u in n.users if not u.users and not _mutating(u) and u.op != "output"]
+    doomed += list(dsts)  # the converting copies' destination views (dead once the copies are gone)
     for n in sorted(set(doomed), key=lambda n: -pos.get(n, 0)):
         if not n.users:
             graph.erase_node(n)
