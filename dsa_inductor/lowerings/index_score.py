@@ -41,6 +41,16 @@ does: ``weights * q_scale * softmax_scale``) and an optional per-token k scale `
 
 ``k_scale`` is accepted with any input dtype.
 
+Gathered FP8 keys (``k_slots``; the DSA indexer's FP8 K cache as DeepSeek-V3.2's reference ``Indexer`` and
+vLLM's ``cp_gather_indexer_k_quant_cache`` read it): ``k`` is the cache itself, uint8 / float8_e4m3fn
+``[P, D]`` or pages ``[P, B, D]``, with a per-token scale table ``k_cache_scale`` (``[P, 1]`` / ``[P, B, 1]``),
+and key ``t`` of batch ``b`` is ``e4m3(k[k_slots[b, t]]) * k_cache_scale[k_slots[b, t]]`` in fp32, exactly
+``dsa_inductor::gather_dequant``'s result (padding slots with ``k_zero_negative``, wrapping, and zero keys
+for slots outside the cache on CUDA).  The kernel loads each key tile's FP8 bytes by slot and dequantizes
+them in registers, so no dequantized copy of the keys is ever written; the dots are then fp32 (eager's
+``q.float() @ k`` on fp32 keys).  The ``index_score`` rule's follow-up ``read_fp8_cache`` folds a
+``gather_dequant`` that feeds a score into this form.
+
 Rounding: FP8 and bf16/fp16 products are exact in fp32, so the only differences with eager are the order of the
 fp32 sums over ``D`` and ``H`` (the scale, the relu and the weight are applied per element in eager's
 order).  Tolerance (``tolerance()``):
@@ -82,30 +92,67 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _QK_DTYPES = _FLOATS + (torch.float8_e4m3fn,)
 
 
+def _check_gather(q, k, k_slots, k_cache_scale, k_block_size):
+    """The gathered-k arguments (``k_slots`` given): ``k`` is an FP8 e4m3 cache with a per-token scale."""
+    from .gather_dequant import _check_args as check_cache
+
+    if q.dtype not in _QK_DTYPES:
+        raise TypeError(f"index_score: `q` must be float32, float16, bfloat16 or float8_e4m3fn with `k_slots`, got "
+                        f"{q.dtype}")
+    if not isinstance(k_slots, torch.Tensor) or k_slots.dim() != 2:
+        raise ValueError(f"index_score: `k_slots` must be a [B, T] (or [1, T]) int tensor, got "
+                         f"{getattr(k_slots, 'shape', type(k_slots))}")
+    if k_cache_scale is None:
+        raise ValueError("index_score: `k_cache_scale` is required with `k_slots` (the per-token scale table)")
+    if not isinstance(k, torch.Tensor) or k.dim() not in (2, 3):
+        raise ValueError(f"index_score: `k` must be a [P, D] or [P, B, D] FP8 cache with `k_slots`, got "
+                         f"{getattr(k, 'shape', type(k))}")
+    if (k.dim() == 3) != (k_block_size > 0):
+        raise ValueError(f"index_score: `k_block_size` must be the page size of a [P, B, D] cache and 0 for a [P, D] "
+                         f"cache, got {k_block_size} for shape {tuple(k.shape)}")
+    check_cache(k, k_cache_scale, k_slots, None, k_block_size, None, "e4m3", torch.float32)
+    if k_cache_scale.dtype not in _FLOATS or k_cache_scale.shape[-1] != 1 or (
+            k.dim() == 3 and k_cache_scale.shape[1] != k.shape[1]):
+        raise ValueError(f"index_score: `k_cache_scale` must be one float per cache row, shape "
+                         f"{(*k.shape[:-1], 1)}, got {tuple(k_cache_scale.shape)} {k_cache_scale.dtype}")
+
+
+def _logical_k_shape(k, k_slots):
+    """``[B, T, D]``: the shape of the keys the op scores (the gathered rows when ``k_slots`` is given)."""
+    return tuple(k.shape) if k_slots is None else (k_slots.shape[0], k_slots.shape[1], k.shape[-1])
+
+
 def _check_args(q, k, weights, scale, row_ends, row_starts=None, short_k=-1, outside_undefined=False,
-                k_scale=None):
+                k_scale=None, k_slots=None, k_cache_scale=None, k_block_size=0):
     """Raise ValueError/TypeError naming the offending argument."""
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
         raise ValueError(f"index_score: `q` must be a [B, S, H, D] tensor, got {getattr(q, 'shape', type(q))}")
     if q.dtype not in _QK_DTYPES:
         raise TypeError(f"index_score: `q` must be float32, float16, bfloat16 or float8_e4m3fn, got {q.dtype}")
-    if not isinstance(k, torch.Tensor) or k.dim() != 3:
-        raise ValueError(f"index_score: `k` must be a [B, T, D] tensor, got {getattr(k, 'shape', type(k))}")
-    if k.dtype != q.dtype:
-        raise TypeError(f"index_score: `k` must have the dtype of `q` ({q.dtype}), got {k.dtype}")
+    if k_slots is not None:
+        _check_gather(q, k, k_slots, k_cache_scale, k_block_size)
+    else:
+        if k_cache_scale is not None or k_block_size != 0:
+            raise ValueError("index_score: `k_cache_scale` / `k_block_size` are only taken with `k_slots`")
+        if not isinstance(k, torch.Tensor) or k.dim() != 3:
+            raise ValueError(f"index_score: `k` must be a [B, T, D] tensor, got {getattr(k, 'shape', type(k))}")
+        if k.dtype != q.dtype and k.dtype != torch.float32:
+            raise TypeError(f"index_score: `k` must have the dtype of `q` ({q.dtype}) or be float32, got {k.dtype}")
+    kshape = _logical_k_shape(k, k_slots)
     if not isinstance(weights, torch.Tensor) or weights.dim() != 3:
         raise ValueError(f"index_score: `weights` must be a [B, S, H] tensor, got "
                          f"{getattr(weights, 'shape', type(weights))}")
     if weights.dtype not in _FLOATS:
         raise TypeError(f"index_score: `weights` must be float32, float16 or bfloat16, got {weights.dtype}")
     for name, t in (("k", k), ("weights", weights), ("row_ends", row_ends), ("row_starts", row_starts),
-                    ("k_scale", k_scale)):
+                    ("k_scale", k_scale), ("k_slots", k_slots), ("k_cache_scale", k_cache_scale)):
         if t is not None and t.device != q.device:
             raise ValueError(f"index_score: `{name}` is on {t.device}, `q` on {q.device}")
     b, s, h, d = q.shape
-    torch._check_value(k.shape[-1] == d, lambda: f"index_score: `k` has head dim {k.shape[-1]}, `q` has {d}")
-    torch._check_value(k.shape[0] == b or k.shape[0] == 1,
-                       lambda: f"index_score: `k` has batch {k.shape[0]}, `q` has {b} (or 1 to broadcast)")
+    torch._check_value(kshape[-1] == d, lambda: f"index_score: `k` has head dim {kshape[-1]}, `q` has {d}")
+    kname = "k" if k_slots is None else "k_slots"
+    torch._check_value(kshape[0] == b or kshape[0] == 1,
+                       lambda: f"index_score: `{kname}` has batch {kshape[0]}, `q` has {b} (or 1 to broadcast)")
     torch._check_value(weights.shape[0] == b and weights.shape[1] == s and weights.shape[2] == h,
                        lambda: f"index_score: `weights` has shape {tuple(weights.shape)}, expected [B, S, H] = "
                                f"{(b, s, h)}")
@@ -124,9 +171,9 @@ def _check_args(q, k, weights, scale, row_ends, row_starts=None, short_k=-1, out
             raise TypeError(f"index_score: `k_scale` must be a float32 tensor, got "
                             f"{getattr(k_scale, 'dtype', type(k_scale).__name__)}")
         torch._check_value(k_scale.dim() == 2 and (k_scale.shape[0] == b or k_scale.shape[0] == 1)
-                           and k_scale.shape[1] == k.shape[1],
+                           and k_scale.shape[1] == kshape[1],
                            lambda: f"index_score: `k_scale` has shape {tuple(k_scale.shape)}, expected [B, T] or "
-                                   f"[1, T] = {(b, k.shape[1])}")
+                                   f"[1, T] = {(b, kshape[1])}")
     if not outside_undefined and short_k >= 0:
         raise ValueError(f"index_score: `short_k` ({short_k}) >= 0 needs outside_undefined=True (a short row "
                          "is left unwritten)")
@@ -149,11 +196,23 @@ def defined_mask(t, row_starts=None, row_ends=None, short_k=-1, rows=None):
     return keep & ((hi - lo) > short_k).unsqueeze(-1)
 
 
+def gathered_k(k, k_slots, k_cache_scale, k_block_size=0, k_zero_negative=False):
+    """The keys a ``k_slots`` call scores, fp32 ``[B, T, D]``: eager's gather-dequant of the FP8 cache
+    (``dsa_inductor::gather_dequant``'s definition; raises IndexError on a slot outside the cache)."""
+    from .gather_dequant import gather_dequant_reference
+
+    return gather_dequant_reference(k, k_cache_scale, k_slots, None, k_block_size, None, k_zero_negative, "e4m3",
+                                    torch.float32)
+
+
 def index_score_reference(q, k, weights, scale=1.0, scale_after_relu=False, row_ends=None, row_starts=None,
-                          short_k=-1, outside_undefined=False, k_scale=None):
+                          short_k=-1, outside_undefined=False, k_scale=None, k_slots=None, k_cache_scale=None,
+                          k_block_size=0, k_zero_negative=False):
     """Plain-torch definition of the op, spelled as transformers spells it (the CPU path and test oracle).
 
     Undefined positions (``outside_undefined=True``) are NaN here."""
+    if k_slots is not None:
+        k = gathered_k(k, k_slots, k_cache_scale, k_block_size, k_zero_negative)
     x = torch.matmul(q.float(), k.transpose(-1, -2).float().unsqueeze(1))
     y = torch.relu(x) * scale if scale_after_relu else torch.relu(x * scale)
     out = torch.matmul(weights.float().unsqueeze(-2), y).squeeze(-2)
@@ -180,13 +239,45 @@ if triton is not None:
             return tl.where((bits & 0x7F) == 0x7F, float("nan"), x.to(tl.float32))
         return x.to(tl.float32)
 
+    @triton.jit
+    def _gathered_k(k_ptr, ks0, ks1, ks2, ki_ptr, kis0, kis1, kc_ptr, kcs0, kcs1, n_slots, n_scale_slots, page,
+                    b, rt, rd, t_ok, d_ok, ZERO_NEGATIVE: tl.constexpr):
+        """``k^T [BLOCK_D, BLOCK_T]`` fp32, dequantized in registers from the FP8 cache rows ``k_slots`` names:
+        ``e4m3(cache[slot]) * cache_scale[slot]``, the fp32 product eager's gather-dequant writes.  A padding
+        slot (negative, with ``ZERO_NEGATIVE``) or one outside the cache gives a zero row and is never read;
+        other negative slots wrap once, as eager indexing does."""
+        slot = tl.load(ki_ptr + b * kis0 + rt * kis1, mask=t_ok, other=-1).to(tl.int64)
+        # The cache and its scale table are indexed alike but each within its own rows (as eager indexes
+        # each tensor): a negative slot wraps by each one's size.
+        total = n_slots.to(tl.int64)
+        total_sc = n_scale_slots.to(tl.int64)
+        slot_sc = slot
+        if ZERO_NEGATIVE:
+            ok = t_ok & (slot >= 0)
+        else:
+            slot_sc = tl.where(slot < 0, slot + total_sc, slot)
+            slot = tl.where(slot < 0, slot + total, slot)
+            ok = t_ok & (slot >= 0) & (slot_sc >= 0)
+        ok = ok & (slot < total) & (slot_sc < total_sc)
+        slot = tl.where(ok, slot, 0)
+        slot_sc = tl.where(ok, slot_sc, 0)
+        raw = tl.load(k_ptr + (slot // page)[None, :] * ks0 + (slot % page)[None, :] * ks1 + rd[:, None] * ks2,
+                      mask=ok[None, :] & d_ok[:, None], other=0)
+        x = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        # e4m3fn NaN (0x7F / 0xFF): kept NaN whatever the conversion does with it (the interpreter's is wrong)
+        x = tl.where((raw & 0x7F) == 0x7F, float("nan"), x)
+        sc = tl.load(kc_ptr + (slot_sc // page) * kcs0 + (slot_sc % page) * kcs1, mask=ok, other=0.0).to(tl.float32)
+        return tl.where(ok[None, :], x * sc[None, :], 0.0)
+
     @triton.jit(do_not_specialize=["S", "T", "short_k"])  # S, T: never constexpr 1 (T.to() needs a tensor)
     def _index_score_kernel(
         q_ptr, qs0, qs1, qs2, qs3, k_ptr, ks0, ks1, ks2, w_ptr, ws0, ws1, ws2, e_ptr, es0, es1,
         st_ptr, sts0, sts1, ksc_ptr, kscs0, kscs1, o_ptr, os0, os1, os2,
+        ki_ptr, kis0, kis1, kc_ptr, kcs0, kcs1, n_slots, n_scale_slots, page,
         S, T, H, D, scale, short_k,
         SCALE_AFTER_RELU: tl.constexpr, HAS_ENDS: tl.constexpr, HAS_STARTS: tl.constexpr,
-        HAS_KSCALE: tl.constexpr, FP8: tl.constexpr,
+        HAS_KSCALE: tl.constexpr, FP8: tl.constexpr, GATHER: tl.constexpr, ZERO_NEGATIVE: tl.constexpr,
+        Q_TO_FP32: tl.constexpr,
         UNDEFINED_OUTSIDE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
         BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
@@ -226,8 +317,12 @@ if triton is not None:
                 # Every position of the tile is outside its row's range: eager's masked_fill writes -inf.
                 tl.store(out_ptrs, tl.full([BLOCK_S, BLOCK_T], float("-inf"), tl.float32), mask=out_ok)
         else:
-            kt = tl.load(k_ptr + b * ks0 + rt[None, :] * ks1 + rd[:, None] * ks2,
-                         mask=t_ok[None, :] & d_ok[:, None], other=0.0)
+            if GATHER:
+                kt = _gathered_k(k_ptr, ks0, ks1, ks2, ki_ptr, kis0, kis1, kc_ptr, kcs0, kcs1, n_slots, n_scale_slots, page,
+                                 b, rt, rd, t_ok, d_ok, ZERO_NEGATIVE)
+            else:
+                kt = tl.load(k_ptr + b * ks0 + rt[None, :] * ks1 + rd[:, None] * ks2,
+                             mask=t_ok[None, :] & d_ok[:, None], other=0.0)
             if UPCAST:
                 kt = _upcast(kt, FP8)
             q_ptrs = q_ptr + b * qs0 + rs[:, None] * qs1 + rd[None, :] * qs3
@@ -236,7 +331,7 @@ if triton is not None:
             acc = tl.zeros([BLOCK_S, BLOCK_T], dtype=tl.float32)
             for h in range(H):
                 qh = tl.load(q_ptrs + h * qs2, mask=q_ok, other=0.0)
-                if UPCAST:
+                if UPCAST or Q_TO_FP32:  # Q_TO_FP32: k is fp32 (or dequantized), eager's q.float() @ k
                     qh = _upcast(qh, FP8)
                 wh = tl.load(w_ptrs + h * ws2, mask=s_ok, other=0.0).to(tl.float32)
                 if IEEE:
@@ -257,32 +352,49 @@ if triton is not None:
             tl.store(out_ptrs, acc, mask=out_ok)
 
 
-def _default_config(q, t):
+def _default_config(q, t, fp32_dot=False):
     """(BLOCK_S, BLOCK_T, num_warps, num_stages).  The [BLOCK_S, BLOCK_T] fp32 accumulator and one head's
     dot result live in registers together: 64 x 256 with 8 warps is 64 + 64 registers per thread.  A wide
     key tile makes each q row tile be read T / BLOCK_T times (from L2), so wide T tiles are preferred."""
-    if q.dtype == torch.float32:
+    if q.dtype == torch.float32 or fp32_dot:
         return 32, 64, 4, 2
     return 64, 256 if t >= 256 else 128, 8, 3
 
 
 def index_score_triton(q, k, weights, scale=1.0, scale_after_relu=False, row_ends=None, row_starts=None,
-                       short_k=-1, outside_undefined=False, k_scale=None,
+                       short_k=-1, outside_undefined=False, k_scale=None, k_slots=None, k_cache_scale=None,
+                       k_block_size=0, k_zero_negative=False,
                        block_s=None, block_t=None, num_warps=None, num_stages=None):
     """Run the Triton kernel (the op's CUDA path).  The block sizes and launch options override
     ``_default_config`` (tests shrink them, tuning sweeps them)."""
     if triton is None:
         raise RuntimeError("index_score: triton is not installed")
-    _check_args(q, k, weights, scale, row_ends, row_starts, short_k, outside_undefined, k_scale)
+    _check_args(q, k, weights, scale, row_ends, row_starts, short_k, outside_undefined, k_scale, k_slots,
+                k_cache_scale, k_block_size)
     b, s, h, d = q.shape
-    t = k.shape[1]
+    gather = k_slots is not None
+    t = _logical_k_shape(k, k_slots)[1]
     # torch.empty: with outside_undefined, positions outside the ranges and short rows are never written.
     out = torch.empty(b, s, t, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out
-    ds, dt, dw, dst = _default_config(q, t)
+    q_to_fp32 = gather or (k.dtype == torch.float32 and q.dtype != torch.float32)
+    ds, dt, dw, dst = _default_config(q, t, fp32_dot=q_to_fp32)
     block_s, block_t = block_s or ds, block_t or dt
-    k = k.expand(b, t, d)
+    if gather:  # the cache as uint8 [P, B, D] (B = 1 for a [P, D] cache), its scales [P, B]
+        n_slots = k.shape[0] * (k.shape[1] if k.dim() == 3 else 1)
+        page = k.shape[1] if k.dim() == 3 else 1
+        k = k.view(torch.uint8)
+        k = k if k.dim() == 3 else k.unsqueeze(1)
+        kc = k_cache_scale if k_cache_scale.dim() == 3 else k_cache_scale.unsqueeze(1)
+        ki = k_slots.expand(b, t)
+        gather_args = (ki, ki.stride(0), ki.stride(1), kc, kc.stride(0), kc.stride(1), n_slots,
+                       kc.shape[0] * page, page)
+        k_strides = (k.stride(0), k.stride(1), k.stride(2))
+    else:
+        k = k.expand(b, t, d)
+        gather_args = (out, 0, 0, out, 0, 0, 1, 1, 1)
+        k_strides = k.stride()
     e = row_ends if row_ends is not None else out
     st = row_starts if row_starts is not None else out
     ksc = k_scale.expand(b, t) if k_scale is not None else out
@@ -292,13 +404,15 @@ def index_score_triton(q, k, weights, scale=1.0, scale_after_relu=False, row_end
     upcast = q.dtype in (torch.bfloat16, torch.float8_e4m3fn) and os.environ.get("TRITON_INTERPRET") == "1"
     grid = (triton.cdiv(s, block_s) * triton.cdiv(t, block_t), b)
     _index_score_kernel[grid](
-        q, *q.stride(), k, *k.stride(), weights, *weights.stride(), e, e.stride(0), e.stride(1),
-        st, st.stride(0), st.stride(1), ksc, ksc.stride(0), ksc.stride(1), out, *out.stride(), s, t, h, d,
-        float(scale),
+        q, *q.stride(), k, *k_strides, weights, *weights.stride(), e, e.stride(0), e.stride(1),
+        st, st.stride(0), st.stride(1), ksc, ksc.stride(0), ksc.stride(1), out, *out.stride(), *gather_args,
+        s, t, h, d, float(scale),
         short_k if outside_undefined else -1,
         SCALE_AFTER_RELU=bool(scale_after_relu), HAS_ENDS=row_ends is not None, HAS_STARTS=row_starts is not None,
-        HAS_KSCALE=k_scale is not None, FP8=fp8,
-        UNDEFINED_OUTSIDE=bool(outside_undefined), IEEE=q.dtype == torch.float32 or upcast, UPCAST=upcast,
+        HAS_KSCALE=k_scale is not None, FP8=fp8, GATHER=gather, ZERO_NEGATIVE=bool(k_zero_negative),
+        Q_TO_FP32=q_to_fp32,
+        UNDEFINED_OUTSIDE=bool(outside_undefined), IEEE=q.dtype == torch.float32 or upcast or q_to_fp32,
+        UPCAST=upcast and not q_to_fp32,
         BLOCK_S=block_s, BLOCK_T=block_t, BLOCK_D=max(32 if fp8 else 16, triton.next_power_of_2(d)),  # FP8 tl.dot: K >= 32
         num_warps=num_warps or dw, num_stages=num_stages or dst)
     return out
@@ -316,12 +430,17 @@ def index_score(
     short_k: int = -1,
     outside_undefined: bool = False,
     k_scale: Optional[torch.Tensor] = None,
+    k_slots: Optional[torch.Tensor] = None,
+    k_cache_scale: Optional[torch.Tensor] = None,
+    k_block_size: int = 0,
+    k_zero_negative: bool = False,
 ) -> torch.Tensor:
     """Fused ``sum_h weights * relu(q . k * scale)`` over heads, as fp32 ``[B, S, T]``.
 
     Args:
         q: ``[B, S, H, D]`` float32 / float16 / bfloat16 / float8_e4m3fn queries (any strides).
-        k: ``[B, T, D]`` (or ``[1, T, D]``) keys, the dtype of ``q``.
+        k: ``[B, T, D]`` (or ``[1, T, D]``) keys, the dtype of ``q``, or float32 with any ``q`` (then ``q``
+            is upcast and the dots are fp32: eager's ``q.float() @ k``).
         weights: ``[B, S, H]`` float per-head weights (any float dtype above).
         scale: applied to each per-head dot product, before the relu (``scale_after_relu=False``, as
             transformers does) or after it.
@@ -333,6 +452,17 @@ def index_score(
             unwritten, for a fused consumer that never reads them (see the module docstring).
         k_scale: optional float32 ``[B, T]`` (or ``[1, T]``) per-token k scale multiplying the head sum
             (FP8 k, DeepSeek's ``fp8_index``).
+        k_slots: optional int32/int64 ``[B, T]`` (or ``[1, T]``): the keys are gathered from an FP8 cache.
+            ``k`` is then that cache, uint8 or float8_e4m3fn ``[P, D]`` (``k_block_size`` 0) or ``[P, B, D]``
+            (pages of ``k_block_size`` tokens, ``slot = page * B + pos``), and key ``t`` is the fp32 row
+            ``e4m3(k[slot]) * k_cache_scale[slot]``, dequantized in registers (no copy is written): eager's
+            ``gather_dequant`` (see that op for the addressing).  The dots are then fp32 (eager's
+            ``q.float() @ k``).
+        k_cache_scale: with ``k_slots``, the per-token scale table, float ``[P, 1]`` or ``[P, B, 1]``.
+        k_block_size: with ``k_slots`` on a paged cache, the page size ``B``.
+        k_zero_negative: with ``k_slots``, a negative slot (vLLM's padding ``-1``) is a zero key; otherwise
+            negative slots wrap once as eager indexing does.  A slot outside the cache raises IndexError on
+            the CPU path (as eager) and gives a zero key on CUDA (never read).
 
     Returns:
         float32 ``[B, S, T]``.
@@ -341,13 +471,16 @@ def index_score(
         ValueError / TypeError naming the argument: bad rank, dtype, device or shape, non-finite scale,
         ``short_k >= 0`` without ``outside_undefined``.
     """
+    gather = (k_slots, k_cache_scale, k_block_size, k_zero_negative)
     if q.device.type != "cuda":  # (on CUDA, the *_triton function checks them)
-        _check_args(q, k, weights, scale, row_ends, row_starts, short_k, outside_undefined, k_scale)
+        _check_args(q, k, weights, scale, row_ends, row_starts, short_k, outside_undefined, k_scale, *gather[:3])
         return index_score_reference(q, k, weights, scale, scale_after_relu, row_ends, row_starts, short_k,
-                                     outside_undefined, k_scale)
+                                     outside_undefined, k_scale, *gather)
     out = index_score_triton(q, k, weights, scale, scale_after_relu, row_ends, row_starts, short_k,
-                             outside_undefined, k_scale)
+                             outside_undefined, k_scale, *gather)
     if VERIFY:
+        if k_slots is not None:  # eager's keys; a slot outside the cache raises here (verify mode's contract)
+            k = gathered_k(k, *gather)
         ref = index_score_reference(q, k, weights, scale, scale_after_relu, row_ends, row_starts, short_k,
                                     outside_undefined, k_scale)
         cmp = out
@@ -361,7 +494,9 @@ def index_score(
 
 @index_score.register_fake
 def _index_score_fake(q, k, weights, scale, scale_after_relu, row_ends, row_starts=None, short_k=-1,
-                      outside_undefined=False, k_scale=None):
+                      outside_undefined=False, k_scale=None, k_slots=None, k_cache_scale=None, k_block_size=0,
+                      k_zero_negative=False):
     # Shapes only (the launch arithmetic on sizes would specialize dynamic shapes).
-    _check_args(q, k, weights, scale, row_ends, row_starts, short_k, outside_undefined, k_scale)
-    return q.new_empty(q.shape[0], q.shape[1], k.shape[1], dtype=torch.float32)
+    _check_args(q, k, weights, scale, row_ends, row_starts, short_k, outside_undefined, k_scale, k_slots,
+                k_cache_scale, k_block_size)
+    return q.new_empty(q.shape[0], q.shape[1], _logical_k_shape(k, k_slots)[1], dtype=torch.float32)

@@ -50,6 +50,16 @@ def with_signature(fn: Callable, argnames: Iterable[str]) -> Callable:
     return fn
 
 
+def sym_size(graph: torch.fx.Graph, node: torch.fx.Node, dim: int):
+    """An int, or a new ``sym_size`` node (inserted at the graph's insert point), for ``node``'s size ``dim``."""
+    size = node.meta["val"].shape[dim]
+    if isinstance(size, int):
+        return size
+    new = graph.call_function(torch.ops.aten.sym_size.int, (node, dim))
+    new.meta["val"] = size
+    return new
+
+
 def tensor_meta(match: Match, name: str):
     node = match.kwargs.get(name)
     return node.meta.get("val") if isinstance(node, torch.fx.Node) else None

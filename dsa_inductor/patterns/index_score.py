@@ -11,8 +11,9 @@ Eager materializes ``[B, S, H, T]`` fp32 scores (and, for transformers' broadcas
 ``[B, S, D, T]`` fp32 copy of k).  Search variants are the product of
 
 * a score form: ``matmul`` (transformers' spelling above) or ``einsum('bshd,btd->bsht', q.float(), k.float())``,
-  each traced once on bf16 inputs (the ``.float()`` upcasts are nodes; they also match fp16) and once on
-  fp32 inputs (the upcasts vanish);
+  each traced on bf16 inputs (the ``.float()`` upcasts are nodes; they also match fp16 and FP8), on fp32
+  inputs (the upcasts vanish), and on bf16 q with fp32 k (keys dequantized from an FP8 cache: only q's
+  upcast is a node);
 * where the scale is: ``pre`` (``relu(x * scale)``), ``post`` (``relu(x) * scale``), ``none``;
 * the head reduction: ``matmul`` (``weights.unsqueeze(-2) @ scores`` then ``squeeze``), ``mulsum``
   (``(scores * weights[..., None]).sum(dim=heads)``), ``einsum('bsht,bsh->bst')``;
@@ -22,6 +23,10 @@ Eager materializes ``[B, S, H, T]`` fp32 scores (and, for transformers' broadcas
 scale, per head or per position, is left alone).  The re-trace on the matched shapes checks every int (the
 reduced dim, the permutations), so a sum over another dim never matches.  Per-head scores in bf16/fp16
 (an einsum on un-upcast inputs) are left alone: the op computes them in fp32.
+
+Follow-ups, after the matches: ``read_fp8_cache`` (keys that ``dsa_inductor::gather_dequant`` dequantized
+from an FP8 cache are read by the score kernel from the cache itself, ``k_slots``), then the mask_topk
+module's ``bound_index_scores`` (a range top-k's bounds passed into the score).
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from .. import testing
 from ..canonicalize import trace_joint
 from ..lowerings import index_score as _op_module  # noqa: F401  (defines the op)
 from ..report import stats_for
-from .common import Rule, Variant, tensor_meta
+from .common import Rule, Variant, sym_size, tensor_meta
 
 aten = torch.ops.aten
 SCALE_MAGIC = 0.3711  # stands for the scale while tracing
@@ -74,14 +79,16 @@ SCALES = ("pre", "post", "none")
 @dataclasses.dataclass(frozen=True)
 class Form:
     score: str
-    upcast: bool  # traced on bf16 inputs: the `.float()` upcasts are in the pattern
+    upcast: str  # "both": traced on bf16 q and k (the `.float()` upcasts are nodes); "q": bf16 q, fp32 k
+    # (dequantized keys); "none": fp32 inputs (the upcasts vanish)
     scale: str
     reduce: str
     bs1: bool
 
     @property
     def name(self) -> str:
-        return (f"{self.score}{'_upcast' if self.upcast else ''}:scale_{self.scale}:{self.reduce}"
+        tag = {"both": "_upcast", "q": "_qupcast", "none": ""}[self.upcast]
+        return (f"{self.score}{tag}:scale_{self.scale}:{self.reduce}"
                 f"{':bs1' if self.bs1 else ''}")
 
 
@@ -108,8 +115,9 @@ def _make_variant(form: Form) -> Variant:
 
     def example_inputs():
         b, s, h, d, t = (1 if form.bs1 else 2), 5, 3, 16, 7
-        dt = torch.bfloat16 if form.upcast else torch.float32
-        ex = [torch.empty(b, s, h, d, dtype=dt), torch.empty(b, t, d, dtype=dt), torch.empty(b, s, h)]
+        qdt = torch.float32 if form.upcast == "none" else torch.bfloat16
+        kdt = torch.bfloat16 if form.upcast == "both" else torch.float32
+        ex = [torch.empty(b, s, h, d, dtype=qdt), torch.empty(b, t, d, dtype=kdt), torch.empty(b, s, h)]
         return ex + ([SCALE_MAGIC] if has_scale else [])
 
     workaround = {"scale": SCALE_MAGIC} if has_scale else {}
@@ -149,15 +157,19 @@ def _check(form: Form, match) -> Optional[str]:
         return "q, k or weights is not a tensor"
     if q.dim() != 4 or k.dim() != 3:
         return f"q has rank {q.dim()} and k rank {k.dim()}, expected [B, S, H, D] and [B, T, D]"
-    if q.dtype not in _FLOATS + (torch.float8_e4m3fn,) or k.dtype != q.dtype:
+    if q.dtype not in _FLOATS + (torch.float8_e4m3fn,) or k.dtype not in (q.dtype, torch.float32):
         return (f"q / k dtypes {q.dtype} / {k.dtype}: the op takes one of float32/float16/bfloat16/float8_e4m3fn "
-                "for both")
+                "for both, or float32 k")
     if w.dim() != 3 or w.dtype not in _FLOATS or not all(
             statically_known_true(a == b) for a, b in zip(w.shape, q.shape[:3])):
         return (f"weights {tuple(w.shape)} {w.dtype} are not one float per [B, S, H] = {tuple(q.shape[:3])} "
                 "(broadcast weights are not taken)")
     if not (statically_known_true(k.shape[0] == q.shape[0]) or statically_known_true(k.shape[0] == 1)):
         return f"k has batch {k.shape[0]}, q {q.shape[0]}"
+    if form.upcast == "q":
+        k_node = match.kwargs.get("k")
+        if isinstance(k_node, torch.fx.Node) and k_node.target is prims.convert_element_type.default:
+            return "k is upcast too: the bf16 q and k form (which keeps bf16 dots)"
     relus = [n for n in match.nodes if n.target is aten.relu.default]
     if len(relus) != 1:
         return "no single relu in the match"
@@ -204,6 +216,103 @@ def _normalize_dims(graph: torch.fx.Graph) -> None:
             node.args = (node.args[0], node.args[1] + val.dim())
 
 
+_VIEWS = (aten.reshape.default, aten.view.default, aten.unsqueeze.default)
+_SCORE_DEFAULTS = (None, -1, False, None, None, None, 0, False)  # index_score's args after row_ends
+
+
+def score_args(node: torch.fx.Node) -> Optional[list]:
+    """An ``index_score`` node's 14 args with defaults filled in, or None if it has kwargs."""
+    if node.kwargs or len(node.args) < 6:
+        return None
+    return list(node.args) + list(_SCORE_DEFAULTS[len(node.args) - 6:])
+
+
+def set_score_args(node: torch.fx.Node, args) -> None:
+    node.args = tuple(args)
+    if "eager_input_vals" in node.meta:  # Inductor aligns these with the args (layout constraints)
+        node.meta["eager_input_vals"] = (torch.fx.node.map_arg(node.args, lambda a: a.meta.get("val")), {})
+
+
+def _static_numel(shape):
+    n = 1
+    for x in shape:
+        n = n * x
+    return n
+
+
+def read_fp8_cache(graph: torch.fx.Graph, stats) -> int:
+    """Fold an FP8 gather-dequant that feeds an index score into the score kernel (``k_slots``).
+
+    ``index_score(q, reshape(gather_dequant(cache, scales, slots, fmt="e4m3", out_dtype=float32)), w, ...)``
+    becomes ``index_score(q, cache, w, ..., k_slots=reshape(slots), k_cache_scale=scales, ...)``: the kernel
+    gathers the FP8 rows and dequantizes them in registers, the same fp32 products eager writes, and the
+    ``[T, D]`` fp32 copy is never made.  Taken only where the dequantized keys have no other user, with
+    one fp32 scale per token (``G = 1``), slot or paged-slot addressing (no ``index1``, no ``drop``), and
+    viewed to ``[B, T, D]`` by reshapes alone.
+    """
+    done = 0
+    gd_op = torch.ops.dsa_inductor.gather_dequant.default
+    for node in list(graph.nodes):
+        if node.target is not torch.ops.dsa_inductor.index_score.default:
+            continue
+        args = score_args(node)
+        if args is None or args[10] is not None:
+            continue
+        chain, src = [], args[1]
+        while isinstance(src, torch.fx.Node) and src.target in _VIEWS:
+            chain.append(src)
+            src = src.args[0]
+        if not (isinstance(src, torch.fx.Node) and src.target is gd_op):
+            continue
+        why = _cache_fold_refusal(src, chain, node, args)
+        if why is not None:
+            stats.notes[f"gather_dequant -> index_score: not folded, {why}"] += 1
+            continue
+        values, scales, index0, _i1, block_size, _drop, zero_negative = src.args[:7]
+        kval = _val(args[1])
+        with graph.inserting_before(node), kval.fake_mode:
+            slots = index0
+            if tuple(_val(index0).shape) != tuple(kval.shape[:2]):
+                # k's batch is 1 or q's (checked): sizes from q, not from the views about to be erased
+                size = [1 if statically_known_true(kval.shape[0] == 1) else sym_size(graph, args[0], 0), -1]
+                slots = graph.call_function(aten.reshape.default, (index0, size))
+                slots.meta["val"] = aten.reshape.default(_val(index0), [kval.shape[0], -1])
+        args[1], args[10], args[11], args[12], args[13] = values, slots, scales, block_size, bool(zero_negative)
+        set_score_args(node, args)
+        for dead in chain + [src]:
+            if not dead.users:
+                graph.erase_node(dead)
+        done += 1
+        stats.notes["gather_dequant -> index_score: FP8 cache read by the score kernel (no dequantized copy)"] += 1
+    return done
+
+
+def _cache_fold_refusal(gd: torch.fx.Node, chain, score: torch.fx.Node, args) -> Optional[str]:
+    values, scales, index0, index1, block_size, drop, _zn, fmt, out_dtype = (list(gd.args) + [None] * 9)[:9]
+    nodes = [gd] + chain[::-1]
+    if any(len(n.users) != 1 for n in nodes) or [a for a in score.args if a is args[1]] != [args[1]]:
+        return "the dequantized keys have another user"
+    if fmt != "e4m3" or out_dtype != torch.float32:
+        return f"fmt {fmt!r} / out_dtype {out_dtype} (the score kernel reads e4m3 with a float32 result only)"
+    if index1 is not None or drop is not None:
+        return "(page, position) indices or a drop mask"
+    v, sc, i0, k = _val(values), _val(scales), _val(index0), _val(args[1])
+    if sc is None or sc.dtype not in _FLOATS or sc.shape[-1] != 1 or sc.dim() != v.dim() or (
+            v.dim() == 3 and not statically_known_true(sc.shape[1] == v.shape[1])):
+        return "not one float scale per cache row (block or UE8M0 scales)"
+    if (v.dim() == 3) != (isinstance(block_size, int) and block_size > 0):
+        return "whole pages gathered (no slot addressing)"
+    q = _val(args[0])
+    if q is None or q.dtype not in _FLOATS or k is None or k.dim() != 3 or i0 is None:
+        return "q or k is not a float tensor of the op's shape"
+    if not (statically_known_true(k.shape[-1] == v.shape[-1])
+            and statically_known_true(_static_numel(k.shape[:-1]) == _static_numel(i0.shape))):
+        return "the reshapes to [B, T, D] move the head dim"
+    if not (statically_known_true(k.shape[0] == 1) or statically_known_true(k.shape[0] == q.shape[0])):
+        return "k's batch is neither 1 nor q's"
+    return None
+
+
 class IndexScoreRule(Rule):
     name = "index_score"
     op = "dsa_inductor::index_score"
@@ -211,7 +320,7 @@ class IndexScoreRule(Rule):
     exact_retrace = True  # S, T, H, D all dynamic: see common.specific_mismatch
 
     def variants(self):
-        for score, upcast, scale, reduce, bs1 in itertools.product(SCORE_FORMS, (True, False), SCALES,
+        for score, upcast, scale, reduce, bs1 in itertools.product(SCORE_FORMS, ("both", "q", "none"), SCALES,
                                                                    REDUCTIONS, (False, True)):
             yield _make_variant(Form(score, upcast, scale, reduce, bs1))
 
@@ -227,6 +336,7 @@ class IndexScoreRule(Rule):
         if matched:
             from .mask_topk import bound_index_scores  # the chain: score -> range top-k
 
+            read_fp8_cache(graph, stats_for(self.name, self.op))
             bound_index_scores(graph, stats_for(self.name, self.op))
         return matched
 

@@ -34,7 +34,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from .. import testing
 from ..lowerings import masked_topk as _op_module  # noqa: F401  (defines the op)
 from ..report import stats_for
-from .common import Rule, Variant, tensor_meta
+from .common import Rule, Variant, sym_size, tensor_meta
 
 aten = torch.ops.aten
 K_MAGIC = 13  # stands for `k` while tracing; any int the search traces with this value becomes `k`
@@ -401,6 +401,8 @@ def mask_to_row_bounds(graph: torch.fx.Graph, stats) -> int:
     The op then reads no mask, and rows with at most k kept positions take the short-circuit.  The mask
     itself stays for its other users (transformers also feeds it to attention).
     """
+    from .index_score import score_args, set_score_args
+
     done = 0
     for node in list(graph.nodes):
         if node.target is not torch.ops.dsa_inductor.masked_topk.default:
@@ -538,7 +540,7 @@ def scatter_of_full_topk(graph: torch.fx.Graph, stats) -> int:
             x = sc.args[0]
             xv = x.meta["val"]
             with graph.inserting_before(sc):
-                size = [_sym_size(graph, x, i) for i in range(xv.dim())]
+                size = [sym_size(graph, x, i) for i in range(xv.dim())]
                 full = graph.call_function(aten.full.default, (size, sc.args[3]),
                                            dict(dtype=xv.dtype, layout=torch.strided, device=xv.device,
                                                 pin_memory=False))
@@ -557,16 +559,6 @@ def _index_score_op():
     return torch.ops.dsa_inductor.index_score.default
 
 
-def _sym_size(graph, node, dim):
-    """An int, or a ``sym_size`` node, for ``node``'s size ``dim``."""
-    size = node.meta["val"].shape[dim]
-    if isinstance(size, int):
-        return size
-    new = graph.call_function(aten.sym_size.int, (node, dim))
-    new.meta["val"] = size
-    return new
-
-
 def bound_index_scores(graph: torch.fx.Graph, stats) -> int:
     """Pass a range top-k's bounds into the index score that feeds it (the lightning indexer chain).
 
@@ -578,6 +570,8 @@ def bound_index_scores(graph: torch.fx.Graph, stats) -> int:
     rows, and leaves those entries unwritten.  Applied only when the top-k is the scores' ONLY user: any
     other consumer would read undefined entries.
     """
+    from .index_score import score_args, set_score_args
+
     done = 0
     for node in list(graph.nodes):
         if node.target is not torch.ops.dsa_inductor.masked_topk.default:
@@ -590,8 +584,8 @@ def bound_index_scores(graph: torch.fx.Graph, stats) -> int:
         if len(logits.users) != 1 or [a for a in node.args if a is logits] != [logits] or node.kwargs:
             stats.notes["index score -> range top-k: bounds not passed, the scores have another user"] += 1
             continue
-        args = list(logits.args) + [None, -1, False, None][len(logits.args) - 6:]
-        if len(args) != 10 or logits.kwargs or args[5] is not None or args[6] is not None or args[8]:
+        args = score_args(logits)
+        if args is None or args[5] is not None or args[6] is not None or args[8]:
             continue
         scores = logits.meta["val"]
         q_node = args[0]
@@ -608,17 +602,14 @@ def bound_index_scores(graph: torch.fx.Graph, stats) -> int:
                 break
             if val.dim() != 2 or not all(statically_known_true(a == b) for a, b in zip(val.shape, scores.shape)):
                 with graph.inserting_before(node), val.fake_mode:
-                    size = [_sym_size(graph, q_node, 0), _sym_size(graph, q_node, 1)]
+                    size = [sym_size(graph, q_node, 0), sym_size(graph, q_node, 1)]
                     bound = _new_node(graph, aten.expand.default, (bound, size))
             bounds.append(bound)
         if bounds is None:
             continue
         # Short rows are skipped only when masked_topk's short-circuit reads no score (no values written).
         skip_short = sorted_ is False and need_values is False
-        logits.args = (*args[:5], bounds[0], bounds[1], k if skip_short else -1, True, args[9])
-        if "eager_input_vals" in logits.meta:  # Inductor aligns these with the args (layout constraints)
-            logits.meta["eager_input_vals"] = (
-                torch.fx.node.map_arg(logits.args, lambda a: a.meta.get("val")), {})
+        set_score_args(logits, (*args[:5], bounds[0], bounds[1], k if skip_short else -1, True, *args[9:]))
         # The bounds are computed before the top-k, maybe after the score: the score moves right before
         # its only user (its own inputs precede it already).
         node.prepend(logits)
