@@ -187,7 +187,7 @@ def test_not_folded(fresh, fn):
 @pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
                     reason="the Triton kernel needs CUDA or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("paged", [False, True])
-@pytest.mark.parametrize("qdtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("qdtype", [torch.float32, torch.bfloat16, torch.float16, FP8], ids=str)
 def test_kernel_reads_the_cache(paged, qdtype):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(1)
@@ -215,6 +215,26 @@ def test_kernel_reads_the_cache(paged, qdtype):
         ref = op.index_score_reference(q, keys, w, 0.5, False, ends)
         why = testing.score_mismatch(out.cpu(), ref, testing.index_score_tolerance(q, keys, w, 0.5, ends))
         assert why is None, (paged, qdtype, zero_negative, why)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the Triton kernel needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("split3", [True, False])
+@pytest.mark.parametrize("qdtype", [torch.bfloat16, FP8], ids=str)
+def test_kernel_fp32_keys(split3, qdtype):
+    """bf16 / e4m3 q against fp32 keys: the three-bf16-dot split gives the products exactly (non-finite,
+    huge and tiny keys included), as does the fp32 FMA dot."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 21, H, D, generator=g).to(qdtype)
+    k = torch.randn(2, 45, D, generator=g) * torch.logspace(-30, 30, 45).view(1, 45, 1)
+    k[0, 3, 4], k[1, 7, 0], k[1, 8, 9] = float("inf"), float("nan"), -float("inf")
+    k[0, 9, :] = 0.0
+    k[0, 9, 5] = 3.3e38  # rounds up to bf16 inf: the split truncates instead (one term: no sum-order overflow)
+    w = torch.randn(2, 21, H, generator=g)
+    out = op.index_score_triton(q.to(dev), k.to(dev), w.to(dev), 0.5, False, block_s=16, block_t=16, split3=split3)
+    ref = op.index_score_reference(q, k, w, 0.5)
+    assert testing.score_mismatch(out.cpu(), ref, testing.index_score_tolerance(q, k, w, 0.5)) is None
 
 
 def test_bad_cache_arguments():

@@ -240,6 +240,21 @@ if triton is not None:
         return x.to(tl.float32)
 
     @triton.jit
+    def _split3(x):
+        """fp32 ``x`` as ``hi + mid + lo``, three bf16 tiles whose sum is exactly ``x`` (hi: the top 8
+        significant bits, truncated so it never rounds up to inf; mid: the next 8; lo: the rest, at most 8
+        bits).  A bf16 ``q`` times each part is an exact fp32 product, so three bf16 tensor-core dots with fp32
+        accumulation give every ``q_d * k_d`` exactly, as the fp32 sum bound assumes (eager's fp32 GEMM rounds
+        each product).  inf / NaN stay in ``hi`` with zero ``mid`` and ``lo``."""
+        fin = tl.abs(x) < float("inf")
+        xs = tl.where(fin, x, 0.0)
+        hi = (xs.to(tl.uint32, bitcast=True) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        r = xs - hi
+        mid = (r.to(tl.uint32, bitcast=True) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        lo = r - mid
+        return tl.where(fin, hi, x).to(tl.bfloat16), mid.to(tl.bfloat16), lo.to(tl.bfloat16)
+
+    @triton.jit
     def _gathered_k(k_ptr, ks0, ks1, ks2, ki_ptr, kis0, kis1, kc_ptr, kcs0, kcs1, n_slots, n_scale_slots, page,
                     b, rt, rd, t_ok, d_ok, ZERO_NEGATIVE: tl.constexpr):
         """``k^T [BLOCK_D, BLOCK_T]`` fp32, dequantized in registers from the FP8 cache rows ``k_slots`` names:
@@ -277,7 +292,7 @@ if triton is not None:
         S, T, H, D, scale, short_k,
         SCALE_AFTER_RELU: tl.constexpr, HAS_ENDS: tl.constexpr, HAS_STARTS: tl.constexpr,
         HAS_KSCALE: tl.constexpr, FP8: tl.constexpr, GATHER: tl.constexpr, ZERO_NEGATIVE: tl.constexpr,
-        Q_TO_FP32: tl.constexpr,
+        Q_TO_FP32: tl.constexpr, SPLIT3: tl.constexpr, SPLIT_IEEE: tl.constexpr,
         UNDEFINED_OUTSIDE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
         BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
@@ -325,16 +340,29 @@ if triton is not None:
                              mask=t_ok[None, :] & d_ok[:, None], other=0.0)
             if UPCAST:
                 kt = _upcast(kt, FP8)
+            if SPLIT3:  # fp32 keys as three bf16 tiles, exactly (see _split3)
+                k_hi, k_mid, k_lo = _split3(kt)
             q_ptrs = q_ptr + b * qs0 + rs[:, None] * qs1 + rd[None, :] * qs3
             w_ptrs = w_ptr + b * ws0 + rs * ws1
             q_ok = s_ok[:, None] & d_ok[None, :]
             acc = tl.zeros([BLOCK_S, BLOCK_T], dtype=tl.float32)
             for h in range(H):
                 qh = tl.load(q_ptrs + h * qs2, mask=q_ok, other=0.0)
-                if UPCAST or Q_TO_FP32:  # Q_TO_FP32: k is fp32 (or dequantized), eager's q.float() @ k
+                if (UPCAST or Q_TO_FP32) and not SPLIT3:  # Q_TO_FP32: fp32 (or dequantized) k, q.float() @ k
                     qh = _upcast(qh, FP8)
                 wh = tl.load(w_ptrs + h * ws2, mask=s_ok, other=0.0).to(tl.float32)
-                if IEEE:
+                if SPLIT3:
+                    if SPLIT_IEEE:  # the interpreter (its bf16 dots are unreliable): the same exact products
+                        qf = _upcast(qh, FP8)
+                        x = tl.dot(qf, k_lo.to(tl.float32), input_precision="ieee")
+                        x = tl.dot(qf, k_mid.to(tl.float32), x, input_precision="ieee")
+                        x = tl.dot(qf, k_hi.to(tl.float32), x, input_precision="ieee")
+                    else:
+                        qb = qh.to(tl.bfloat16)  # exact from bf16 and e4m3
+                        x = tl.dot(qb, k_lo)
+                        x = tl.dot(qb, k_mid, x)
+                        x = tl.dot(qb, k_hi, x)
+                elif IEEE:
                     x = tl.dot(qh, kt, input_precision="ieee")
                 else:
                     x = tl.dot(qh, kt)
@@ -352,21 +380,24 @@ if triton is not None:
             tl.store(out_ptrs, acc, mask=out_ok)
 
 
-def _default_config(q, t, fp32_dot=False):
+def _default_config(q, t, fp32_dot=False, split3=False):
     """(BLOCK_S, BLOCK_T, num_warps, num_stages).  The [BLOCK_S, BLOCK_T] fp32 accumulator and one head's
     dot result live in registers together: 64 x 256 with 8 warps is 64 + 64 registers per thread.  A wide
     key tile makes each q row tile be read T / BLOCK_T times (from L2), so wide T tiles are preferred."""
     if q.dtype == torch.float32 or fp32_dot:
         return 32, 64, 4, 2
+    if split3:  # three bf16 k tiles live across the head loop
+        return 64, 128, 8, 2
     return 64, 256 if t >= 256 else 128, 8, 3
 
 
 def index_score_triton(q, k, weights, scale=1.0, scale_after_relu=False, row_ends=None, row_starts=None,
                        short_k=-1, outside_undefined=False, k_scale=None, k_slots=None, k_cache_scale=None,
                        k_block_size=0, k_zero_negative=False,
-                       block_s=None, block_t=None, num_warps=None, num_stages=None):
+                       block_s=None, block_t=None, num_warps=None, num_stages=None, split3=None):
     """Run the Triton kernel (the op's CUDA path).  The block sizes and launch options override
-    ``_default_config`` (tests shrink them, tuning sweeps them)."""
+    ``_default_config`` (tests shrink them, tuning sweeps them); ``split3`` (default: where it applies) picks
+    the three-bf16-dot form of fp32-key dots for bf16 / e4m3 ``q`` (False: one fp32 FMA dot)."""
     if triton is None:
         raise RuntimeError("index_score: triton is not installed")
     _check_args(q, k, weights, scale, row_ends, row_starts, short_k, outside_undefined, k_scale, k_slots,
@@ -379,7 +410,12 @@ def index_score_triton(q, k, weights, scale=1.0, scale_after_relu=False, row_end
     if out.numel() == 0:
         return out
     q_to_fp32 = gather or (k.dtype == torch.float32 and q.dtype != torch.float32)
-    ds, dt, dw, dst = _default_config(q, t, fp32_dot=q_to_fp32)
+    # bf16 / e4m3 q against fp32 keys: three exact bf16 dots (_split3) rather than one fp32 FMA dot
+    if split3 is None:
+        split3 = q_to_fp32 and q.dtype in (torch.bfloat16, torch.float8_e4m3fn)
+    elif split3 and not (q_to_fp32 and q.dtype in (torch.bfloat16, torch.float8_e4m3fn)):
+        raise ValueError("index_score: split3 needs bf16 / e4m3 q with float32 (or gathered) keys")
+    ds, dt, dw, dst = _default_config(q, t, fp32_dot=q_to_fp32 and not split3, split3=split3)
     block_s, block_t = block_s or ds, block_t or dt
     if gather:  # the cache as uint8 [P, B, D] (B = 1 for a [P, D] cache), its scales [P, B]
         n_slots = k.shape[0] * (k.shape[1] if k.dim() == 3 else 1)
@@ -410,7 +446,7 @@ def index_score_triton(q, k, weights, scale=1.0, scale_after_relu=False, row_end
         short_k if outside_undefined else -1,
         SCALE_AFTER_RELU=bool(scale_after_relu), HAS_ENDS=row_ends is not None, HAS_STARTS=row_starts is not None,
         HAS_KSCALE=k_scale is not None, FP8=fp8, GATHER=gather, ZERO_NEGATIVE=bool(k_zero_negative),
-        Q_TO_FP32=q_to_fp32,
+        Q_TO_FP32=q_to_fp32, SPLIT3=split3, SPLIT_IEEE=os.environ.get("TRITON_INTERPRET") == "1",
         UNDEFINED_OUTSIDE=bool(outside_undefined), IEEE=q.dtype == torch.float32 or upcast or q_to_fp32,
         UPCAST=upcast and not q_to_fp32,
         BLOCK_S=block_s, BLOCK_T=block_t, BLOCK_D=max(32 if fp8 else 16, triton.next_power_of_2(d)),  # FP8 tl.dot: K >= 32
