@@ -171,9 +171,12 @@ def test_not_folded(fresh, fn):
     slots = torch.randint(0, 10, (7,), generator=g)
     q, w = torch.randn(1, 5, H, D, generator=g), torch.randn(1, 5, H, generator=g)
     compiled = torch.compile(fn, fullgraph=True)  # static shapes: the block-scale group size is a literal
-    with torch.no_grad():
+    # keys_rounded_to_bf16: stock Inductor drops a fused `.to(bfloat16).float()` rounding unless it emulates
+    # precision casts (its generated code then differs from eager by bf16 rounding, with or without our rules)
+    with torch.no_grad(), torch._inductor.config.patch(emulate_precision_casts=True):
         out, eager = compiled(q, w, cache, k_scale, slots), fn(q, w, cache, k_scale, slots)
-    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
+    tol = 1e-2 if fn is keys_rounded_to_bf16 else 1e-4
+    torch.testing.assert_close(out, eager, rtol=tol, atol=tol * eager.abs().max().item())
     assert FOLDED not in _notes()
     assert sum(matches("gather_dequant").values()) == 1, matches("gather_dequant")  # a near miss of the fold
     reason = NEAR[fn]
@@ -230,8 +233,9 @@ def test_kernel_fp32_keys(split3, qdtype):
     k = torch.randn(2, 45, D, generator=g) * torch.logspace(-30, 30, 45).view(1, 45, 1)
     k[0, 3, 4], k[1, 7, 0], k[1, 8, 9] = float("inf"), float("nan"), -float("inf")
     k[0, 9, :] = 0.0
-    k[0, 9, 5] = 3.3e38  # rounds up to bf16 inf: the split truncates instead (one term: no sum-order overflow)
-    w = torch.randn(2, 21, H, generator=g)
+    k[0, 9, 5] = 3.4e38  # above bf16's largest finite (3.39e38): rounds to inf, the split truncates instead
+    q[:, :, :, 5] = q[:, :, :, 5].clamp(-1, 1)  # (one term, and a score bound that stays finite)
+    w = torch.randn(2, 21, H, generator=g) * 0.1
     out = op.index_score_triton(q.to(dev), k.to(dev), w.to(dev), 0.5, False, block_s=16, block_t=16, split3=split3)
     ref = op.index_score_reference(q, k, w, 0.5)
     assert testing.score_mismatch(out.cpu(), ref, testing.index_score_tolerance(q, k, w, 0.5)) is None

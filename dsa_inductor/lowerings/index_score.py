@@ -386,8 +386,8 @@ def _default_config(q, t, fp32_dot=False, split3=False):
     key tile makes each q row tile be read T / BLOCK_T times (from L2), so wide T tiles are preferred."""
     if q.dtype == torch.float32 or fp32_dot:
         return 32, 64, 4, 2
-    if split3:  # three bf16 k tiles live across the head loop
-        return 64, 128, 8, 2
+    if split3:  # three bf16 k tiles live across the head loop; H200 sweep (bench/NOTES.md): 128 x 128, 8 warps
+        return 128, 128, 8, 2
     return 64, 256 if t >= 256 else 128, 8, 3
 
 
