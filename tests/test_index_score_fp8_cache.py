@@ -5,10 +5,9 @@ Serving code reads the indexer's keys from an FP8 cache by slot (DeepSeek-V3.2's
 them, then scores them.  After the ``gather_dequant`` and ``index_score`` rules fire, the follow-up
 ``read_fp8_cache`` passes the cache, the slots and the scale table to ``dsa_inductor::index_score``
 (``k_slots``): the kernel gathers and dequantizes in registers, and no fp32 copy of the keys exists.
-Each function is compiled once with dynamic shapes and fed many hypothesis examples.
+Each function is compiled once with dynamic shapes and fed many hypothesis examples.  The kernel's own tests
+of this path are in test_index_score_kernel.py (so that .ci/gpu runs them under compute-sanitizer).
 """
-
-import os
 
 import pytest
 import torch
@@ -184,63 +183,6 @@ def test_not_folded(fresh, fn):
     if fn is not keys_rounded_to_bf16 or sum(matches("index_score").values()):
         assert sum(matches("index_score").values()) == 1
         assert any(reason in note for note in _notes()), _notes()
-
-
-# ---- the op called directly (the kernel under TRITON_INTERPRET=1 on CPU, on the GPU there) -----------------------
-
-@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="the Triton kernel needs CUDA or TRITON_INTERPRET=1")
-@pytest.mark.parametrize("paged", [False, True])
-@pytest.mark.parametrize("qdtype", [torch.float32, torch.bfloat16, torch.float16, FP8], ids=str)
-def test_kernel_reads_the_cache(paged, qdtype):
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    g = torch.Generator().manual_seed(1)
-    n_pages = 5
-    n = n_pages * PAGE
-    cache, scale = quantize_e4m3(torch.randn(n, D, generator=g))
-    cache[3, 5] = 0xFF  # NaN byte
-    scale[7] = float("inf")
-    if paged:
-        cache, scale = cache.view(n_pages, PAGE, D), scale.view(n_pages, PAGE, 1)
-    for zero_negative in (True, False):
-        slots = torch.randint(-n, n + 3, (2, 37), generator=g)  # wraps, padding, beyond the cache
-        q = torch.randn(2, 19, H, D, generator=g).to(qdtype)
-        w = torch.randn(2, 19, H, generator=g)
-        ends = torch.randint(0, 40, (2, 19), generator=g)
-        args = [a.to(dev) for a in (q, cache.view(FP8) if paged else cache, w)]
-        kw = dict(k_slots=slots.to(dev), k_cache_scale=scale.to(dev), k_block_size=PAGE if paged else 0,
-                  k_zero_negative=zero_negative)
-        out = op.index_score_triton(args[0], args[1], args[2], 0.5, False, ends.to(dev), **kw,
-                                    block_s=16, block_t=16)
-        # eager's reading of a slot beyond the cache raises: the kernel reads none and gives a zero key
-        inside = (slots < n) & (slots >= (0 if zero_negative else -n))
-        keys = op.gathered_k(cache, torch.where(inside, slots, 0), scale, PAGE if paged else 0, zero_negative)
-        keys = torch.where(inside.unsqueeze(-1), keys, 0.0)
-        ref = op.index_score_reference(q, keys, w, 0.5, False, ends)
-        why = testing.score_mismatch(out.cpu(), ref, testing.index_score_tolerance(q, keys, w, 0.5, ends))
-        assert why is None, (paged, qdtype, zero_negative, why)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="the Triton kernel needs CUDA or TRITON_INTERPRET=1")
-@pytest.mark.parametrize("split3", [True, False])
-@pytest.mark.parametrize("qdtype", [torch.bfloat16, FP8], ids=str)
-def test_kernel_fp32_keys(split3, qdtype):
-    """bf16 / e4m3 q against fp32 keys: the three-bf16-dot split gives the products exactly (non-finite,
-    huge and tiny keys included), as does the fp32 FMA dot."""
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    g = torch.Generator().manual_seed(2)
-    q = torch.randn(2, 21, H, D, generator=g)
-    q[:, :, :, 5] = q[:, :, :, 5].clamp(-1, 1)  # (for the overflow key below: a score bound that stays finite)
-    q = q.to(qdtype)
-    k = torch.randn(2, 45, D, generator=g) * torch.logspace(-30, 30, 45).view(1, 45, 1)
-    k[0, 3, 4], k[1, 7, 0], k[1, 8, 9] = float("inf"), float("nan"), -float("inf")
-    k[0, 9, :] = 0.0
-    k[0, 9, 5] = 3.4e38  # above bf16's largest finite (3.39e38): rounds to inf, the split truncates instead
-    w = torch.randn(2, 21, H, generator=g) * 0.1
-    out = op.index_score_triton(q.to(dev), k.to(dev), w.to(dev), 0.5, False, block_s=16, block_t=16, split3=split3)
-    ref = op.index_score_reference(q, k, w, 0.5)
-    assert testing.score_mismatch(out.cpu(), ref, testing.index_score_tolerance(q, k, w, 0.5)) is None
 
 
 def test_bad_cache_arguments():

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dsa_inductor.lowerings.index_score as mod
+from dsa_inductor.lowerings.gather_dequant import quantize_e4m3
 from dsa_inductor.lowerings.index_score import index_score_reference, index_score_triton
 from dsa_inductor.testing import index_score_tolerance as tolerance, score_mismatch
 
@@ -273,3 +274,61 @@ def test_fp8_opcheck_and_bad_scale():
         torch.ops.dsa_inductor.index_score(q, k, w, 1.0, False, None, None, -1, False, ks.half())
     with pytest.raises((TypeError, ValueError, RuntimeError), match="`k_scale`"):
         torch.ops.dsa_inductor.index_score(q, k, w, 1.0, False, None, None, -1, False, ks[:, :3])
+
+
+FP8 = torch.float8_e4m3fn
+H8, D8, PAGE = 3, 32, 4  # heads, head dim, page size of the cache tests
+
+
+# ---- keys gathered from an FP8 cache (k_slots) and fp32 keys against bf16 / e4m3 q (the three-dot split) ----
+
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("qdtype", [torch.float32, torch.bfloat16, torch.float16, FP8], ids=str)
+def test_kernel_reads_the_cache(paged, qdtype):
+    """Keys gathered from an FP8 cache by slot and dequantized in registers: eager's gather-dequant, with
+    NaN bytes, an inf scale, padding, wrapping and slots beyond the cache (zero keys, never read)."""
+    dev = DEVICE
+    g = torch.Generator().manual_seed(1)
+    n_pages = 5
+    n = n_pages * PAGE
+    cache, scale = quantize_e4m3(torch.randn(n, D8, generator=g))
+    cache[3, 5] = 0xFF  # NaN byte
+    scale[7] = float("inf")
+    if paged:
+        cache, scale = cache.view(n_pages, PAGE, D8), scale.view(n_pages, PAGE, 1)
+    for zero_negative in (True, False):
+        slots = torch.randint(-n, n + 3, (2, 37), generator=g)  # wraps, padding, beyond the cache
+        q = torch.randn(2, 19, H8, D8, generator=g).to(qdtype)
+        w = torch.randn(2, 19, H8, generator=g)
+        ends = torch.randint(0, 40, (2, 19), generator=g)
+        args = [a.to(dev) for a in (q, cache.view(FP8) if paged else cache, w)]
+        kw = dict(k_slots=slots.to(dev), k_cache_scale=scale.to(dev), k_block_size=PAGE if paged else 0,
+                  k_zero_negative=zero_negative)
+        out = index_score_triton(args[0], args[1], args[2], 0.5, False, ends.to(dev), **kw, block_s=16, block_t=16)
+        # eager's reading of a slot beyond the cache raises: the kernel reads none and gives a zero key
+        inside = (slots < n) & (slots >= (0 if zero_negative else -n))
+        keys = mod.gathered_k(cache, torch.where(inside, slots, 0), scale, PAGE if paged else 0, zero_negative)
+        keys = torch.where(inside.unsqueeze(-1), keys, 0.0)
+        ref = index_score_reference(q, keys, w, 0.5, False, ends)
+        why = score_mismatch(out.cpu(), ref, tolerance(q, keys, w, 0.5, ends))
+        assert why is None, (paged, qdtype, zero_negative, why)
+
+
+@pytest.mark.parametrize("split3", [True, False])
+@pytest.mark.parametrize("qdtype", [torch.bfloat16, FP8], ids=str)
+def test_kernel_fp32_keys(split3, qdtype):
+    """bf16 / e4m3 q against fp32 keys: the three-bf16-dot split gives the products exactly (non-finite,
+    huge and tiny keys included), as does the fp32 FMA dot."""
+    dev = DEVICE
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 21, H8, D8, generator=g)
+    q[:, :, :, 5] = q[:, :, :, 5].clamp(-1, 1)  # (for the overflow key below: a score bound that stays finite)
+    q = q.to(qdtype)
+    k = torch.randn(2, 45, D8, generator=g) * torch.logspace(-30, 30, 45).view(1, 45, 1)
+    k[0, 3, 4], k[1, 7, 0], k[1, 8, 9] = float("inf"), float("nan"), -float("inf")
+    k[0, 9, :] = 0.0
+    k[0, 9, 5] = 3.4e38  # above bf16's largest finite (3.39e38): rounds to inf, the split truncates instead
+    w = torch.randn(2, 21, H8, generator=g) * 0.1
+    out = index_score_triton(q.to(dev), k.to(dev), w.to(dev), 0.5, False, block_s=16, block_t=16, split3=split3)
+    ref = index_score_reference(q, k, w, 0.5)
+    assert score_mismatch(out.cpu(), ref, tolerance(q, k, w, 0.5)) is None

@@ -401,8 +401,6 @@ def mask_to_row_bounds(graph: torch.fx.Graph, stats) -> int:
     The op then reads no mask, and rows with at most k kept positions take the short-circuit.  The mask
     itself stays for its other users (transformers also feeds it to attention).
     """
-    from .index_score import score_args, set_score_args
-
     done = 0
     for node in list(graph.nodes):
         if node.target is not torch.ops.dsa_inductor.masked_topk.default:
