@@ -65,6 +65,22 @@ def causal_window_offsets(seq_lens, query_lens):
     return torch.tensor(ks, dtype=torch.int32), torch.tensor(ke, dtype=torch.int32)
 
 
+INDEX_SCALE = 128 ** -0.5  # DeepSeek-V3.2's indexer softmax scale (index head dim 128)
+
+
+def indexer_scores_from_cache(q, weights, cache, slot_mapping, block_size: int, D: int):
+    """The indexer's scores over keys read from the FP8 cache by the loop above: fp32 ``[1, S, T]``.
+
+    ``q`` ``[1, S, H, D]`` (bf16, as the model computes it), ``weights`` ``[1, S, H]`` float; the score is
+    transformers' ``DeepseekV32Indexer`` spelling.  Compiled, the loop is lifted, its read becomes
+    ``dsa_inductor::gather_dequant``, and the index score's follow-up has the score kernel read the FP8 cache
+    itself through the slots: no dequantized copy of the keys is made.
+    """
+    k = read_indexer_cache(cache, slot_mapping, block_size, D).unsqueeze(0)
+    scores = torch.relu(torch.matmul(q.float(), k.transpose(-1, -2).float().unsqueeze(1)) * INDEX_SCALE)
+    return torch.matmul(weights.unsqueeze(-2), scores).squeeze(-2)
+
+
 # callers: the substitution applies where compiled code *calls* a lifted function
 def indexer_step(cache, slot_mapping, block_size: int, D: int):
     return read_indexer_cache(cache, slot_mapping, block_size, D) * 1.0

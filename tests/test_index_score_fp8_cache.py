@@ -9,12 +9,16 @@ Each function is compiled once with dynamic shapes and fed many hypothesis examp
 of this path are in test_index_score_kernel.py (so that .ci/gpu runs them under compute-sanitizer).
 """
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch._inductor.utils import run_and_get_code
+
+import sys
 
 from conftest import DEVICES, matches
 from dsa_inductor import testing
@@ -33,6 +37,9 @@ def _notes():
 
 
 FOLDED = "gather_dequant -> index_score: FP8 cache read by the score kernel (no dequantized copy)"
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+import serving_loops  # noqa: E402
 
 
 # ---- user code -----------------------------------------------------------------------------------------------
@@ -119,6 +126,43 @@ def test_cache_read_by_score_kernel(fresh, fn, index_dtype, device):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
     assert sum(matches("gather_dequant").values()) >= 1 and sum(matches("index_score").values()) >= 1
     assert _notes().get(FOLDED, 0) >= 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lifted_cache_loop_read_by_score_kernel(fresh, device):
+    """The per-token Python loop of serving code (examples/serving_loops.py), then the score: the loop is
+    lifted, its read is a (page, pos) gather with the skipped slots as a drop mask, and the score kernel reads
+    the FP8 cache itself (slot = x, padding -1).  Compiled as serving code is (no dynamic= flag: the page
+    size and head dim stay constants, the scale a number; static first, then one dynamic graph), many
+    batches."""
+    fn = serving_loops.indexer_scores_from_cache
+    compiled = torch.compile(fn)
+    block, d, pages = 4, 32, 6
+    torch._dynamo.utils.counters.clear()
+
+    @settings(max_examples=20, deadline=None)
+    @given(st.data())
+    def check(data):
+        g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+        t, s = data.draw(st.integers(2, 30)), data.draw(st.integers(2, 7))
+        cache = torch.randint(0, 256, (pages, block * (d + 4)), dtype=torch.uint8, generator=g)
+        values = cache[:, : block * d]
+        values[(values & 0x7F) == 0x7F] = 0  # no NaN bytes: NaN * 0 keys aside, eager's arithmetic is kept
+        cache[:, block * d:] = torch.rand(pages, block, generator=g).view(torch.uint8).view(pages, -1)
+        slots = torch.randint(-2, pages * block, (t,), generator=g)
+        q = torch.randn(1, s, H, d, generator=g).bfloat16()
+        w = torch.randn(1, s, H, generator=g)
+        args = [a.to(device) for a in (q, w, cache, slots)]
+        with torch.no_grad():
+            out = compiled(*args, block, d)
+            eager = fn(*args, block, d)
+        keys = serving_loops.read_indexer_cache(args[2], args[3], block, d).unsqueeze(0)
+        tol = testing.index_score_tolerance(args[0], keys, args[1], serving_loops.INDEX_SCALE)
+        assert testing.score_mismatch(out, eager, tol) is None
+
+    check()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
+    assert _notes().get(FOLDED, 0) >= 1, _notes()
 
 
 def test_generated_code_has_no_dequantized_copy(fresh):

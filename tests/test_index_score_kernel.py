@@ -282,7 +282,7 @@ H8, D8, PAGE = 3, 32, 4  # heads, head dim, page size of the cache tests
 
 # ---- keys gathered from an FP8 cache (k_slots) and fp32 keys against bf16 / e4m3 q (the three-dot split) ----
 
-@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("paged", [False, True, "wide"], ids=str)  # wide: page views with more rows than the block
 @pytest.mark.parametrize("qdtype", [torch.float32, torch.bfloat16, torch.float16, FP8], ids=str)
 def test_kernel_reads_the_cache(paged, qdtype):
     """Keys gathered from an FP8 cache by slot and dequantized in registers: eager's gather-dequant, with
@@ -294,7 +294,10 @@ def test_kernel_reads_the_cache(paged, qdtype):
     cache, scale = quantize_e4m3(torch.randn(n, D8, generator=g))
     cache[3, 5] = 0xFF  # NaN byte
     scale[7] = float("inf")
-    if paged:
+    if paged == "wide":  # rows PAGE.. of each page view are other bytes (the lifted loop's tile views)
+        cache = torch.cat([cache.view(n_pages, PAGE, D8), torch.full((n_pages, 2, D8), 0x7F, dtype=torch.uint8)], 1)
+        scale = torch.cat([scale.view(n_pages, PAGE, 1), torch.full((n_pages, 1, 1), float("nan"))], 1)
+    elif paged:
         cache, scale = cache.view(n_pages, PAGE, D8), scale.view(n_pages, PAGE, 1)
     for zero_negative in (True, False):
         slots = torch.randint(-n, n + 3, (2, 37), generator=g)  # wraps, padding, beyond the cache

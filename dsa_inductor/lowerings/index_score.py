@@ -94,8 +94,6 @@ _QK_DTYPES = _FLOATS + (torch.float8_e4m3fn,)
 
 def _check_gather(q, k, k_slots, k_cache_scale, k_block_size):
     """The gathered-k arguments (``k_slots`` given): ``k`` is an FP8 e4m3 cache with a per-token scale."""
-    from .gather_dequant import _check_args as check_cache
-
     if q.dtype not in _QK_DTYPES:
         raise TypeError(f"index_score: `q` must be float32, float16, bfloat16 or float8_e4m3fn with `k_slots`, got "
                         f"{q.dtype}")
@@ -108,13 +106,21 @@ def _check_gather(q, k, k_slots, k_cache_scale, k_block_size):
         raise ValueError(f"index_score: `k` must be a [P, D] or [P, B, D] FP8 cache with `k_slots`, got "
                          f"{getattr(k, 'shape', type(k))}")
     if (k.dim() == 3) != (k_block_size > 0):
-        raise ValueError(f"index_score: `k_block_size` must be the page size of a [P, B, D] cache and 0 for a [P, D] "
-                         f"cache, got {k_block_size} for shape {tuple(k.shape)}")
-    check_cache(k, k_cache_scale, k_slots, None, k_block_size, None, "e4m3", torch.float32)
-    if k_cache_scale.dtype not in _FLOATS or k_cache_scale.shape[-1] != 1 or (
-            k.dim() == 3 and k_cache_scale.shape[1] != k.shape[1]):
+        raise ValueError(f"index_score: `k_block_size` must be > 0 for a [P, B, D] cache and 0 for a [P, D] cache, "
+                         f"got {k_block_size} for shape {tuple(k.shape)}")
+    if k.dtype not in (torch.uint8, torch.float8_e4m3fn):
+        raise TypeError(f"index_score: `k` must be a uint8 or float8_e4m3fn cache with `k_slots`, got {k.dtype}")
+    if k_slots.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"index_score: `k_slots` must be int32 or int64, got {k_slots.dtype}")
+    if not isinstance(k_cache_scale, torch.Tensor) or k_cache_scale.dtype not in _FLOATS \
+            or k_cache_scale.dim() != k.dim() or k_cache_scale.shape[-1] != 1:
         raise ValueError(f"index_score: `k_cache_scale` must be one float per cache row, shape "
-                         f"{(*k.shape[:-1], 1)}, got {tuple(k_cache_scale.shape)} {k_cache_scale.dtype}")
+                         f"{(*k.shape[:-1], 1)}, got {tuple(getattr(k_cache_scale, 'shape', ()))} "
+                         f"{getattr(k_cache_scale, 'dtype', type(k_cache_scale).__name__)}")
+    if k.dim() == 3:  # slot = page * k_block_size + pos; a page view may hold more rows than the block
+        torch._check_value(k_block_size <= k.shape[1] and k_block_size <= k_cache_scale.shape[1],
+                           lambda: f"index_score: `k_block_size` ({k_block_size}) exceeds the page dim of `k` "
+                                   f"({k.shape[1]}) or of `k_cache_scale` ({k_cache_scale.shape[1]})")
 
 
 def _logical_k_shape(k, k_slots):
@@ -418,8 +424,8 @@ def index_score_triton(q, k, weights, scale=1.0, scale_after_relu=False, row_end
     ds, dt, dw, dst = _default_config(q, t, fp32_dot=q_to_fp32 and not split3, split3=split3)
     block_s, block_t = block_s or ds, block_t or dt
     if gather:  # the cache as uint8 [P, B, D] (B = 1 for a [P, D] cache), its scales [P, B]
-        n_slots = k.shape[0] * (k.shape[1] if k.dim() == 3 else 1)
-        page = k.shape[1] if k.dim() == 3 else 1
+        page = k_block_size if k.dim() == 3 else 1
+        n_slots = k.shape[0] * page
         k = k.view(torch.uint8)
         k = k if k.dim() == 3 else k.unsqueeze(1)
         kc = k_cache_scale if k_cache_scale.dim() == 3 else k_cache_scale.unsqueeze(1)
@@ -489,12 +495,14 @@ def index_score(
         k_scale: optional float32 ``[B, T]`` (or ``[1, T]``) per-token k scale multiplying the head sum
             (FP8 k, DeepSeek's ``fp8_index``).
         k_slots: optional int32/int64 ``[B, T]`` (or ``[1, T]``): the keys are gathered from an FP8 cache.
-            ``k`` is then that cache, uint8 or float8_e4m3fn ``[P, D]`` (``k_block_size`` 0) or ``[P, B, D]``
-            (pages of ``k_block_size`` tokens, ``slot = page * B + pos``), and key ``t`` is the fp32 row
+            ``k`` is then that cache, uint8 or float8_e4m3fn ``[P, D]`` (``k_block_size`` 0) or ``[P, B', D]``
+            (pages of ``B = k_block_size <= B'`` tokens, ``slot = page * B + pos`` read as ``k[slot // B,
+            slot % B]``: a page view may hold more rows than tokens), and key ``t`` is the fp32 row
             ``e4m3(k[slot]) * k_cache_scale[slot]``, dequantized in registers (no copy is written): eager's
             ``gather_dequant`` (see that op for the addressing).  The dots are then fp32 (eager's
             ``q.float() @ k``).
-        k_cache_scale: with ``k_slots``, the per-token scale table, float ``[P, 1]`` or ``[P, B, 1]``.
+        k_cache_scale: with ``k_slots``, the per-token scale table, float ``[P, 1]`` or ``[P, B'', 1]``
+            (``B'' >= k_block_size``), indexed like ``k`` (each table within its own pages).
         k_block_size: with ``k_slots`` on a paged cache, the page size ``B``.
         k_zero_negative: with ``k_slots``, a negative slot (vLLM's padding ``-1``) is a zero key; otherwise
             negative slots wrap once as eager indexing does.  A slot outside the cache raises IndexError on

@@ -268,15 +268,27 @@ def read_fp8_cache(graph: torch.fx.Graph, stats) -> int:
         if why is not None:
             stats.notes[f"gather_dequant -> index_score: not folded, {why}"] += 1
             continue
-        values, scales, index0, _i1, block_size, _drop, zero_negative = src.args[:7]
+        address = _addressing(src)
+        if isinstance(address, str):
+            stats.notes[f"gather_dequant -> index_score: not folded, {address}"] += 1
+            continue
+        x, block_size, drop, zero_negative = address
+        values, scales = src.args[:2]
         kval = _val(args[1])
         with graph.inserting_before(node), kval.fake_mode:
-            slots = index0
-            if tuple(_val(index0).shape) != tuple(kval.shape[:2]):
+            slots = x
+            if drop is not None:  # dropped tokens: slot -1, a zero key (every kept slot is >= 0)
+                xv = _val(x)
+                pad = graph.call_function(aten.full.default, ([], -1), {"dtype": xv.dtype, "device": xv.device})
+                pad.meta["val"] = aten.full.default([], -1, dtype=xv.dtype, device=xv.device)
+                slots = graph.call_function(aten.where.self, (drop, pad, x))
+                slots.meta["val"] = aten.where.self(_val(drop), pad.meta["val"], xv)
+            if tuple(_val(slots).shape) != tuple(kval.shape[:2]):
                 # k's batch is 1 or q's (checked): sizes from q, not from the views about to be erased
                 size = [1 if statically_known_true(kval.shape[0] == 1) else sym_size(graph, args[0], 0), -1]
-                slots = graph.call_function(aten.reshape.default, (index0, size))
-                slots.meta["val"] = aten.reshape.default(_val(index0), [kval.shape[0], -1])
+                flat = slots
+                slots = graph.call_function(aten.reshape.default, (flat, size))
+                slots.meta["val"] = aten.reshape.default(_val(flat), [kval.shape[0], -1])
         args[1], args[10], args[11], args[12], args[13] = values, slots, scales, block_size, bool(zero_negative)
         set_score_args(node, args)
         for dead in chain + [src]:
@@ -294,14 +306,9 @@ def _cache_fold_refusal(gd: torch.fx.Node, chain, score: torch.fx.Node, args) ->
         return "the dequantized keys have another user"
     if fmt != "e4m3" or out_dtype != torch.float32:
         return f"fmt {fmt!r} / out_dtype {out_dtype} (the score kernel reads e4m3 with a float32 result only)"
-    if index1 is not None or drop is not None:
-        return "(page, position) indices or a drop mask"
     v, sc, i0, k = _val(values), _val(scales), _val(index0), _val(args[1])
-    if sc is None or sc.dtype not in _FLOATS or sc.shape[-1] != 1 or sc.dim() != v.dim() or (
-            v.dim() == 3 and not statically_known_true(sc.shape[1] == v.shape[1])):
+    if sc is None or sc.dtype not in _FLOATS or sc.shape[-1] != 1 or sc.dim() != v.dim():
         return "not one float scale per cache row (block or UE8M0 scales)"
-    if (v.dim() == 3) != (isinstance(block_size, int) and block_size > 0):
-        return "whole pages gathered (no slot addressing)"
     q = _val(args[0])
     if q is None or q.dtype not in _FLOATS or k is None or k.dim() != 3 or i0 is None:
         return "q or k is not a float tensor of the op's shape"
@@ -311,6 +318,82 @@ def _cache_fold_refusal(gd: torch.fx.Node, chain, score: torch.fx.Node, args) ->
     if not (statically_known_true(k.shape[0] == 1) or statically_known_true(k.shape[0] == q.shape[0])):
         return "k's batch is neither 1 nor q's"
     return None
+
+
+def _is_zero(a) -> bool:
+    if isinstance(a, (int, float)):
+        return a == 0
+    return (isinstance(a, torch.fx.Node) and a.target is aten.full.default and a.args[1] == 0
+            and tuple(a.args[0]) == ())
+
+
+def _conjuncts(node):
+    if isinstance(node, torch.fx.Node) and node.target in (aten.bitwise_and.Tensor, aten.logical_and.default):
+        return _conjuncts(node.args[0]) + _conjuncts(node.args[1])
+    return [node]
+
+
+def _nonnegative_when(keep, x) -> bool:
+    """Whether ``keep`` implies ``x >= 0``: one of its conjuncts is ``x >= 0`` or ``~(x < 0)``."""
+    for c in _conjuncts(keep):
+        if not isinstance(c, torch.fx.Node):
+            continue
+        if c.target is aten.ge.Scalar and c.args[0] is x and c.args[1] == 0:
+            return True
+        if c.target in (aten.bitwise_not.default, aten.logical_not.default):
+            inner = c.args[0]
+            if isinstance(inner, torch.fx.Node) and inner.target is aten.lt.Scalar and inner.args[0] is x \
+                    and inner.args[1] == 0:
+                return True
+    return False
+
+
+def _addressing(gd: torch.fx.Node):
+    """How a ``gather_dequant`` addresses its cache, as the score kernel's ``(slots, block_size, drop,
+    zero_negative)`` (``drop``: a bool node whose tokens get slot -1), or a refusal reason.
+
+    Slots (``index0`` alone, with ``block_size`` for a paged cache) pass as they are.  ``(page, pos)``
+    indices are taken when they are ``x // B`` and ``x % B`` of one int tensor ``x`` with ``B`` at most the
+    cache's (and the scale table's) page dim: the kernel reads ``cache[x // B, x % B]`` itself.  Each may be
+    ``where(keep, ., 0)`` with ``drop = ~keep`` (the lifted per-token loop's form of its ``if slot < 0:
+    continue``) when ``keep`` implies ``x >= 0``: then dropped tokens are slot -1, padding.
+    """
+    values, scales, index0, index1, block_size, drop, zero_negative = gd.args[:7]
+    v, sc = _val(values), _val(scales)
+    if index1 is None:
+        if drop is not None:
+            return "a drop mask on slot indices"
+        if (v.dim() == 3) != (isinstance(block_size, int) and block_size > 0):
+            return "whole pages gathered (no slot addressing)"
+        return index0, block_size, None, zero_negative
+    keeps = []
+
+    def strip(idx):
+        if isinstance(idx, torch.fx.Node) and idx.target is aten.where.self and _is_zero(idx.args[2]):
+            keeps.append(idx.args[0])
+            return idx.args[1]
+        return idx
+
+    i0, i1 = strip(index0), strip(index1)
+    if len(keeps) == 1 or (keeps and keeps[0] is not keeps[1]):
+        return "(page, position) indices masked by different conditions"
+    if not (isinstance(i0, torch.fx.Node) and isinstance(i1, torch.fx.Node)
+            and i0.target is aten.div.Tensor_mode and i0.kwargs.get("rounding_mode") == "floor"
+            and i1.target is aten.remainder.Scalar and i0.args[0] is i1.args[0] and i0.args[1] == i1.args[1]
+            and isinstance(i1.args[1], int) and i1.args[1] > 0):
+        return "(page, position) indices that are not x // B and x % B"
+    x, page = i1.args
+    if v.dim() != 3 or not (statically_known_true(page <= v.shape[1]) and statically_known_true(page <= sc.shape[1])):
+        return f"a page of {page} tokens beyond the cache's page views"
+    if not keeps:
+        return ("a drop mask on (page, position) indices" if drop is not None else
+                (x, page, None, zero_negative))
+    keep = keeps[0]
+    if not (isinstance(drop, torch.fx.Node) and drop.target is aten.bitwise_not.default and drop.args[0] is keep):
+        return "a drop mask other than the complement of the kept tokens"
+    if not _nonnegative_when(keep, x):
+        return "kept tokens whose slot is not provably >= 0"
+    return x, page, drop, True
 
 
 class IndexScoreRule(Rule):
