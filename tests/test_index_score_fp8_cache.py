@@ -200,6 +200,50 @@ def keys_block_scales(q, weights, k_cache, k_scale, slots):
     return torch.matmul(weights.unsqueeze(-2), scores).squeeze(-2)
 
 
+def _page_pos_keys(cache, k_scale, slots, keep):
+    # (page, pos) of a page view holding PAGE + 2 rows (rows PAGE.. another table), masked by `keep`
+    pages = cache.view(-1, PAGE + 2, D).view(FP8)
+    page = torch.where(keep, slots // PAGE, 0)
+    pos = torch.where(keep, slots % PAGE, 0)
+    k = pages[page, pos].float() * k_scale.view(-1, PAGE + 2, 1)[page, pos]
+    return torch.where(keep[:, None], k, 0.0).unsqueeze(0)
+
+
+def _score(q, k, weights):
+    scores = F.relu(torch.matmul(q.float(), k.transpose(-1, -2).float().unsqueeze(1)))
+    return torch.matmul(weights.unsqueeze(-2), scores).squeeze(-2)
+
+
+def page_pos_kept_nonnegative(q, weights, k_cache, k_scale, slots):
+    return _score(q, _page_pos_keys(k_cache, k_scale, slots, slots >= 0), weights)
+
+
+def page_pos_kept_by_another_mask(q, weights, k_cache, k_scale, slots):
+    # kept slots may be negative (eager wraps their page): the kernel's padding -1 would zero them
+    return _score(q, _page_pos_keys(k_cache, k_scale, slots, slots != 3), weights)
+
+
+@pytest.mark.parametrize("fn,folded", [(page_pos_kept_nonnegative, True), (page_pos_kept_by_another_mask, False)],
+                         ids=["kept_nonnegative", "kept_by_another_mask"])
+def test_page_pos_addressing(fresh, fn, folded):
+    g = torch.Generator().manual_seed(3)
+    n_pages = 5
+    cache = torch.randint(0, 256, (n_pages, (PAGE + 2) * D), dtype=torch.uint8, generator=g)
+    cache[(cache & 0x7F) == 0x7F] = 0
+    k_scale = torch.rand(n_pages * (PAGE + 2), generator=g)
+    slots = torch.randint(-PAGE, n_pages * PAGE, (11,), generator=g)
+    q, w = torch.randn(1, 6, H, D, generator=g), torch.randn(1, 6, H, generator=g)
+    compiled = torch.compile(fn, fullgraph=True)
+    with torch.no_grad():
+        out, eager = compiled(q, w, cache, k_scale, slots), fn(q, w, cache, k_scale, slots)
+    keys = _page_pos_keys(cache, k_scale, slots, slots >= 0 if folded else slots != 3)
+    assert testing.score_mismatch(out, eager, testing.index_score_tolerance(q, keys, w)) is None
+    assert sum(matches("gather_dequant").values()) == 1 and sum(matches("index_score").values()) == 1
+    assert (FOLDED in _notes()) == folded, _notes()
+    if not folded:
+        assert any("not provably >= 0" in note for note in _notes()), _notes()
+
+
 NEAR = {keys_used_twice: "the dequantized keys have another user",
         keys_rounded_to_bf16: "out_dtype torch.bfloat16", keys_block_scales: "not one float scale per cache row"}
 
