@@ -10,6 +10,7 @@ of this path are in test_index_score_kernel.py (so that .ci/gpu runs them under 
 """
 
 import os
+import sys
 
 import pytest
 import torch
@@ -17,8 +18,6 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch._inductor.utils import run_and_get_code
-
-import sys
 
 from conftest import DEVICES, matches
 from dsa_inductor import testing
@@ -71,7 +70,7 @@ CASES = {slots_then_score: (0.25, False, torch.float32), paged_slots_then_score:
 
 @st.composite
 def inputs(draw, fn, device, qdtype, index_dtype=torch.int64):
-    paged = fn is paged_slots_then_score
+    paged = CASES[fn][1]
     b = 2 if paged else 1
     s, t = draw(st.integers(2, 9)), draw(st.integers(2, 24))  # sizes >= 2: one dynamic graph (0/1 specialize)
     n_pages = draw(st.integers(2, 6))
@@ -101,7 +100,7 @@ def _tolerance(fn, args, scale):
 
 def fn_keys(fn, cache, k_scale, slots):
     """The fp32 [B or 1, T, D] keys the user function scores (eager's dequant)."""
-    if fn is paged_slots_then_score:
+    if CASES[fn][1]:  # paged
         return op.gathered_k(cache, slots, k_scale, PAGE, True)
     return op.gathered_k(cache, slots.unsqueeze(0), k_scale.unsqueeze(-1), 0, True)
 

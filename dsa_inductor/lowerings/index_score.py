@@ -47,8 +47,10 @@ vLLM's ``cp_gather_indexer_k_quant_cache`` read it): ``k`` is the cache itself, 
 and key ``t`` of batch ``b`` is ``e4m3(k[k_slots[b, t]]) * k_cache_scale[k_slots[b, t]]`` in fp32, exactly
 ``dsa_inductor::gather_dequant``'s result (padding slots with ``k_zero_negative``, wrapping, and zero keys
 for slots outside the cache on CUDA).  The kernel loads each key tile's FP8 bytes by slot and dequantizes
-them in registers, so no dequantized copy of the keys is ever written; the dots are then fp32 (eager's
-``q.float() @ k`` on fp32 keys).  The ``index_score`` rule's follow-up ``read_fp8_cache`` folds a
+them in registers, so no dequantized copy of the keys is ever written; the dots are then eager's
+``q.float() @ k`` on fp32 keys.  For bf16 / e4m3 ``q`` (any fp32 keys, gathered or given) each key tile is
+split into three bf16 tiles that sum to it exactly (``_split3``) and scored with three bf16 tensor-core dots:
+every product ``q_d * k_d`` is exact; fp16 and fp32 ``q`` take one fp32 FMA dot ("ieee").  The ``index_score`` rule's follow-up ``read_fp8_cache`` folds a
 ``gather_dequant`` that feeds a score into this form.
 
 Rounding: FP8 and bf16/fp16 products are exact in fp32, so the only differences with eager are the order of the
@@ -92,11 +94,8 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _QK_DTYPES = _FLOATS + (torch.float8_e4m3fn,)
 
 
-def _check_gather(q, k, k_slots, k_cache_scale, k_block_size):
+def _check_gather(k, k_slots, k_cache_scale, k_block_size):
     """The gathered-k arguments (``k_slots`` given): ``k`` is an FP8 e4m3 cache with a per-token scale."""
-    if q.dtype not in _QK_DTYPES:
-        raise TypeError(f"index_score: `q` must be float32, float16, bfloat16 or float8_e4m3fn with `k_slots`, got "
-                        f"{q.dtype}")
     if not isinstance(k_slots, torch.Tensor) or k_slots.dim() != 2:
         raise ValueError(f"index_score: `k_slots` must be a [B, T] (or [1, T]) int tensor, got "
                          f"{getattr(k_slots, 'shape', type(k_slots))}")
@@ -136,7 +135,7 @@ def _check_args(q, k, weights, scale, row_ends, row_starts=None, short_k=-1, out
     if q.dtype not in _QK_DTYPES:
         raise TypeError(f"index_score: `q` must be float32, float16, bfloat16 or float8_e4m3fn, got {q.dtype}")
     if k_slots is not None:
-        _check_gather(q, k, k_slots, k_cache_scale, k_block_size)
+        _check_gather(k, k_slots, k_cache_scale, k_block_size)
     else:
         if k_cache_scale is not None or k_block_size != 0:
             raise ValueError("index_score: `k_cache_scale` / `k_block_size` are only taken with `k_slots`")
@@ -284,9 +283,7 @@ if triton is not None:
         slot_sc = tl.where(ok, slot_sc, 0)
         raw = tl.load(k_ptr + (slot // page)[None, :] * ks0 + (slot % page)[None, :] * ks1 + rd[:, None] * ks2,
                       mask=ok[None, :] & d_ok[:, None], other=0)
-        x = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-        # e4m3fn NaN (0x7F / 0xFF): kept NaN whatever the conversion does with it (the interpreter's is wrong)
-        x = tl.where((raw & 0x7F) == 0x7F, float("nan"), x)
+        x = _upcast(raw.to(tl.float8e4nv, bitcast=True), True)
         sc = tl.load(kc_ptr + (slot_sc // page) * kcs0 + (slot_sc % page) * kcs1, mask=ok, other=0.0).to(tl.float32)
         return tl.where(ok[None, :], x * sc[None, :], 0.0)
 
@@ -443,7 +440,8 @@ def index_score_triton(q, k, weights, scale=1.0, scale_after_relu=False, row_end
     # Triton 3.9's interpreter computes a bf16 tl.dot wrongly (values ~1e10 off): there the bf16 tiles are
     # upcast first, which is exact (bf16 -> fp32) and gives the same fp32 products.
     fp8 = q.dtype == torch.float8_e4m3fn
-    upcast = q.dtype in (torch.bfloat16, torch.float8_e4m3fn) and os.environ.get("TRITON_INTERPRET") == "1"
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    upcast = q.dtype in (torch.bfloat16, torch.float8_e4m3fn) and interpret
     grid = (triton.cdiv(s, block_s) * triton.cdiv(t, block_t), b)
     _index_score_kernel[grid](
         q, *q.stride(), k, *k_strides, weights, *weights.stride(), e, e.stride(0), e.stride(1),
@@ -452,7 +450,7 @@ def index_score_triton(q, k, weights, scale=1.0, scale_after_relu=False, row_end
         short_k if outside_undefined else -1,
         SCALE_AFTER_RELU=bool(scale_after_relu), HAS_ENDS=row_ends is not None, HAS_STARTS=row_starts is not None,
         HAS_KSCALE=k_scale is not None, FP8=fp8, GATHER=gather, ZERO_NEGATIVE=bool(k_zero_negative),
-        Q_TO_FP32=q_to_fp32, SPLIT3=split3, SPLIT_IEEE=os.environ.get("TRITON_INTERPRET") == "1",
+        Q_TO_FP32=q_to_fp32, SPLIT3=split3, SPLIT_IEEE=interpret,
         UNDEFINED_OUTSIDE=bool(outside_undefined), IEEE=q.dtype == torch.float32 or upcast or q_to_fp32,
         UPCAST=upcast and not q_to_fp32,
         BLOCK_S=block_s, BLOCK_T=block_t, BLOCK_D=max(32 if fp8 else 16, triton.next_power_of_2(d)),  # FP8 tl.dot: K >= 32

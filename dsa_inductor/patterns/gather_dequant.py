@@ -310,10 +310,9 @@ def _new_node(graph, before, target, args):
     return new
 
 
-def _fold_slot_index(graph, node) -> Optional[str]:
-    """index0 = x // B, index1 = x % B with B the page size -> slot addressing."""
-    a = _op_args(node)
-    i0, i1, values = a["index0"], a["index1"], _val(a["values"])
+def slot_of_page_pos(i0, i1):
+    """``(x, B)`` when ``i0 = x // B`` (floor) and ``i1 = x % B`` of one int tensor ``x`` and an int ``B > 0``,
+    else None: (page, position) indices that are a slot's."""
     if not (isinstance(i0, torch.fx.Node) and isinstance(i1, torch.fx.Node)):
         return None
     if not (i0.target is aten.div.Tensor_mode and i0.kwargs.get("rounding_mode") == "floor"
@@ -322,8 +321,18 @@ def _fold_slot_index(graph, node) -> Optional[str]:
     x, c = i0.args[0], i0.args[1]
     if i1.args[0] is not x or i1.args[1] != c or not isinstance(c, int) or c <= 0:
         return None
-    if _val(x) is None or _val(x).dtype not in _INT or not _static_eq(values.shape[1], c):
+    if _val(x) is None or _val(x).dtype not in _INT:
         return None
+    return x, c
+
+
+def _fold_slot_index(graph, node) -> Optional[str]:
+    """index0 = x // B, index1 = x % B with B the page size -> slot addressing."""
+    a = _op_args(node)
+    found = slot_of_page_pos(a["index0"], a["index1"])
+    if found is None or not _static_eq(_val(a["values"]).shape[1], found[1]):
+        return None
+    x, c = found
     _replace_op(graph, node, index0=x, index1=None, block_size=c)
     return "index0 = slot // B, index1 = slot % B -> slot addressing in the kernel (no index kernel)"
 
@@ -331,7 +340,7 @@ def _fold_slot_index(graph, node) -> Optional[str]:
 _FULL = aten.full.default
 
 
-def _is_zero(node) -> bool:
+def is_zero_full(node) -> bool:
     """A ``full`` of +0: a scalar, or a zeros tensor (the lifted loops' output buffer, ``out[i]`` never
     written); the caller checks that the ``where`` keeps the op's shape and dtype, so it does not broadcast."""
     if not (isinstance(node, torch.fx.Node) and node.target is _FULL):
@@ -382,9 +391,9 @@ def _fold_zero_mask(graph, node) -> Optional[str]:
     if user.target is not aten.where.self:
         return None
     cond, a, b = user.args
-    if b is node and _is_zero(a):
+    if b is node and is_zero_full(a):
         keeps = False
-    elif a is node and _is_zero(b):
+    elif a is node and is_zero_full(b):
         keeps = True
     else:
         return None

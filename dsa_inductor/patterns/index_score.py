@@ -44,6 +44,7 @@ from ..canonicalize import trace_joint
 from ..lowerings import index_score as _op_module  # noqa: F401  (defines the op)
 from ..report import stats_for
 from .common import Rule, Variant, sym_size, tensor_meta
+from .gather_dequant import is_zero_full, slot_of_page_pos
 
 aten = torch.ops.aten
 SCALE_MAGIC = 0.3711  # stands for the scale while tracing
@@ -247,8 +248,8 @@ def read_fp8_cache(graph: torch.fx.Graph, stats) -> int:
     becomes ``index_score(q, cache, w, ..., k_slots=reshape(slots), k_cache_scale=scales, ...)``: the kernel
     gathers the FP8 rows and dequantizes them in registers, the same fp32 products eager writes, and the
     ``[T, D]`` fp32 copy is never made.  Taken only where the dequantized keys have no other user, with
-    one fp32 scale per token (``G = 1``), slot or paged-slot addressing (no ``index1``, no ``drop``), and
-    viewed to ``[B, T, D]`` by reshapes alone.
+    one fp32 scale per token (``G = 1``), slot, paged-slot or ``(x // B, x % B)`` addressing (see
+    ``_addressing``), and viewed to ``[B, T, D]`` by reshapes alone.
     """
     done = 0
     gd_op = torch.ops.dsa_inductor.gather_dequant.default
@@ -300,7 +301,8 @@ def read_fp8_cache(graph: torch.fx.Graph, stats) -> int:
 
 
 def _cache_fold_refusal(gd: torch.fx.Node, chain, score: torch.fx.Node, args) -> Optional[str]:
-    values, scales, index0, index1, block_size, drop, _zn, fmt, out_dtype = (list(gd.args) + [None] * 9)[:9]
+    values, scales, index0 = gd.args[:3]
+    fmt, out_dtype = gd.args[7:9]
     nodes = [gd] + chain[::-1]
     if any(len(n.users) != 1 for n in nodes) or [a for a in score.args if a is args[1]] != [args[1]]:
         return "the dequantized keys have another user"
@@ -318,13 +320,6 @@ def _cache_fold_refusal(gd: torch.fx.Node, chain, score: torch.fx.Node, args) ->
     if not (statically_known_true(k.shape[0] == 1) or statically_known_true(k.shape[0] == q.shape[0])):
         return "k's batch is neither 1 nor q's"
     return None
-
-
-def _is_zero(a) -> bool:
-    if isinstance(a, (int, float)):
-        return a == 0
-    return (isinstance(a, torch.fx.Node) and a.target is aten.full.default and a.args[1] == 0
-            and tuple(a.args[0]) == ())
 
 
 def _conjuncts(node):
@@ -369,7 +364,7 @@ def _addressing(gd: torch.fx.Node):
     keeps = []
 
     def strip(idx):
-        if isinstance(idx, torch.fx.Node) and idx.target is aten.where.self and _is_zero(idx.args[2]):
+        if isinstance(idx, torch.fx.Node) and idx.target is aten.where.self and is_zero_full(idx.args[2]):
             keeps.append(idx.args[0])
             return idx.args[1]
         return idx
@@ -377,12 +372,13 @@ def _addressing(gd: torch.fx.Node):
     i0, i1 = strip(index0), strip(index1)
     if len(keeps) == 1 or (keeps and keeps[0] is not keeps[1]):
         return "(page, position) indices masked by different conditions"
-    if not (isinstance(i0, torch.fx.Node) and isinstance(i1, torch.fx.Node)
-            and i0.target is aten.div.Tensor_mode and i0.kwargs.get("rounding_mode") == "floor"
-            and i1.target is aten.remainder.Scalar and i0.args[0] is i1.args[0] and i0.args[1] == i1.args[1]
-            and isinstance(i1.args[1], int) and i1.args[1] > 0):
+    found = slot_of_page_pos(i0, i1)
+    if found is None:
         return "(page, position) indices that are not x // B and x % B"
-    x, page = i1.args
+    x, page = found
+    tokens = tuple(_val(index0).shape)
+    if tuple(_val(x).shape) != tokens or (drop is not None and tuple(_val(drop).shape) != tokens):
+        return "(page, position) indices broadcast beyond their slots"
     if v.dim() != 3 or not (statically_known_true(page <= v.shape[1]) and statically_known_true(page <= sc.shape[1])):
         return f"a page of {page} tokens beyond the cache's page views"
     if not keeps:
