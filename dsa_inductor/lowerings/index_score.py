@@ -50,7 +50,10 @@ for slots outside the cache on CUDA).  The kernel loads each key tile's FP8 byte
 them in registers, so no dequantized copy of the keys is ever written; the dots are then eager's
 ``q.float() @ k`` on fp32 keys.  For bf16 / e4m3 ``q`` (any fp32 keys, gathered or given) each key tile is
 split into three bf16 tiles that sum to it exactly (``_split3``) and scored with three bf16 tensor-core dots:
-every product ``q_d * k_d`` is exact; fp16 and fp32 ``q`` take one fp32 FMA dot ("ieee").  The ``index_score`` rule's follow-up ``read_fp8_cache`` folds a
+every product ``q_d * k_d`` is exact; fp16 and fp32 ``q`` take one fp32 FMA dot ("ieee"). Two known gaps of the split on
+the CUDA path (strict xfail tests in ``tests/test_index_score_kernel.py``): an inf in bf16 ``q`` meets a zero
+``mid`` / ``lo`` part as ``inf * 0 = NaN`` where eager's ``inf * k`` is +-inf, and keys below ``2**-110`` (fp32
+near-subnormals) have low bits that no bf16 part holds.  The ``index_score`` rule's follow-up ``read_fp8_cache`` folds a
 ``gather_dequant`` that feeds a score into this form.
 
 Rounding: FP8 and bf16/fp16 products are exact in fp32, so the only differences with eager are the order of the
@@ -63,7 +66,11 @@ CUDA path (``index_score_triton``): one program per ``BLOCK_S`` query rows x ``B
 ``k^T [D, BLOCK_T]`` is loaded once, then for each head ``tl.dot(q_h [BLOCK_S, D], k^T)`` (fp32
 accumulation; fp32 inputs with ``input_precision="ieee"``, as eager's fp32 matmul without TF32), relu,
 times the head's weight, summed into an fp32 ``[BLOCK_S, BLOCK_T]`` register tile.  Programs of one row tile
-are adjacent so its q rows are read from L2 by every key tile.
+are adjacent so its q rows are read from L2 by every key tile.  With few query rows per batch (decode: one
+row per request; MTP: a few) a tile of 64 query rows would hold one real row and waste the rest of every dot,
+so there the kernel takes the *heads layout*: the (query row, head) pairs are the rows of one
+``[BLOCK_S * H, D] x [D, BLOCK_T]`` dot per key tile, and the weighted relu is summed over heads afterwards
+(DeepGEMM's ``fp8_mqa_logits`` / ``fp8_paged_mqa_logits`` put the heads on the MMA's M dim the same way).
 
 CPU path: plain torch, exactly transformers' spelling, run eagerly inside the compiled graph (the op is an
 extern kernel call there; Inductor does not trace into it).
@@ -287,6 +294,34 @@ if triton is not None:
         sc = tl.load(kc_ptr + (slot_sc // page) * kcs0 + (slot_sc % page) * kcs1, mask=ok, other=0.0).to(tl.float32)
         return tl.where(ok[None, :], x * sc[None, :], 0.0)
 
+    @triton.jit
+    def _head_scores(qh, kt, k_hi, k_mid, k_lo, scale, FP8: tl.constexpr, UPCAST: tl.constexpr,
+                     Q_TO_FP32: tl.constexpr, SPLIT3: tl.constexpr, SPLIT_IEEE: tl.constexpr, IEEE: tl.constexpr,
+                     SCALE_AFTER_RELU: tl.constexpr):
+        """``relu(q . k * scale)`` (or ``relu(q . k) * scale``) of a ``[M, D]`` q tile against ``k^T [D, BLOCK_T]``,
+        fp32 ``[M, BLOCK_T]``; with SPLIT3, ``k^T`` is given as its three exact bf16 parts (``_split3``)."""
+        if (UPCAST or Q_TO_FP32) and not SPLIT3:  # Q_TO_FP32: fp32 (or dequantized) k, q.float() @ k
+            qh = _upcast(qh, FP8)
+        if SPLIT3:
+            if SPLIT_IEEE:  # the interpreter (its bf16 dots are unreliable): the same exact products
+                qf = _upcast(qh, FP8)
+                x = tl.dot(qf, k_lo.to(tl.float32), input_precision="ieee")
+                x = tl.dot(qf, k_mid.to(tl.float32), x, input_precision="ieee")
+                x = tl.dot(qf, k_hi.to(tl.float32), x, input_precision="ieee")
+            else:
+                qb = qh.to(tl.bfloat16)  # exact from bf16 and e4m3
+                x = tl.dot(qb, k_lo)
+                x = tl.dot(qb, k_mid, x)
+                x = tl.dot(qb, k_hi, x)
+        elif IEEE:
+            x = tl.dot(qh, kt, input_precision="ieee")
+        else:
+            x = tl.dot(qh, kt)
+        # The scale where eager applies it, per element (so inf * 0, overflow and NaN are eager's).
+        if SCALE_AFTER_RELU:
+            return tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL) * scale
+        return tl.maximum(x * scale, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
     @triton.jit(do_not_specialize=["S", "T", "short_k"])  # S, T: never constexpr 1 (T.to() needs a tensor)
     def _index_score_kernel(
         q_ptr, qs0, qs1, qs2, qs3, k_ptr, ks0, ks1, ks2, w_ptr, ws0, ws1, ws2, e_ptr, es0, es1,
@@ -298,8 +333,13 @@ if triton is not None:
         Q_TO_FP32: tl.constexpr, SPLIT3: tl.constexpr, SPLIT_IEEE: tl.constexpr,
         UNDEFINED_OUTSIDE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
         BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+        HEADS: tl.constexpr = False, BLOCK_H: tl.constexpr = 1,
     ):
-        """One (row tile, key tile) of one batch; key tiles of a row tile are adjacent programs."""
+        """One (row tile, key tile) of one batch; key tiles of a row tile are adjacent programs.
+
+        Rows layout (HEADS False): one ``[BLOCK_S, D] x [D, BLOCK_T]`` dot per head, accumulated.  Heads layout
+        (HEADS, for few query rows: decode): the ``BLOCK_S x BLOCK_H`` (query row, head) pairs are the rows of
+        one ``[BLOCK_S * BLOCK_H, D] x [D, BLOCK_T]`` dot, reduced over heads after the relu and the weight."""
         pid = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
         n_t = tl.cdiv(T, BLOCK_T)
@@ -345,36 +385,32 @@ if triton is not None:
                 kt = _upcast(kt, FP8)
             if SPLIT3:  # fp32 keys as three bf16 tiles, exactly (see _split3)
                 k_hi, k_mid, k_lo = _split3(kt)
-            q_ptrs = q_ptr + b * qs0 + rs[:, None] * qs1 + rd[None, :] * qs3
-            w_ptrs = w_ptr + b * ws0 + rs * ws1
-            q_ok = s_ok[:, None] & d_ok[None, :]
-            acc = tl.zeros([BLOCK_S, BLOCK_T], dtype=tl.float32)
-            for h in range(H):
-                qh = tl.load(q_ptrs + h * qs2, mask=q_ok, other=0.0)
-                if (UPCAST or Q_TO_FP32) and not SPLIT3:  # Q_TO_FP32: fp32 (or dequantized) k, q.float() @ k
-                    qh = _upcast(qh, FP8)
-                wh = tl.load(w_ptrs + h * ws2, mask=s_ok, other=0.0).to(tl.float32)
-                if SPLIT3:
-                    if SPLIT_IEEE:  # the interpreter (its bf16 dots are unreliable): the same exact products
-                        qf = _upcast(qh, FP8)
-                        x = tl.dot(qf, k_lo.to(tl.float32), input_precision="ieee")
-                        x = tl.dot(qf, k_mid.to(tl.float32), x, input_precision="ieee")
-                        x = tl.dot(qf, k_hi.to(tl.float32), x, input_precision="ieee")
-                    else:
-                        qb = qh.to(tl.bfloat16)  # exact from bf16 and e4m3
-                        x = tl.dot(qb, k_lo)
-                        x = tl.dot(qb, k_mid, x)
-                        x = tl.dot(qb, k_hi, x)
-                elif IEEE:
-                    x = tl.dot(qh, kt, input_precision="ieee")
-                else:
-                    x = tl.dot(qh, kt)
-                # The scale where eager applies it, per element (so inf * 0, overflow and NaN are eager's).
-                if SCALE_AFTER_RELU:
-                    y = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL) * scale
-                else:
-                    y = tl.maximum(x * scale, 0.0, propagate_nan=tl.PropagateNan.ALL)
-                acc += y * wh[:, None]
+            else:
+                k_hi, k_mid, k_lo = kt, kt, kt  # (unused)
+            if HEADS:
+                m = tl.arange(0, BLOCK_S * BLOCK_H)
+                ms = pid_s * BLOCK_S + (m // BLOCK_H).to(tl.int64)
+                mh = m % BLOCK_H
+                m_ok = (ms < S) & (mh < H)
+                qm = tl.load(q_ptr + b * qs0 + ms[:, None] * qs1 + mh[:, None] * qs2 + rd[None, :] * qs3,
+                             mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+                wm = tl.load(w_ptr + b * ws0 + ms * ws1 + mh * ws2, mask=m_ok, other=0.0).to(tl.float32)
+                y = _head_scores(qm, kt, k_hi, k_mid, k_lo, scale, FP8, UPCAST, Q_TO_FP32, SPLIT3, SPLIT_IEEE, IEEE,
+                                 SCALE_AFTER_RELU)
+                # Padding heads / rows are zeros, never 0 * inf = NaN from a key.
+                y = tl.where(m_ok[:, None], y * wm[:, None], 0.0)
+                acc = tl.sum(tl.reshape(y, [BLOCK_S, BLOCK_H, BLOCK_T]), axis=1)
+            else:
+                q_ptrs = q_ptr + b * qs0 + rs[:, None] * qs1 + rd[None, :] * qs3
+                w_ptrs = w_ptr + b * ws0 + rs * ws1
+                q_ok = s_ok[:, None] & d_ok[None, :]
+                acc = tl.zeros([BLOCK_S, BLOCK_T], dtype=tl.float32)
+                for h in range(H):
+                    qh = tl.load(q_ptrs + h * qs2, mask=q_ok, other=0.0)
+                    wh = tl.load(w_ptrs + h * ws2, mask=s_ok, other=0.0).to(tl.float32)
+                    y = _head_scores(qh, kt, k_hi, k_mid, k_lo, scale, FP8, UPCAST, Q_TO_FP32, SPLIT3, SPLIT_IEEE,
+                                     IEEE, SCALE_AFTER_RELU)
+                    acc += y * wh[:, None]
             if HAS_KSCALE:
                 ksc = tl.load(ksc_ptr + b * kscs0 + rt * kscs1, mask=t_ok, other=0.0)
                 acc = acc * ksc[None, :]
@@ -383,10 +419,33 @@ if triton is not None:
             tl.store(out_ptrs, acc, mask=out_ok)
 
 
-def _default_config(q, t, fp32_dot=False, split3=False):
-    """(BLOCK_S, BLOCK_T, num_warps, num_stages).  The [BLOCK_S, BLOCK_T] fp32 accumulator and one head's
-    dot result live in registers together: 64 x 256 with 8 warps is 64 + 64 registers per thread.  A wide
-    key tile makes each q row tile be read T / BLOCK_T times (from L2), so wide T tiles are preferred."""
+HEADS_MAX_S = 8  # at most this many query rows per batch: the heads layout (decode, MTP); see _default_config
+HEADS_MAX_H = 128  # most heads (padded to a power of two) one heads-layout program holds
+
+
+def _use_heads(s, h, layout):
+    if layout not in (None, "rows", "heads"):
+        raise ValueError(f"index_score: `layout` must be None, 'rows' or 'heads', got {layout!r}")
+    if layout is None:
+        return s <= HEADS_MAX_S and triton.next_power_of_2(h) <= HEADS_MAX_H
+    return layout == "heads"
+
+
+def _default_config(q, t, fp32_dot=False, split3=False, heads=False):
+    """(BLOCK_S, BLOCK_T, num_warps, num_stages).  Rows layout: the [BLOCK_S, BLOCK_T] fp32 accumulator and one
+    head's dot result live in registers together: 64 x 256 with 8 warps is 64 + 64 registers per thread.  A wide
+    key tile makes each q row tile be read T / BLOCK_T times (from L2), so wide T tiles are preferred.
+
+    Heads layout (few query rows, as in decode, where a rows tile of 64 query rows would hold one real row):
+    BLOCK_S query rows x BLOCK_H heads (at least 16 dot rows, at most 64 unless the heads alone are more) in
+    one dot per key tile; the key tiles stream from HBM, so the tile is sized for bytes in flight."""
+    if heads:
+        bh = triton.next_power_of_2(q.shape[2])
+        bs = max(1, min(triton.next_power_of_2(q.shape[1]), 64 // bh)) if bh < 64 else 1
+        bs = max(bs, triton.cdiv(16, bh))
+        if q.dtype == torch.float32 or fp32_dot:
+            return bs, 32, 4, 2
+        return bs, 128, 4, 3
     if q.dtype == torch.float32 or fp32_dot:
         return 32, 64, 4, 2
     if split3:  # three bf16 k tiles live across the head loop; H200 sweep (bench/NOTES.md): 128 x 128, 8 warps
@@ -397,10 +456,12 @@ def _default_config(q, t, fp32_dot=False, split3=False):
 def index_score_triton(q, k, weights, scale=1.0, scale_after_relu=False, row_ends=None, row_starts=None,
                        short_k=-1, outside_undefined=False, k_scale=None, k_slots=None, k_cache_scale=None,
                        k_block_size=0, k_zero_negative=False,
-                       block_s=None, block_t=None, num_warps=None, num_stages=None, split3=None):
+                       block_s=None, block_t=None, num_warps=None, num_stages=None, split3=None, layout=None):
     """Run the Triton kernel (the op's CUDA path).  The block sizes and launch options override
     ``_default_config`` (tests shrink them, tuning sweeps them); ``split3`` (default: where it applies) picks
-    the three-bf16-dot form of fp32-key dots for bf16 / e4m3 ``q`` (False: one fp32 FMA dot)."""
+    the three-bf16-dot form of fp32-key dots for bf16 / e4m3 ``q`` (False: one fp32 FMA dot); ``layout``
+    ``"rows"`` or ``"heads"`` forces the kernel's tile layout (default: heads for at most ``HEADS_MAX_S``
+    query rows, see ``_index_score_kernel``)."""
     if triton is None:
         raise RuntimeError("index_score: triton is not installed")
     _check_args(q, k, weights, scale, row_ends, row_starts, short_k, outside_undefined, k_scale, k_slots,
@@ -418,8 +479,11 @@ def index_score_triton(q, k, weights, scale=1.0, scale_after_relu=False, row_end
         split3 = q_to_fp32 and q.dtype in (torch.bfloat16, torch.float8_e4m3fn)
     elif split3 and not (q_to_fp32 and q.dtype in (torch.bfloat16, torch.float8_e4m3fn)):
         raise ValueError("index_score: split3 needs bf16 / e4m3 q with float32 (or gathered) keys")
-    ds, dt, dw, dst = _default_config(q, t, fp32_dot=q_to_fp32 and not split3, split3=split3)
+    heads = _use_heads(s, h, layout)
+    ds, dt, dw, dst = _default_config(q, t, fp32_dot=q_to_fp32 and not split3, split3=split3, heads=heads)
     block_s, block_t = block_s or ds, block_t or dt
+    if heads:  # tl.dot needs at least 16 rows: BLOCK_S x BLOCK_H (query row, head) pairs
+        block_s = max(block_s, triton.cdiv(16, triton.next_power_of_2(h)))
     if gather:  # the cache as uint8 [P, B, D] (B = 1 for a [P, D] cache), its scales [P, B]
         page = k_block_size if k.dim() == 3 else 1
         n_slots = k.shape[0] * page
@@ -454,6 +518,7 @@ def index_score_triton(q, k, weights, scale=1.0, scale_after_relu=False, row_end
         UNDEFINED_OUTSIDE=bool(outside_undefined), IEEE=q.dtype == torch.float32 or upcast or q_to_fp32,
         UPCAST=upcast and not q_to_fp32,
         BLOCK_S=block_s, BLOCK_T=block_t, BLOCK_D=max(32 if fp8 else 16, triton.next_power_of_2(d)),  # FP8 tl.dot: K >= 32
+        HEADS=heads, BLOCK_H=triton.next_power_of_2(h) if heads else 1,
         num_warps=num_warps or dw, num_stages=num_stages or dst)
     return out
 
