@@ -77,8 +77,45 @@ def _check_fp8_cache(args, eager, ours):
     return score_mismatch(ours, eager, tolerance(q, k, w, SCALE))
 
 
+def fp8_cache_decode_index_score(q, weights, k_cache, k_scale, slots):
+    """Decode form: one query row per request, each request's keys read from the FP8 indexer cache through its
+    own slot row (``slots [B, T]``, padding -1), dequantized, then transformers' score."""
+    idx = slots.clamp(min=0)
+    k = k_cache[idx].view(FP8).float() * k_scale[idx].unsqueeze(-1)
+    k = torch.where((slots < 0).unsqueeze(-1), 0.0, k)
+    return transformers_index_score(q, k, weights)
+
+
+def _check_fp8_decode(args, eager, ours):
+    from dsa_inductor.lowerings.index_score import gathered_k
+
+    q, w, cache, k_scale, slots = args
+    k = gathered_k(cache, slots, k_scale[:, None], 0, True)
+    return score_mismatch(ours, eager, tolerance(q, k, w, SCALE))
+
+
 def cases(device="cuda"):
     b, s, t, h, d = 1, 4096, 4096, 64, 128
+    bd, td = 64, 16384  # decode: 64 requests of one query row over 16384 keys each
+
+    def decode_inputs():
+        g = torch.Generator(device=device).manual_seed(0)
+        q = torch.randn(bd, 1, h, d, device=device, generator=g).bfloat16()
+        k = torch.randn(bd, td, d, device=device, generator=g).bfloat16()
+        w = torch.randn(bd, 1, h, device=device, generator=g) * h ** -0.5
+        return q, k, w
+
+    def fp8_decode_inputs():
+        from dsa_inductor.lowerings.gather_dequant import quantize_e4m3
+
+        g = torch.Generator(device=device).manual_seed(0)
+        n = bd * td
+        q = torch.randn(bd, 1, h, d, device=device, generator=g).bfloat16()
+        w = torch.randn(bd, 1, h, device=device, generator=g) * h ** -0.5
+        cache, scale = quantize_e4m3(torch.randn(n, d, device=device, generator=g))
+        slots = torch.randperm(n, device=device, generator=g).view(bd, td)
+        slots[:, -97:] = -1  # padding at the end of each request's row
+        return q, w, cache, scale.view(n), slots
 
     def inputs():
         g = torch.Generator(device=device).manual_seed(0)
@@ -100,7 +137,16 @@ def cases(device="cuda"):
         slots[::97] = -1
         return q, w, cache, scale.view(n8), slots
 
+    decode_bytes = bd * td * d * 2 + bd * td * 4 + bd * h * (d * 2 + 4)
     return [
+        # Decode: one query row per request, so the score is a stream over the keys (the HBM roofline); a tile of
+        # query rows would hold one real row, and the heads layout puts the 64 heads on the dot's rows instead.
+        Case("index_score (decode, transformers matmul form)", f"B={bd} S=1 T={td} H={h} D={d} bf16",
+             transformers_index_score, decode_inputs, min_bytes=decode_bytes, flops=2.0 * bd * td * h * d,
+             check=_check),
+        Case("index_score (decode) from the FP8 cache (gather_dequant folded)", f"B={bd} S=1 T={td} H={h} D={d} "
+             f"bf16 q, FP8 cache, per-request slots", fp8_cache_decode_index_score, fp8_decode_inputs,
+             min_bytes=bd * td * (d + 4 + 8 + 4), flops=2.0 * bd * td * h * d, check=_check_fp8_decode),
         # fp32 dots (eager's q.float() @ dequantized fp32 k): the roofline column (the bf16 tensor-core peak) is
         # out of reach for them; what the fold removes is the [T, D] fp32 copy of the keys and its launch.
         Case("index_score from the FP8 cache (gather_dequant folded)", f"B={b} S={s8} T={t8} H={h} D={d} "

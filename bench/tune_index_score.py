@@ -1,6 +1,10 @@
 """Sweep the index-score kernel's tiles and launch options at S = T = 4096, H = 64, D = 128 bf16 (CUDA).
 
     python bench/tune_index_score.py [--s 4096] [--t 4096]
+    python bench/tune_index_score.py --decode 64 --t 16384    # B requests of one query row: the heads layout
+
+Decode mode sweeps the heads layout (bf16 keys, and FP8 cache keys gathered by slot) against the rows layout,
+and prints the achieved bandwidth of the key stream.
 
 Times ``index_score_triton`` directly (``do_bench`` medians), full rows, causal ``row_ends`` (tiles past
 every row's end are written -inf) and causal ``row_ends`` with ``outside_undefined`` (the indexer chain's
@@ -29,7 +33,10 @@ def main() -> None:
     ap.add_argument("--t", type=int, default=4096)
     ap.add_argument("--h", type=int, default=64)
     ap.add_argument("--d", type=int, default=128)
+    ap.add_argument("--decode", type=int, default=0, help="B requests of --s (default 1) query rows each")
     a = ap.parse_args()
+    if a.decode:
+        return decode(a)
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(1, a.s, a.h, a.d, device="cuda", generator=g).bfloat16()
     k = torch.randn(1, a.t, a.d, device="cuda", generator=g).bfloat16()
@@ -59,6 +66,49 @@ def main() -> None:
     print("default:", f"{triton.testing.do_bench(lambda: index_score_triton(q, k, w, 0.088), return_mode='median') * 1e3:.1f} us")
     for causal, (us, *cfg) in best.items():
         print(f"best {({False: 'full', True: 'causal -inf'}).get(causal, 'causal undefined')}: {us:.1f} us with (block_s, block_t, warps, stages) = {cfg}")
+
+
+def decode(a) -> None:
+    from dsa_inductor.lowerings.gather_dequant import quantize_e4m3
+
+    b, s = a.decode, (a.s if a.s != 4096 else 1)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(b, s, a.h, a.d, device="cuda", generator=g).bfloat16()
+    k = torch.randn(b, a.t, a.d, device="cuda", generator=g).bfloat16()
+    w = torch.randn(b, s, a.h, device="cuda", generator=g)
+    cache, scale = quantize_e4m3(torch.randn(b * a.t, a.d, device="cuda", generator=g))
+    slots = torch.randperm(b * a.t, device="cuda", generator=g).view(b, a.t)
+    forms = {
+        "bf16 k": ((q, k, w, 0.088), {}, b * a.t * a.d * 2),
+        "fp8 cache": ((q, cache, w, 0.088), dict(k_slots=slots, k_cache_scale=scale, k_zero_negative=True),
+                      b * a.t * (a.d + 4 + 8)),
+    }
+    print(f"decode B={b} S={s} T={a.t} H={a.h} D={a.d} on {torch.cuda.get_device_name()}")
+    for name, (args, kw, nbytes) in forms.items():
+        ref = index_score_triton(*args, **kw, layout="rows")
+        tol = tolerance(q, k, w, 0.088)
+        best = None
+        configs = [("rows", None, None, None, None)] + [
+            ("heads", bt, warps, stages, None)
+            for bt, warps, stages in itertools.product((64, 128, 256), (4, 8), (2, 3, 4, 5))]
+        for layout, bt, warps, stages, _ in configs:
+            try:
+                fn = lambda: index_score_triton(*args, **kw, layout=layout, block_t=bt, num_warps=warps,  # noqa: E731
+                                                num_stages=stages)
+                out = fn()
+                # (the FP8 form's keys are not k: there the rows layout is the check)
+                why = score_mismatch(out, ref, tol) if name == "bf16 k" else (
+                    None if torch.allclose(out, ref, rtol=1e-5, atol=1e-3) else "differs from the rows layout")
+                us = triton.testing.do_bench(fn, warmup=20, rep=100, return_mode="median") * 1e3
+            except Exception as ex:  # out of resources for this config
+                print(f"{name} {layout} bt={bt} warps={warps} stages={stages}: {type(ex).__name__}")
+                continue
+            print(f"{name} {layout} bt={bt} warps={warps} stages={stages}: {us:8.1f} us "
+                  f"{nbytes / us / 1e3:7.1f} GB/s (keys) {why or 'ok'}", flush=True)
+            if layout == "heads" and why is None and (best is None or us < best[0]):
+                best = (us, bt, warps, stages)
+        dflt = triton.testing.do_bench(lambda: index_score_triton(*args, **kw), return_mode="median") * 1e3
+        print(f"{name}: default {dflt:.1f} us; best heads {best[0]:.1f} us with (block_t, warps, stages) = {best[1:]}")
 
 
 if __name__ == "__main__":
