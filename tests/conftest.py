@@ -19,7 +19,9 @@ from hypothesis import HealthCheck, Phase, settings  # noqa: E402
 
 settings.register_profile("ci", deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("gpu", deadline=None, max_examples=300,
+# gpu: random examples on a machine that is given back (its example database with it), so a failure prints
+# the @reproduce_failure blob that replays it anywhere.
+settings.register_profile("gpu", deadline=None, max_examples=300, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 if os.environ.get("DSA_SANITIZER") == "1":
