@@ -229,7 +229,10 @@ def fp32_sum_bound(d: int, h: int, fp8: bool = False) -> float:
 
 def index_score_tolerance(q, k, weights, scale=1.0, row_ends=None, row_starts=None, k_scale=None):
     """Elementwise bound on ``|ours - eager|`` for ``index_score``: ``fp32_sum_bound(D, H, fp8) * M`` where
-    ``M`` is the score of ``|q|, |k|, |weights|, |scale|``."""
+    ``M`` is the score of ``|q|, |k|, |weights|, |scale|``, plus the underflow term of fp32's subnormals
+    (each product may lose up to ``2**-150`` absolute, in ours and in eager's alike):
+    ``2**-149 * (((|scale| * D + 1) * sum_h |w| + H + 1) * |k_scale| + 1)`` (``|k_scale|`` 1 without one).
+    The second term matters only for scores near ``2**-126`` and below."""
     from .lowerings.index_score import index_score_reference
 
     # Non-finite inputs give a non-finite result (compared exactly) or an exact 0 after the relu: they
@@ -242,7 +245,11 @@ def index_score_tolerance(q, k, weights, scale=1.0, row_ends=None, row_starts=No
                                 row_starts, k_scale=ks)
     mag = torch.where(torch.isfinite(mag), mag, 0.0)
     fp8 = q.dtype in _FP8_DTYPES or k.dtype in _FP8_DTYPES
-    return fp32_sum_bound(q.shape[-1], q.shape[-2], fp8) * mag
+    d, h = q.shape[-1], q.shape[-2]
+    under = ((abs(scale) * d + 1) * fin(weights.float()).sum(-1) + h + 1).unsqueeze(-1)  # [B, S, 1]
+    if ks is not None:
+        under = under * ks.float().unsqueeze(1)
+    return fp32_sum_bound(d, h, fp8) * mag + 2.0**-149 * (under + 1)
 
 
 def score_mismatch(ours, ref, tol_) -> Optional[str]:

@@ -49,11 +49,15 @@ and key ``t`` of batch ``b`` is ``e4m3(k[k_slots[b, t]]) * k_cache_scale[k_slots
 for slots outside the cache on CUDA).  The kernel loads each key tile's FP8 bytes by slot and dequantizes
 them in registers, so no dequantized copy of the keys is ever written; the dots are then eager's
 ``q.float() @ k`` on fp32 keys.  For bf16 / e4m3 ``q`` (any fp32 keys, gathered or given) each key tile is
-split into three bf16 tiles that sum to it exactly (``_split3``) and scored with three bf16 tensor-core dots:
-every product ``q_d * k_d`` is exact; fp16 and fp32 ``q`` take one fp32 FMA dot ("ieee"). Two known gaps of the split on
-the CUDA path (strict xfail tests in ``tests/test_index_score_kernel.py``): an inf in bf16 ``q`` meets a zero
-``mid`` / ``lo`` part as ``inf * 0 = NaN`` where eager's ``inf * k`` is +-inf, and keys below ``2**-110`` (fp32
-near-subnormals) have low bits that no bf16 part holds.  The ``index_score`` rule's follow-up ``read_fp8_cache`` folds a
+split into three bf16 tiles that sum to it exactly (``_split3``) and scored with three bf16 tensor-core dots,
+which give every product ``q_d * k_d`` exactly when all parts and products are normal numbers and q is finite;
+fp16 and fp32 ``q`` take one fp32 FMA dot ("ieee").  Where the split is not exact (``_split_exact``: an inf in
+a q row meets a zero ``mid`` / ``lo`` part as ``inf * 0 = NaN`` where eager's ``inf * k`` is +-inf; keys below
+``2**-102``, or ``|q| * |k|`` below it, put a part or a part's product among the subnormals) a fix-up
+launch recomputes the tile with the fp32 FMA dot: the main kernel stores each tile's smallest nonzero key
+magnitude, ``_q_stats_kernel`` each q row's smallest nonzero magnitude (0 for a row with an inf), and the
+fix-up launch (the same grid) rescores only the flagged tiles.  The hot loop has no branch, and nothing waits
+on the host (CUDA-graph safe).  The ``index_score`` rule's follow-up ``read_fp8_cache`` folds a
 ``gather_dequant`` that feeds a score into this form.
 
 Rounding: FP8 and bf16/fp16 products are exact in fp32, so the only differences with eager are the order of the
@@ -257,7 +261,8 @@ if triton is not None:
         significant bits, truncated so it never rounds up to inf; mid: the next 8; lo: the rest, at most 8
         bits).  A bf16 ``q`` times each part is an exact fp32 product, so three bf16 tensor-core dots with fp32
         accumulation give every ``q_d * k_d`` exactly, as the fp32 sum bound assumes (eager's fp32 GEMM rounds
-        each product).  inf / NaN stay in ``hi`` with zero ``mid`` and ``lo``."""
+        each product), wherever ``_split_exact`` holds; the fix-up launch rescores the other tiles.  inf / NaN
+        stay in ``hi`` with zero ``mid`` and ``lo``."""
         fin = tl.abs(x) < float("inf")
         xs = tl.where(fin, x, 0.0)
         hi = (xs.to(tl.uint32, bitcast=True) & 0xFFFF0000).to(tl.float32, bitcast=True)
@@ -270,9 +275,10 @@ if triton is not None:
     def _gathered_k(k_ptr, ks0, ks1, ks2, ki_ptr, kis0, kis1, kc_ptr, kcs0, kcs1, n_slots, n_scale_slots, page,
                     b, rt, rd, t_ok, d_ok, ZERO_NEGATIVE: tl.constexpr):
         """``k^T [BLOCK_D, BLOCK_T]`` fp32, dequantized in registers from the FP8 cache rows ``k_slots`` names:
-        ``e4m3(cache[slot]) * cache_scale[slot]``, the fp32 product eager's gather-dequant writes.  A padding
-        slot (negative, with ``ZERO_NEGATIVE``) or one outside the cache gives a zero row and is never read;
-        other negative slots wrap once, as eager indexing does."""
+        ``e4m3(cache[slot]) * cache_scale[slot]``, the fp32 product eager's gather-dequant writes, and the
+        ``[BLOCK_T]`` scales (0 for a key not read).  A padding slot (negative, with ``ZERO_NEGATIVE``) or one
+        outside the cache gives a zero row and is never read; other negative slots wrap once, as eager
+        indexing does."""
         slot = tl.load(ki_ptr + b * kis0 + rt * kis1, mask=t_ok, other=-1).to(tl.int64)
         # The cache and its scale table are indexed alike but each within its own rows (as eager indexes
         # each tensor): a negative slot wraps by each one's size.
@@ -292,7 +298,7 @@ if triton is not None:
                       mask=ok[None, :] & d_ok[:, None], other=0)
         x = _upcast(raw.to(tl.float8e4nv, bitcast=True), True)
         sc = tl.load(kc_ptr + (slot_sc // page) * kcs0 + (slot_sc % page) * kcs1, mask=ok, other=0.0).to(tl.float32)
-        return tl.where(ok[None, :], x * sc[None, :], 0.0)
+        return tl.where(ok[None, :], x * sc[None, :], 0.0), sc
 
     @triton.jit
     def _head_scores(qh, kt, k_hi, k_mid, k_lo, scale, FP8: tl.constexpr, UPCAST: tl.constexpr,
@@ -322,11 +328,170 @@ if triton is not None:
             return tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL) * scale
         return tl.maximum(x * scale, 0.0, propagate_nan=tl.PropagateNan.ALL)
 
+    @triton.jit
+    def _row_bounds(b, rs, s_ok, e_ptr, es0, es1, st_ptr, sts0, sts1, T, HAS_ENDS: tl.constexpr,
+                    HAS_STARTS: tl.constexpr):
+        """``(lo, hi)`` int64 ``[BLOCK_S]``: the clamped range of rows ``rs`` (as ``row_range``)."""
+        t_len = T.to(tl.int64)
+        lo = rs * 0
+        hi = lo + t_len
+        if HAS_STARTS:
+            lo = tl.minimum(tl.maximum(tl.load(st_ptr + b * sts0 + rs * sts1, mask=s_ok, other=0).to(tl.int64),
+                                       0), t_len)
+        if HAS_ENDS:
+            hi = tl.minimum(tl.maximum(tl.load(e_ptr + b * es0 + rs * es1, mask=s_ok, other=0).to(tl.int64),
+                                       lo), t_len)
+        return lo, hi
+
+    @triton.jit
+    def _score_tile(
+        b, s0, t0, lo, hi, kf_ptrs, q_ptr, qs0, qs1, qs2, qs3, k_ptr, ks0, ks1, ks2, w_ptr, ws0, ws1, ws2,
+        ksc_ptr, kscs0, kscs1, o_ptr, os0, os1, os2, ki_ptr, kis0, kis1, kc_ptr, kcs0, kcs1,
+        n_slots, n_scale_slots, page, S, T, H, D, scale,
+        SCALE_AFTER_RELU: tl.constexpr, HAS_BOUNDS: tl.constexpr, HAS_KSCALE: tl.constexpr, FP8: tl.constexpr,
+        GATHER: tl.constexpr, ZERO_NEGATIVE: tl.constexpr, Q_TO_FP32: tl.constexpr, SPLIT3: tl.constexpr,
+        SPLIT_IEEE: tl.constexpr, UNDEFINED_OUTSIDE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+        BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HEADS: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+    ):
+        """Score and store the ``[BLOCK_S, BLOCK_T]`` tile of rows ``s0..`` x keys ``t0..`` of batch ``b`` (``lo``
+        / ``hi``: its rows' ranges).  With SPLIT3 it also stores the tile's *split flag* at ``kf_ptrs``: a lower
+        bound in (0, 1] of its nonzero fp32 keys' magnitudes (the smallest nonzero ``min(|k|, 1)``; gathered
+        keys: ``2**-9`` times the smallest nonzero scale, which needs no pass over the tile), which
+        ``_split_exact`` compares with the rows' q."""
+        rs = (s0 + tl.arange(0, BLOCK_S)).to(tl.int64)
+        rt = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
+        rd = tl.arange(0, BLOCK_D)
+        s_ok = rs < S
+        t_ok = rt < T
+        d_ok = rd < D
+        if GATHER:
+            kt, ksc_g = _gathered_k(k_ptr, ks0, ks1, ks2, ki_ptr, kis0, kis1, kc_ptr, kcs0, kcs1, n_slots,
+                                    n_scale_slots, page, b, rt, rd, t_ok, d_ok, ZERO_NEGATIVE)
+        else:
+            kt = tl.load(k_ptr + b * ks0 + rt[None, :] * ks1 + rd[:, None] * ks2,
+                         mask=t_ok[None, :] & d_ok[:, None], other=0.0)
+        if UPCAST:
+            kt = _upcast(kt, FP8)
+        if SPLIT3:  # fp32 keys as three bf16 tiles, exactly (see _split3)
+            k_hi, k_mid, k_lo = _split3(kt)
+            if GATHER:  # a nonzero e4m3 value is at least 2**-9: each key is 0 or >= 2**-9 |scale| (a vector)
+                ka = tl.abs(ksc_g) * 2.0 ** -9
+                tl.store(kf_ptrs, tl.min(tl.where(ka > 0, tl.minimum(ka, 1.0), 1.0), 0))  # (NaN: not > 0)
+            else:
+                ka = tl.abs(kt)
+                tl.store(kf_ptrs, tl.min(tl.min(tl.where(ka > 0, tl.minimum(ka, 1.0), 1.0), 1), 0))
+        else:
+            k_hi, k_mid, k_lo = kt, kt, kt  # (unused)
+        if HEADS:
+            m = tl.arange(0, BLOCK_S * BLOCK_H)
+            ms = s0 + (m // BLOCK_H).to(tl.int64)
+            mh = m % BLOCK_H
+            m_ok = (ms < S) & (mh < H)
+            qm = tl.load(q_ptr + b * qs0 + ms[:, None] * qs1 + mh[:, None] * qs2 + rd[None, :] * qs3,
+                         mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+            wm = tl.load(w_ptr + b * ws0 + ms * ws1 + mh * ws2, mask=m_ok, other=0.0).to(tl.float32)
+            y = _head_scores(qm, kt, k_hi, k_mid, k_lo, scale, FP8, UPCAST, Q_TO_FP32, SPLIT3, SPLIT_IEEE, IEEE,
+                             SCALE_AFTER_RELU)
+            # Padding heads / rows are zeros, never 0 * inf = NaN from a key.
+            y = tl.where(m_ok[:, None], y * wm[:, None], 0.0)
+            acc = tl.sum(tl.reshape(y, [BLOCK_S, BLOCK_H, BLOCK_T]), axis=1)
+        else:
+            q_ptrs = q_ptr + b * qs0 + rs[:, None] * qs1 + rd[None, :] * qs3
+            w_ptrs = w_ptr + b * ws0 + rs * ws1
+            q_ok = s_ok[:, None] & d_ok[None, :]
+            acc = tl.zeros([BLOCK_S, BLOCK_T], dtype=tl.float32)
+            for h in range(H):
+                qh = tl.load(q_ptrs + h * qs2, mask=q_ok, other=0.0)
+                wh = tl.load(w_ptrs + h * ws2, mask=s_ok, other=0.0).to(tl.float32)
+                y = _head_scores(qh, kt, k_hi, k_mid, k_lo, scale, FP8, UPCAST, Q_TO_FP32, SPLIT3, SPLIT_IEEE,
+                                 IEEE, SCALE_AFTER_RELU)
+                acc += y * wh[:, None]
+        if HAS_KSCALE:
+            ksc = tl.load(ksc_ptr + b * kscs0 + rt * kscs1, mask=t_ok, other=0.0)
+            acc = acc * ksc[None, :]
+        if not UNDEFINED_OUTSIDE and HAS_BOUNDS:
+            acc = tl.where((rt[None, :] < hi[:, None]) & (rt[None, :] >= lo[:, None]), acc, float("-inf"))
+        tl.store(o_ptr + b * os0 + rs[:, None] * os1 + rt[None, :] * os2, acc, mask=s_ok[:, None] & t_ok[None, :])
+
+    @triton.jit
+    def _split_exact(kflag, qmin):
+        """Whether the three-bf16-dot split gives a tile's products exactly: every key part is a normal bf16
+        (``|k| >= 2**-102``, so ``lo``'s last bit is above 2**-126) and every product of a q element with a
+        part is a normal fp32 (``|q| * |k| >= 2**-102``), and no q row holds an inf (``qmin`` 0: an inf times a
+        zero ``mid`` / ``lo`` part is NaN where eager's ``inf * k`` is +-inf).  ``kflag``: the tile's split flag
+        (``min(|k|, 1)`` over nonzero keys, in (0, 1]), ``qmin``: the rows' ``_q_stats``."""
+        return (kflag >= 2.0 ** -102) & (qmin * kflag >= 2.0 ** -102)
+
+    @triton.jit
+    def _q_stats_kernel(q_ptr, qs0, qs1, qs2, qs3, o_ptr, os0, os1, S, H, D, FP8: tl.constexpr,
+                        BLOCK: tl.constexpr):
+        """``qmin[b, s]`` fp32: 0 where row ``s`` of ``q`` holds an inf (any head), else its smallest nonzero
+        ``|q|`` (inf when all are zero or NaN): what ``_split_exact`` checks of q.  One program per row, its
+        ``H * D`` elements in chunks of ``BLOCK``."""
+        s = tl.program_id(0).to(tl.int64)
+        b = tl.program_id(1).to(tl.int64)
+        qmin = tl.full([BLOCK], float("inf"), tl.float32)
+        for j0 in range(0, H * D, BLOCK):
+            j = j0 + tl.arange(0, BLOCK)
+            x = tl.load(q_ptr + b * qs0 + s * qs1 + (j // D) * qs2 + (j % D) * qs3, mask=j < H * D, other=0.0)
+            a = tl.abs(_upcast(x, FP8))
+            qmin = tl.minimum(qmin, tl.where(a == float("inf"), 0.0, tl.where(a > 0, a, float("inf"))))
+        tl.store(o_ptr + b * os0 + s * os1, tl.min(qmin, 0))
+
+    @triton.jit(do_not_specialize=["S", "T", "short_k"])
+    def _index_score_fixup_kernel(
+        q_ptr, qs0, qs1, qs2, qs3, k_ptr, ks0, ks1, ks2, w_ptr, ws0, ws1, ws2, e_ptr, es0, es1,
+        st_ptr, sts0, sts1, ksc_ptr, kscs0, kscs1, o_ptr, os0, os1, os2,
+        ki_ptr, kis0, kis1, kc_ptr, kcs0, kcs1, n_slots, n_scale_slots, page,
+        kf_ptr, kfs0, kfs1, kfs2, qm_ptr, qms0, qms1,
+        S, T, H, D, scale, short_k,
+        SCALE_AFTER_RELU: tl.constexpr, HAS_ENDS: tl.constexpr, HAS_STARTS: tl.constexpr,
+        HAS_KSCALE: tl.constexpr, FP8: tl.constexpr, GATHER: tl.constexpr, ZERO_NEGATIVE: tl.constexpr,
+        UNDEFINED_OUTSIDE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+        HEADS: tl.constexpr, BLOCK_H: tl.constexpr, FIX_S: tl.constexpr, FIX_T: tl.constexpr, FIX_G: tl.constexpr,
+    ):
+        """The split's fix-up, launched after ``_index_score_kernel`` (SPLIT3): one program per ``FIX_S`` rows x
+        ``FIX_G`` key tiles of ``FIX_T`` (inside the main launch's ``BLOCK_S x BLOCK_T`` tiles, whose split flags
+        it reads from ``kf``).  It rescores, with the fp32 FMA dot (eager's ``q.float() @ k``), only the tiles
+        where ``_split_exact`` fails and the main launch computed scores; the others are left as written."""
+        b = tl.program_id(1).to(tl.int64)
+        n_g = tl.cdiv(tl.cdiv(T, FIX_T), FIX_G)
+        s1 = (tl.program_id(0) // n_g) * FIX_S
+        g0 = (tl.program_id(0) % n_g) * FIX_G
+        rs = (s1 + tl.arange(0, FIX_S)).to(tl.int64)
+        s_ok = rs < S
+        lo, hi = _row_bounds(b, rs, s_ok, e_ptr, es0, es1, st_ptr, sts0, sts1, T, HAS_ENDS, HAS_STARTS)
+        live = s_ok
+        if UNDEFINED_OUTSIDE:
+            live = live & (hi - lo > short_k)
+        hi_max = tl.max(tl.where(live, hi, 0), 0)
+        lo_min = tl.min(tl.where(live, lo, T.to(tl.int64)), 0)
+        qmin = tl.min(tl.load(qm_ptr + b * qms0 + rs * qms1, mask=s_ok, other=float("inf")), 0)
+        kf_row = kf_ptr + b * kfs0 + (s1 // BLOCK_S) * kfs1
+        # the group's tiles at once (one load latency for the common case: nothing to fix)
+        t0 = (g0 + tl.arange(0, FIX_G)) * FIX_T
+        flags = tl.load(kf_row + (t0 // BLOCK_T) * kfs2, mask=t0 < T, other=1.0)
+        need = (t0 < T) & (hi_max > t0) & (lo_min < t0 + FIX_T) & (_split_exact(flags, qmin) == 0)
+        if tl.max(need.to(tl.int32), 0) > 0:
+            for j in range(FIX_G):
+                t1 = (g0 + j) * FIX_T
+                if (t1 < T) & (hi_max > t1) & (lo_min < t1 + FIX_T) & \
+                        (_split_exact(tl.load(kf_row + (t1 // BLOCK_T) * kfs2, mask=t1 < T, other=1.0), qmin) == 0):
+                    # q.float() @ k as one fp32 FMA dot (Q_TO_FP32, IEEE; no split, no upcast)
+                    _score_tile(b, s1, t1, lo, hi, kf_row, q_ptr, qs0, qs1, qs2, qs3, k_ptr, ks0, ks1, ks2, w_ptr,
+                                ws0, ws1, ws2, ksc_ptr, kscs0, kscs1, o_ptr, os0, os1, os2, ki_ptr, kis0, kis1,
+                                kc_ptr, kcs0, kcs1, n_slots, n_scale_slots, page, S, T, H, D, scale,
+                                SCALE_AFTER_RELU, HAS_ENDS or HAS_STARTS, HAS_KSCALE, FP8, GATHER, ZERO_NEGATIVE,
+                                True, False, False, UNDEFINED_OUTSIDE, True, False, FIX_S, FIX_T, BLOCK_D, HEADS,
+                                BLOCK_H)
+
     @triton.jit(do_not_specialize=["S", "T", "short_k"])  # S, T: never constexpr 1 (T.to() needs a tensor)
     def _index_score_kernel(
         q_ptr, qs0, qs1, qs2, qs3, k_ptr, ks0, ks1, ks2, w_ptr, ws0, ws1, ws2, e_ptr, es0, es1,
         st_ptr, sts0, sts1, ksc_ptr, kscs0, kscs1, o_ptr, os0, os1, os2,
         ki_ptr, kis0, kis1, kc_ptr, kcs0, kcs1, n_slots, n_scale_slots, page,
+        kf_ptr, kfs0, kfs1, kfs2, qm_ptr, qms0, qms1,
         S, T, H, D, scale, short_k,
         SCALE_AFTER_RELU: tl.constexpr, HAS_ENDS: tl.constexpr, HAS_STARTS: tl.constexpr,
         HAS_KSCALE: tl.constexpr, FP8: tl.constexpr, GATHER: tl.constexpr, ZERO_NEGATIVE: tl.constexpr,
@@ -339,84 +504,44 @@ if triton is not None:
 
         Rows layout (HEADS False): one ``[BLOCK_S, D] x [D, BLOCK_T]`` dot per head, accumulated.  Heads layout
         (HEADS, for few query rows: decode): the ``BLOCK_S x BLOCK_H`` (query row, head) pairs are the rows of
-        one ``[BLOCK_S * BLOCK_H, D] x [D, BLOCK_T]`` dot, reduced over heads after the relu and the weight."""
+        one ``[BLOCK_S * BLOCK_H, D] x [D, BLOCK_T]`` dot, reduced over heads after the relu and the weight.
+
+        With SPLIT3 each program writes its tile's split flag to ``kf [B, n_s, n_t]`` (1 for a skipped tile), for
+        ``_index_score_fixup_kernel``, which rescores the tiles where the split is not exact: the hot loop
+        stays branch-free and no host sync is needed (CUDA-graph safe)."""
         pid = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
         n_t = tl.cdiv(T, BLOCK_T)
         pid_s = pid // n_t
         pid_t = pid % n_t
-        rs = (pid_s * BLOCK_S + tl.arange(0, BLOCK_S)).to(tl.int64)
-        rt = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-        rd = tl.arange(0, BLOCK_D)
+        s0 = pid_s * BLOCK_S
+        t0 = pid_t * BLOCK_T
+        rs = (s0 + tl.arange(0, BLOCK_S)).to(tl.int64)
         s_ok = rs < S
-        t_ok = rt < T
-        d_ok = rd < D
-        out_ptrs = o_ptr + b * os0 + rs[:, None] * os1 + rt[None, :] * os2
-        out_ok = s_ok[:, None] & t_ok[None, :]
-        t_len = T.to(tl.int64)
-        lo = rs * 0
-        hi = lo + t_len
-        if HAS_STARTS:
-            lo = tl.minimum(tl.maximum(tl.load(st_ptr + b * sts0 + rs * sts1, mask=s_ok, other=0).to(tl.int64),
-                                       0), t_len)
-        if HAS_ENDS:
-            hi = tl.minimum(tl.maximum(tl.load(e_ptr + b * es0 + rs * es1, mask=s_ok, other=0).to(tl.int64),
-                                       lo), t_len)
+        lo, hi = _row_bounds(b, rs, s_ok, e_ptr, es0, es1, st_ptr, sts0, sts1, T, HAS_ENDS, HAS_STARTS)
         # Rows whose values matter here: real rows, and (undefined outside) not short.
         live = s_ok
         if UNDEFINED_OUTSIDE:
             live = live & (hi - lo > short_k)
-        t0 = pid_t * BLOCK_T
         skip = tl.max(tl.where(live, hi, 0), 0) <= t0
         if HAS_STARTS:
-            skip = skip | (tl.min(tl.where(live, lo, t_len), 0) >= t0 + BLOCK_T)
+            skip = skip | (tl.min(tl.where(live, lo, T.to(tl.int64)), 0) >= t0 + BLOCK_T)
+        kf_ptrs = kf_ptr + b * kfs0 + pid_s * kfs1 + pid_t * kfs2
         if skip:
             if not UNDEFINED_OUTSIDE:
                 # Every position of the tile is outside its row's range: eager's masked_fill writes -inf.
-                tl.store(out_ptrs, tl.full([BLOCK_S, BLOCK_T], float("-inf"), tl.float32), mask=out_ok)
+                rt = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
+                tl.store(o_ptr + b * os0 + rs[:, None] * os1 + rt[None, :] * os2,
+                         tl.full([BLOCK_S, BLOCK_T], float("-inf"), tl.float32),
+                         mask=s_ok[:, None] & (rt < T)[None, :])
+            if SPLIT3:
+                tl.store(kf_ptrs, 1.0)  # (read by the fix-up launch, which skips this tile too)
         else:
-            if GATHER:
-                kt = _gathered_k(k_ptr, ks0, ks1, ks2, ki_ptr, kis0, kis1, kc_ptr, kcs0, kcs1, n_slots, n_scale_slots, page,
-                                 b, rt, rd, t_ok, d_ok, ZERO_NEGATIVE)
-            else:
-                kt = tl.load(k_ptr + b * ks0 + rt[None, :] * ks1 + rd[:, None] * ks2,
-                             mask=t_ok[None, :] & d_ok[:, None], other=0.0)
-            if UPCAST:
-                kt = _upcast(kt, FP8)
-            if SPLIT3:  # fp32 keys as three bf16 tiles, exactly (see _split3)
-                k_hi, k_mid, k_lo = _split3(kt)
-            else:
-                k_hi, k_mid, k_lo = kt, kt, kt  # (unused)
-            if HEADS:
-                m = tl.arange(0, BLOCK_S * BLOCK_H)
-                ms = pid_s * BLOCK_S + (m // BLOCK_H).to(tl.int64)
-                mh = m % BLOCK_H
-                m_ok = (ms < S) & (mh < H)
-                qm = tl.load(q_ptr + b * qs0 + ms[:, None] * qs1 + mh[:, None] * qs2 + rd[None, :] * qs3,
-                             mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-                wm = tl.load(w_ptr + b * ws0 + ms * ws1 + mh * ws2, mask=m_ok, other=0.0).to(tl.float32)
-                y = _head_scores(qm, kt, k_hi, k_mid, k_lo, scale, FP8, UPCAST, Q_TO_FP32, SPLIT3, SPLIT_IEEE, IEEE,
-                                 SCALE_AFTER_RELU)
-                # Padding heads / rows are zeros, never 0 * inf = NaN from a key.
-                y = tl.where(m_ok[:, None], y * wm[:, None], 0.0)
-                acc = tl.sum(tl.reshape(y, [BLOCK_S, BLOCK_H, BLOCK_T]), axis=1)
-            else:
-                q_ptrs = q_ptr + b * qs0 + rs[:, None] * qs1 + rd[None, :] * qs3
-                w_ptrs = w_ptr + b * ws0 + rs * ws1
-                q_ok = s_ok[:, None] & d_ok[None, :]
-                acc = tl.zeros([BLOCK_S, BLOCK_T], dtype=tl.float32)
-                for h in range(H):
-                    qh = tl.load(q_ptrs + h * qs2, mask=q_ok, other=0.0)
-                    wh = tl.load(w_ptrs + h * ws2, mask=s_ok, other=0.0).to(tl.float32)
-                    y = _head_scores(qh, kt, k_hi, k_mid, k_lo, scale, FP8, UPCAST, Q_TO_FP32, SPLIT3, SPLIT_IEEE,
-                                     IEEE, SCALE_AFTER_RELU)
-                    acc += y * wh[:, None]
-            if HAS_KSCALE:
-                ksc = tl.load(ksc_ptr + b * kscs0 + rt * kscs1, mask=t_ok, other=0.0)
-                acc = acc * ksc[None, :]
-            if not UNDEFINED_OUTSIDE and (HAS_ENDS or HAS_STARTS):
-                acc = tl.where((rt[None, :] < hi[:, None]) & (rt[None, :] >= lo[:, None]), acc, float("-inf"))
-            tl.store(out_ptrs, acc, mask=out_ok)
+            _score_tile(b, s0, t0, lo, hi, kf_ptrs, q_ptr, qs0, qs1, qs2, qs3, k_ptr, ks0, ks1, ks2, w_ptr,
+                        ws0, ws1, ws2, ksc_ptr, kscs0, kscs1, o_ptr, os0, os1, os2, ki_ptr, kis0, kis1, kc_ptr,
+                        kcs0, kcs1, n_slots, n_scale_slots, page, S, T, H, D, scale, SCALE_AFTER_RELU,
+                        HAS_ENDS or HAS_STARTS, HAS_KSCALE, FP8, GATHER, ZERO_NEGATIVE, Q_TO_FP32, SPLIT3,
+                        SPLIT_IEEE, UNDEFINED_OUTSIDE, IEEE, UPCAST, BLOCK_S, BLOCK_T, BLOCK_D, HEADS, BLOCK_H)
 
 
 HEADS_MAX_S = 8  # at most this many query rows per batch: the heads layout (decode, MTP); see _default_config
@@ -453,15 +578,29 @@ def _default_config(q, t, fp32_dot=False, split3=False, heads=False):
     return 64, 256 if t >= 256 else 128, 8, 3
 
 
+def q_row_min(q):
+    """fp32 ``[B, S]``: each q row's smallest nonzero ``|q|`` over heads and dims, 0 for a row holding an inf
+    (``_q_stats_kernel``; the split's check of q)."""
+    b, s, h, d = q.shape
+    qmin = torch.empty(b, s, dtype=torch.float32, device=q.device)
+    _q_stats_kernel[(s, b)](q, *q.stride(), qmin, *qmin.stride(), s, h, d, FP8=q.dtype == torch.float8_e4m3fn,
+                            BLOCK=min(2048, triton.next_power_of_2(h * d)), num_warps=4)
+    return qmin
+
+
 def index_score_triton(q, k, weights, scale=1.0, scale_after_relu=False, row_ends=None, row_starts=None,
                        short_k=-1, outside_undefined=False, k_scale=None, k_slots=None, k_cache_scale=None,
                        k_block_size=0, k_zero_negative=False,
-                       block_s=None, block_t=None, num_warps=None, num_stages=None, split3=None, layout=None):
+                       block_s=None, block_t=None, num_warps=None, num_stages=None, split3=None, layout=None,
+                       fixup=True):
     """Run the Triton kernel (the op's CUDA path).  The block sizes and launch options override
     ``_default_config`` (tests shrink them, tuning sweeps them); ``split3`` (default: where it applies) picks
     the three-bf16-dot form of fp32-key dots for bf16 / e4m3 ``q`` (False: one fp32 FMA dot); ``layout``
     ``"rows"`` or ``"heads"`` forces the kernel's tile layout (default: heads for at most ``HEADS_MAX_S``
-    query rows, see ``_index_score_kernel``)."""
+    query rows, see ``_index_score_kernel``; there ``block_s`` query rows are capped so a program holds at most
+    64 (query row, head) pairs, as ``_default_config`` sizes them: a 32-row override with 16 fp32 heads needed
+    279040 bytes of shared memory on an H200, over its 232448); ``fixup=False`` leaves out the split's fix-up launch (only to show
+    what it fixes: the result may then differ from eager, see ``_split_exact``)."""
     if triton is None:
         raise RuntimeError("index_score: triton is not installed")
     _check_args(q, k, weights, scale, row_ends, row_starts, short_k, outside_undefined, k_scale, k_slots,
@@ -482,8 +621,9 @@ def index_score_triton(q, k, weights, scale=1.0, scale_after_relu=False, row_end
     heads = _use_heads(s, h, layout)
     ds, dt, dw, dst = _default_config(q, t, fp32_dot=q_to_fp32 and not split3, split3=split3, heads=heads)
     block_s, block_t = block_s or ds, block_t or dt
-    if heads:  # tl.dot needs at least 16 rows: BLOCK_S x BLOCK_H (query row, head) pairs
-        block_s = max(block_s, triton.cdiv(16, triton.next_power_of_2(h)))
+    if heads:  # BLOCK_S x BLOCK_H (query row, head) pairs: at most 64 (or the heads alone), at least 16 (tl.dot)
+        bh = triton.next_power_of_2(h)
+        block_s = max(min(block_s, max(1, 64 // bh)), triton.cdiv(16, bh))
     if gather:  # the cache as uint8 [P, B, D] (B = 1 for a [P, D] cache), its scales [P, B]
         page = k_block_size if k.dim() == 3 else 1
         n_slots = k.shape[0] * page
@@ -506,20 +646,35 @@ def index_score_triton(q, k, weights, scale=1.0, scale_after_relu=False, row_end
     fp8 = q.dtype == torch.float8_e4m3fn
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     upcast = q.dtype in (torch.bfloat16, torch.float8_e4m3fn) and interpret
-    grid = (triton.cdiv(s, block_s) * triton.cdiv(t, block_t), b)
+    n_s, n_t = triton.cdiv(s, block_s), triton.cdiv(t, block_t)
+    grid = (n_s * n_t, b)
+    block_d = max(32 if fp8 else 16, triton.next_power_of_2(d))  # FP8 tl.dot: K >= 32
+    block_h = triton.next_power_of_2(h) if heads else 1
+    if split3:  # the split's flags: per tile of keys, and q's rows (see _split_exact)
+        kf = torch.empty(b, n_s, n_t, dtype=torch.float32, device=q.device)
+        qmin = q_row_min(q)
+        flag_args = (kf, *kf.stride(), qmin, *qmin.stride())
+    else:
+        flag_args = (out, 0, 0, 0, out, 0, 0)
+    args = (q, *q.stride(), k, *k_strides, weights, *weights.stride(), e, e.stride(0), e.stride(1),
+            st, st.stride(0), st.stride(1), ksc, ksc.stride(0), ksc.stride(1), out, *out.stride(), *gather_args,
+            *flag_args, s, t, h, d, float(scale), short_k if outside_undefined else -1)
+    consts = dict(SCALE_AFTER_RELU=bool(scale_after_relu), HAS_ENDS=row_ends is not None,
+                  HAS_STARTS=row_starts is not None, HAS_KSCALE=k_scale is not None, FP8=fp8, GATHER=gather,
+                  ZERO_NEGATIVE=bool(k_zero_negative), UNDEFINED_OUTSIDE=bool(outside_undefined),
+                  BLOCK_S=block_s, BLOCK_T=block_t, BLOCK_D=block_d, HEADS=heads, BLOCK_H=block_h)
     _index_score_kernel[grid](
-        q, *q.stride(), k, *k_strides, weights, *weights.stride(), e, e.stride(0), e.stride(1),
-        st, st.stride(0), st.stride(1), ksc, ksc.stride(0), ksc.stride(1), out, *out.stride(), *gather_args,
-        s, t, h, d, float(scale),
-        short_k if outside_undefined else -1,
-        SCALE_AFTER_RELU=bool(scale_after_relu), HAS_ENDS=row_ends is not None, HAS_STARTS=row_starts is not None,
-        HAS_KSCALE=k_scale is not None, FP8=fp8, GATHER=gather, ZERO_NEGATIVE=bool(k_zero_negative),
-        Q_TO_FP32=q_to_fp32, SPLIT3=split3, SPLIT_IEEE=interpret,
-        UNDEFINED_OUTSIDE=bool(outside_undefined), IEEE=q.dtype == torch.float32 or upcast or q_to_fp32,
-        UPCAST=upcast and not q_to_fp32,
-        BLOCK_S=block_s, BLOCK_T=block_t, BLOCK_D=max(32 if fp8 else 16, triton.next_power_of_2(d)),  # FP8 tl.dot: K >= 32
-        HEADS=heads, BLOCK_H=triton.next_power_of_2(h) if heads else 1,
+        *args, **consts, Q_TO_FP32=q_to_fp32, SPLIT3=split3, SPLIT_IEEE=interpret,
+        IEEE=q.dtype == torch.float32 or upcast or q_to_fp32, UPCAST=upcast and not q_to_fp32,
         num_warps=num_warps or dw, num_stages=num_stages or dst)
+    if split3 and fixup:  # the tiles where the split is not exact, again with the fp32 FMA dot
+        fs, ft, fw, fst = _default_config(q, t, fp32_dot=True, heads=heads)
+        # rows: a fine grid, so flagged tiles spread over the GPU; heads (decode: many key tiles, rarely
+        # flagged): FIX_G key tiles a program, so the launch that fixes nothing is short
+        fs, ft = (block_s, min(ft, block_t)) if heads else (min(fs, block_s), min(ft, block_t))
+        fg = 16 if heads else 2
+        _index_score_fixup_kernel[(triton.cdiv(s, fs) * triton.cdiv(triton.cdiv(t, ft), fg), b)](
+            *args, **consts, FIX_S=fs, FIX_T=ft, FIX_G=fg, num_warps=fw, num_stages=fst)
     return out
 
 
