@@ -2,6 +2,7 @@
 
     python bench/tune_index_score.py [--s 4096] [--t 4096]
     python bench/tune_index_score.py --decode 64 --t 16384    # B requests of one query row: the heads layout
+    python bench/tune_index_score.py --fixup                  # the cost of the three-dot split's fix-up launch
 
 Decode mode sweeps the heads layout (bf16 keys, and FP8 cache keys gathered by slot) against the rows layout,
 and prints the achieved bandwidth of the key stream.
@@ -23,8 +24,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 import triton.testing  # noqa: E402
 
-from dsa_inductor.lowerings.index_score import (index_score_reference, index_score_triton,  # noqa: E402
-                                                score_mismatch, tolerance)
+from dsa_inductor.lowerings.index_score import (gathered_k, index_score_reference, index_score_triton,  # noqa: E402
+                                                q_row_min, score_mismatch, tolerance)
 
 
 def main() -> None:
@@ -34,7 +35,10 @@ def main() -> None:
     ap.add_argument("--h", type=int, default=64)
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--decode", type=int, default=0, help="B requests of --s (default 1) query rows each")
+    ap.add_argument("--fixup", action="store_true", help="time the split's fix-up launch (FP8-cache keys)")
     a = ap.parse_args()
+    if a.fixup:
+        return fixup()
     if a.decode:
         return decode(a)
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -109,6 +113,40 @@ def decode(a) -> None:
                 best = (us, bt, warps, stages)
         dflt = triton.testing.do_bench(lambda: index_score_triton(*args, **kw), return_mode="median") * 1e3
         print(f"{name}: default {dflt:.1f} us; best heads {best[0]:.1f} us with (block_t, warps, stages) = {best[1:]}")
+
+
+def fixup() -> None:
+    """FP8-cache keys against bf16 q (the three-bf16-dot split): the kernel without the fix-up launch, with it
+    on ordinary inputs (it reads q once and each tile's flag, and recomputes nothing), and with inputs that
+    make it recompute: an inf in one q row (one row tile's tiles), and keys below 2**-102 in one key tile."""
+    from dsa_inductor.lowerings.gather_dequant import quantize_e4m3
+
+    print(f"split fix-up on {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    h, d = 64, 128
+    for name, b, s, t, n in (("prefill", 1, 1024, 4096, 16384), ("decode", 64, 1, 16384, 64 * 16384)):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q = torch.randn(b, s, h, d, device="cuda", generator=g).bfloat16()
+        w = torch.randn(b, s, h, device="cuda", generator=g) * h ** -0.5
+        cache, scale = quantize_e4m3(torch.randn(n, d, device="cuda", generator=g))
+        slots = torch.randperm(n, device="cuda", generator=g)[:b * t].view(b, t)
+        q_inf = q.clone()
+        q_inf[0, 0, 3, 7] = float("inf")
+        tiny = scale.clone()
+        tiny[slots[0, :128].long()] *= 2.0 ** -120  # one key tile of batch 0
+        for what, qq, sc, fix in (("no fix-up", q, scale, False), ("fix-up, nothing to fix", q, scale, True),
+                                  ("fix-up, inf in a q row", q_inf, scale, True),
+                                  ("fix-up, one tile of tiny keys", q, tiny, True)):
+            fn = lambda: index_score_triton(qq, cache, w, 0.088, False, k_slots=slots,  # noqa: E731
+                                            k_cache_scale=sc, k_zero_negative=True, fixup=fix)
+            out = fn()
+            ref = index_score_reference(qq[:1, :64], cache, w[:1, :64], 0.088, False, k_slots=slots[:1],
+                                        k_cache_scale=sc, k_zero_negative=True)
+            keys = gathered_k(cache, slots[:1], sc, 0, True)
+            why = score_mismatch(out[:1, :64], ref, tolerance(qq[:1, :64], keys, w[:1, :64], 0.088))
+            us = triton.testing.do_bench(fn, warmup=20, rep=100, return_mode="median") * 1e3
+            print(f"{name} B={b} S={s} T={t}: {what:32s} {us:8.1f} us  {why or 'equals eager'}", flush=True)
+        us = triton.testing.do_bench(lambda: q_row_min(q), warmup=20, rep=100, return_mode="median") * 1e3
+        print(f"{name} B={b} S={s} T={t}: {'of which the q check':32s} {us:8.1f} us", flush=True)
 
 
 if __name__ == "__main__":

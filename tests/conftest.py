@@ -24,9 +24,10 @@ settings.register_profile("ci", deadline=None, derandomize=True,
 settings.register_profile("gpu", deadline=None, max_examples=300, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-if os.environ.get("DSA_SANITIZER") == "1":
+if os.environ.get("DSA_SANITIZER") == "1" or os.environ.get("DSA_NO_SHRINK") == "1":
     # Under compute-sanitizer every launch is slow, and a failure found while generating used to be shrunk until
     # the run's time limit killed it, before anything was printed (session 11): report the first one as found.
+    # DSA_NO_SHRINK=1 does the same anywhere (a device run with a time limit).
     settings.register_profile("sanitizer", settings(settings.default, phases=[Phase.explicit, Phase.reuse,
                                                                               Phase.generate]))
     settings.load_profile("sanitizer")
