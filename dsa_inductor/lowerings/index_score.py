@@ -56,7 +56,8 @@ a q row meets a zero ``mid`` / ``lo`` part as ``inf * 0 = NaN`` where eager's ``
 ``2**-102``, or ``|q| * |k|`` below it, put a part or a part's product among the subnormals) a fix-up
 launch recomputes the tile with the fp32 FMA dot: the main kernel stores each tile's smallest nonzero key
 magnitude, ``_q_stats_kernel`` each q row's smallest nonzero magnitude (0 for a row with an inf), and the
-fix-up launch (the same grid) rescores only the flagged tiles.  The hot loop has no branch, and nothing waits
+fix-up launch (``_index_score_fixup_kernel``, on a grid of its own: fine tiles in the rows layout, groups of key
+tiles in the heads layout) rescores only the flagged tiles.  The hot loop has no branch, and nothing waits
 on the host (CUDA-graph safe).  The ``index_score`` rule's follow-up ``read_fp8_cache`` folds a
 ``gather_dequant`` that feeds a score into this form.
 
