@@ -11,14 +11,16 @@ Two further rewrites make equivalent spellings of one broadcast look alike.  Bot
 graph exactly as it was:
 
 * ``unsqueeze(x, d)`` with ``d < 0`` becomes ``unsqueeze(x, d + x.dim() + 1)``;
-* a leading ``unsqueeze(x, 0)`` feeding a broadcasting comparison or logical op is dropped when the other
-  operand has at least as many dims, so ``arange(N)[None, :] >= row_starts[:, None]`` and
+* a leading ``unsqueeze(x, 0)``, or a reshape of a 1-d ``x`` to ``[1, ..., 1, n]``, feeding a broadcasting
+  comparison or logical op is dropped when the other operand has at least as many dims, so
+  ``arange(N)[None, :] >= row_starts[:, None]``, ``arange(N).view(1, 1, -1) >= row_starts[..., None]`` and
   ``arange(N) >= row_starts[:, None]`` become one graph.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch._inductor.fx_passes.joint_graph import constant_fold_uniform_value
 from torch._inductor.fx_passes.post_grad import view_to_reshape
 from torch._inductor.pattern_matcher import fwd_only
@@ -36,6 +38,20 @@ def _rank(node):
     return val.dim() if isinstance(val, torch.Tensor) else None
 
 
+def _leading_ones(node) -> bool:
+    """``node`` only puts size-1 dims in front of its input: ``unsqueeze(x, 0)``, or a reshape of a 1-d ``x``
+    to ``[1, ..., 1, n]`` (``torch.arange(T).view(1, 1, -1)``, DeepSeek-V4's indexer)."""
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function":
+        return False
+    if node.target is aten.unsqueeze.default:
+        return node.args[1] == 0
+    if node.target is aten.reshape.default and _rank(node.args[0]) == 1:
+        val, src = node.meta.get("val"), node.args[0].meta.get("val")
+        return val is not None and all(statically_known_true(d == 1) for d in val.shape[:-1]) and \
+            statically_known_true(val.shape[-1] == src.shape[0])
+    return False
+
+
 def canonicalize_broadcasts(graph: torch.fx.Graph) -> int:
     """Apply the two broadcast rewrites in place; returns how many nodes changed."""
     changed = 0
@@ -51,8 +67,8 @@ def canonicalize_broadcasts(graph: torch.fx.Graph) -> int:
             args = list(node.args)
             for i in (0, 1):
                 a, other = args[i], args[1 - i]
-                if (isinstance(a, torch.fx.Node) and a.target is aten.unsqueeze.default and a.args[1] == 0
-                        and _rank(a) is not None and _rank(other) is not None and _rank(other) >= _rank(a)):
+                if (_leading_ones(a) and _rank(a) is not None and _rank(other) is not None
+                        and _rank(other) >= _rank(a)):
                     args[i] = a.args[0]
                     changed += 1
             node.args = tuple(args)
@@ -114,6 +130,42 @@ def bmm_to_mm(graph: torch.fx.Graph, made: list) -> None:
         out.meta.update(bmm.meta)
         bmm.replace_all_uses_with(out)
         graph.erase_node(bmm)
+
+
+def drop_bmm_operand_clones(graph: torch.fx.Graph, bmms) -> list:
+    """``reshape(clone(x))`` -> ``reshape(x)`` for the operands of ``bmms``.
+
+    ``torch.matmul`` of a 4-d by a broadcast 4-d tensor decomposes to ``expand`` -> ``reshape`` -> ``bmm``, and
+    ``einsum`` to ``unsqueeze`` / ``permute`` -> ``reshape`` -> ``bmm``.  When the operand is not contiguous
+    (DeepSeek-V4's indexer transposes q from ``[B, H, S, D]`` to ``[B, S, H, D]``), the decomposition puts a
+    ``clone(memory_format=contiguous_format)`` before the reshape; a pattern traced on contiguous inputs has
+    none.  ``reshape`` copies when it must, so values are unchanged.  Returns what
+    ``restore_bmm_operand_clones`` needs to put back the clones no rule consumed."""
+    dropped = []
+    for bmm in bmms:
+        for rs in bmm.args[:2]:
+            if not (isinstance(rs, torch.fx.Node) and rs.target is aten.reshape.default):
+                continue
+            clone = rs.args[0]
+            if not (isinstance(clone, torch.fx.Node) and clone.target is aten.clone.default
+                    and len(clone.users) == 1 and clone.kwargs.get("memory_format") in (None, torch.contiguous_format)
+                    and isinstance(clone.args[0], torch.fx.Node)):
+                continue
+            rs.replace_input_with(clone, clone.args[0])
+            dropped.append((rs, clone.args[0], dict(clone.kwargs), dict(clone.meta)))
+            graph.erase_node(clone)
+    return dropped
+
+
+def restore_bmm_operand_clones(graph: torch.fx.Graph, dropped: list) -> None:
+    """Put back the clones ``drop_bmm_operand_clones`` removed, where their reshape is still in the graph."""
+    for rs, src, kwargs, meta in dropped:
+        if rs._erased or rs.args[0] is not src:
+            continue
+        with graph.inserting_before(rs):
+            clone = graph.call_function(aten.clone.default, (src,), kwargs)
+        clone.meta.update(meta)
+        rs.replace_input_with(src, clone)
 
 
 def trace_fn(fn, args, **kwargs):

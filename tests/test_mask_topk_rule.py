@@ -56,13 +56,25 @@ def transformers_additive(index_scores, attention_mask):
     return index_scores.topk(topk, dim=-1).indices.to(torch.int32)
 
 
+def v4_causal_drop(logits, row_starts, row_ends):
+    # DeepSeek-V4's indexer (transformers DeepseekV4Indexer): the dropped positions, arange viewed [1, N]
+    future = torch.arange(logits.shape[-1], device=logits.device).view(1, -1) >= row_ends.unsqueeze(-1)
+    return logits.masked_fill(future, NEG_INF).topk(min(K, logits.shape[-1]), dim=-1).indices
+
+
+def range_drop_values(logits, row_starts, row_ends):
+    pos = torch.arange(logits.shape[-1], device=logits.device)
+    drop = (pos < row_starts[:, None]) | (pos >= row_ends[:, None])
+    return torch.topk(logits.masked_fill(drop, NEG_INF), min(K, logits.shape[-1]))
+
+
 def _masked(fn, args):
     """The tensor eager runs topk on, for the equivalence check."""
-    if fn in (range_masked_fill, range_where_unsorted, causal_int32):
+    if fn in (range_masked_fill, range_where_unsorted, causal_int32, v4_causal_drop, range_drop_values):
         logits, s, e = args
         pos = torch.arange(logits.shape[-1], device=logits.device)
         keep = pos < e[:, None]
-        if fn is not causal_int32:
+        if fn not in (causal_int32, v4_causal_drop):
             keep = keep & (pos >= s[:, None])
         return logits.masked_fill(~keep, NEG_INF)
     if fn is transformers_bool_mask:
@@ -76,6 +88,8 @@ CASES = {  # fn -> (expected variant prefix, sorted?, values?, inputs kind)
     range_masked_fill: ("range:sorted:values_indices", True, True, "range"),
     range_where_unsorted: ("range_where:unsorted:indices", False, False, "range"),
     causal_int32: ("causal:sorted:indices_int32", True, False, "range"),
+    v4_causal_drop: ("causal_drop:sorted:indices", True, False, "range"),
+    range_drop_values: ("range_drop:sorted:values_indices", True, True, "range"),
     transformers_bool_mask: ("keep_mask:sorted:indices_int32", True, False, "mask3d"),
     drop_mask_values: ("drop_mask:sorted:values", True, True, "mask"),
     transformers_additive: ("additive:sorted:indices_int32", True, False, "additive"),
@@ -197,8 +211,19 @@ def nm_masked_after_topk(logits, s, e):
     return v.masked_fill(i >= e[:, None], NEG_INF)
 
 
+def nm_drop_gt_bound(logits, s, e):
+    drop = torch.arange(logits.shape[-1]) > e[:, None]  # the drop forms take `>=`: this keeps position e too
+    return logits.masked_fill(drop, NEG_INF).topk(4).indices
+
+
+def nm_drop_and(logits, s, e):
+    pos = torch.arange(logits.shape[-1])
+    drop = (pos < s[:, None]) & (pos >= e[:, None])  # `&`: drops nothing of a non-empty range
+    return logits.masked_fill(drop, NEG_INF).topk(4).indices
+
+
 NEAR_MISSES = [nm_largest_false, nm_other_dim, nm_le_bound, nm_offset_arange, nm_reused_masked_logits,
-               nm_unmasked, nm_masked_after_topk]
+               nm_unmasked, nm_masked_after_topk, nm_drop_gt_bound, nm_drop_and]
 
 
 @pytest.mark.parametrize("fn", NEAR_MISSES, ids=lambda f: f.__name__)
@@ -229,7 +254,38 @@ def scatter_but_order_returned(index_scores, attention_mask):
     return torch.ones_like(attention_mask).scatter(-1, topk, False), topk  # order observable
 
 
-@pytest.mark.parametrize("fn,relaxed", [(scatter_selection, True), (scatter_but_order_returned, False)])
+def v4_block_bias(index_scores, attention_mask):
+    # DeepSeek-V4's CSA compressor: picks past each row's end become -1, then T, then a 0 / -inf block bias
+    b, s, t = index_scores.shape
+    ends = attention_mask.sum(-1)  # [B, S] per-row ends
+    future = torch.arange(t).view(1, 1, -1) >= ends.unsqueeze(-1)
+    idx = index_scores.masked_fill(future, NEG_INF).topk(min(K, t)).indices
+    idx = torch.where(idx >= ends.unsqueeze(-1), torch.full_like(idx, -1), idx)
+    safe = torch.where(idx >= 0, idx, torch.full_like(idx, t))
+    bias = index_scores.new_full((b, 1, s, t + 1), NEG_INF)
+    bias.scatter_(-1, safe.unsqueeze(1), 0.0)
+    return bias[..., :t]
+
+
+def v4_but_order_returned(index_scores, attention_mask):
+    ends = attention_mask.sum(-1)
+    future = torch.arange(index_scores.shape[-1]).view(1, 1, -1) >= ends.unsqueeze(-1)
+    idx = index_scores.masked_fill(future, NEG_INF).topk(min(K, index_scores.shape[-1])).indices
+    return torch.where(idx >= ends.unsqueeze(-1), torch.full_like(idx, -1), idx)  # order observable
+
+
+def v4_but_broadcast_along_k(index_scores, attention_mask):
+    # the picks compared with a per-position tensor: position j's result depends on j, order observable
+    ends = attention_mask.sum(-1)
+    future = torch.arange(index_scores.shape[-1]).view(1, 1, -1) >= ends.unsqueeze(-1)
+    idx = index_scores.masked_fill(future, NEG_INF).topk(min(K, index_scores.shape[-1])).indices
+    idx = torch.where(idx >= torch.arange(idx.shape[-1]), idx, torch.full_like(idx, 0))
+    return index_scores.new_zeros(index_scores.shape).scatter(-1, idx, 1.0)
+
+
+@pytest.mark.parametrize("fn,relaxed", [(scatter_selection, True), (scatter_but_order_returned, False),
+                                        (v4_block_bias, True), (v4_but_order_returned, False),
+                                        (v4_but_broadcast_along_k, False)])
 def test_sorted_relaxed_only_when_order_unobservable(fresh, fn, relaxed):
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 6, 30, generator=g)
@@ -238,7 +294,7 @@ def test_sorted_relaxed_only_when_order_unobservable(fresh, fn, relaxed):
     with torch.no_grad():
         out, ref = torch.compile(fn)(x, m), fn(x, m)
     torch.testing.assert_close(out, ref)
-    assert any(v.startswith("keep_mask:sorted") for v in matches())
+    assert any(v.startswith(("keep_mask:sorted", "causal_drop:sorted")) for v in matches()), matches()
     from dsa_inductor.report import _STATS
 
     assert bool(_STATS["mask_topk"].notes) == relaxed, _STATS["mask_topk"].notes

@@ -40,8 +40,8 @@ from test_gather_dequant_rule import (nm_bf16_arithmetic, nm_e5m2, nm_not_gather
                                       nm_scale_along_tokens, nm_scale_bytes_unaligned, nm_scale_other_index)
 from test_index_score_rule import (nm_bf16_scores, nm_broadcast_weights, nm_gelu, nm_per_head_scale,
                                    nm_scores_reused, nm_sum_over_rows)
-from test_mask_topk_rule import (nm_largest_false, nm_le_bound, nm_masked_after_topk, nm_other_dim,
-                                 nm_reused_masked_logits, nm_unmasked)
+from test_mask_topk_rule import (nm_drop_and, nm_drop_gt_bound, nm_largest_false, nm_le_bound, nm_masked_after_topk,
+                                 nm_other_dim, nm_reused_masked_logits, nm_unmasked)
 from test_mask_topk_rule import nm_offset_arange as mt_nm_offset_arange
 import test_windowed_attention_rule as wa
 from test_windowed_softmax_rule import nm_finite_fill, nm_log_softmax, nm_materialized_mask
@@ -399,6 +399,10 @@ CORPUS = [
     NearMiss("mt_masked_logits_reused", nm_reused_masked_logits, rows, "mask_topk",
              "the masked logits also feed a softmax: the op never materializes them"),
     NearMiss("mt_unmasked", nm_unmasked, rows, "mask_topk", "plain topk: nothing is masked"),
+    NearMiss("mt_drop_gt_bound", nm_drop_gt_bound, rows, "mask_topk",
+             "masked_fill(arange > row_ends) keeps position row_ends too; the drop forms take >="),
+    NearMiss("mt_drop_and", nm_drop_and, rows, "mask_topk",
+             "(arange < row_starts) & (arange >= row_ends) drops nothing of a non-empty range; the drop form is |"),
     NearMiss("mt_masked_after_topk", nm_masked_after_topk, rows, "mask_topk",
              "the mask is applied to topk's values after the selection, not before"),
     NearMiss("mt_fill_per_row_tensor", mt_fill_per_row_tensor, masked, "mask_topk",

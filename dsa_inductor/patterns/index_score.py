@@ -40,7 +40,7 @@ import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .. import testing
-from ..canonicalize import trace_joint
+from ..canonicalize import drop_bmm_operand_clones, restore_bmm_operand_clones, trace_joint
 from ..lowerings import index_score as _op_module  # noqa: F401  (defines the op)
 from ..report import stats_for
 from .common import Rule, Variant, sym_size, tensor_meta
@@ -100,6 +100,15 @@ def _activated(form: Form, x, scale):
     return y * scale if form.scale == "post" else y
 
 
+def _trace(fn, args, **kwargs):
+    """``trace_joint`` without the bmm operands' contiguity clones, as ``IndexScoreRule.apply`` drops them
+    from the graph (the exact re-trace on a transposed q has them)."""
+    gm = trace_joint(fn, args, **kwargs)
+    if drop_bmm_operand_clones(gm.graph, [n for n in gm.graph.nodes if n.target is aten.bmm.default]):
+        gm.recompile()
+    return gm
+
+
 def _make_variant(form: Form) -> Variant:
     has_scale = form.scale != "none"
     argnames = ("q", "k", "weights") + (("scale",) if has_scale else ())
@@ -130,7 +139,7 @@ def _make_variant(form: Form) -> Variant:
         return testing.score_mismatch(actual[0], expected[0], testing.index_score_tolerance(q, k, w, scale))
 
     return Variant(form.name, argnames, search, replace, example_inputs, workaround, compare=compare,
-                   check=lambda m: _check(form, m), trace=trace_joint)
+                   check=lambda m: _check(form, m), trace=_trace)
 
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -190,15 +199,20 @@ def _check(form: Form, match) -> Optional[str]:
     return None
 
 
-def _from_bmm(node, depth=0) -> bool:
+def _bmm_of(node, depth=0) -> Optional[torch.fx.Node]:
+    """The ``bmm`` that ``node`` is a reshape / permute / scaling / cast of, or None."""
     if not isinstance(node, torch.fx.Node) or depth > 6:
-        return False
+        return None
     if node.target is aten.bmm.default:
-        return True
+        return node
     if node.target in (aten.reshape.default, aten.permute.default, aten.mul.Tensor, aten.div.Tensor,
                        prims.convert_element_type.default):
-        return _from_bmm(node.args[0], depth + 1)
-    return False
+        return _bmm_of(node.args[0], depth + 1)
+    return None
+
+
+def _from_bmm(node) -> bool:
+    return _bmm_of(node) is not None
 
 
 prims = torch.ops.prims
@@ -409,9 +423,14 @@ class IndexScoreRule(Rule):
                 and isinstance(_val(n), torch.Tensor) and _val(n).dim() == 4 and _from_bmm(n.args[0])]
 
     def apply(self, graph: torch.fx.Graph) -> int:
-        if self.candidates(graph):
+        relus = self.candidates(graph)
+        if relus:
             _normalize_dims(graph)
-        matched = super().apply(graph)
+        clones = drop_bmm_operand_clones(graph, {_bmm_of(r.args[0]) for r in relus})
+        try:
+            matched = super().apply(graph)
+        finally:
+            restore_bmm_operand_clones(graph, clones)
         if matched:
             from .mask_topk import bound_index_scores  # the chain: score -> range top-k
 

@@ -10,7 +10,10 @@ The idiom is the DSA indexer's token selection (DeepSeek-V3.2-Exp, arXiv 2512.02
 
 Search variants are the product of
 
-* a mask form: ``range`` (both bounds), ``causal`` (``row_ends`` only), ``keep_mask`` (``~mask``),
+* a mask form: ``range`` (both bounds), ``causal`` (``row_ends`` only), each as the kept positions
+  (``~keep``) or the dropped ones (``range_drop``: ``(pos < row_starts) | (pos >= row_ends)``, ``causal_drop``:
+  ``pos >= row_ends``, DeepSeek-V4's indexer with ``row_ends = (position_ids + 1) // compress_rate``);
+  ``keep_mask`` (``~mask``),
   ``drop_mask`` (``mask`` marks dropped positions), each as ``masked_fill`` and, for keep forms, as
   ``torch.where(keep, logits, fill)``; and ``additive`` (``logits + bias``);
 * the topk call: ``sorted=True`` (defaults) or ``sorted=False``;
@@ -69,6 +72,15 @@ def _causal_keep(logits, row_ends, n):
     return _pos(logits, n) < row_ends.unsqueeze(-1)
 
 
+def _range_drop(logits, row_starts, row_ends, n):
+    pos = _pos(logits, n)
+    return (pos < row_starts.unsqueeze(-1)) | (pos >= row_ends.unsqueeze(-1))
+
+
+def _causal_drop(logits, row_ends, n):
+    return _pos(logits, n) >= row_ends.unsqueeze(-1)
+
+
 MASK_FORMS = (
     MaskForm("range", ("row_starts", "row_ends"),
              lambda x, s, e, n, fill: x.masked_fill(~_range_keep(x, s, e, n), fill),
@@ -81,6 +93,12 @@ MASK_FORMS = (
              lambda e: dict(row_ends=e), has_n=True),
     MaskForm("causal_where", ("row_ends",),
              lambda x, e, n, fill: torch.where(_causal_keep(x, e, n), x, fill),
+             lambda e: dict(row_ends=e), has_n=True),
+    MaskForm("range_drop", ("row_starts", "row_ends"),
+             lambda x, s, e, n, fill: x.masked_fill(_range_drop(x, s, e, n), fill),
+             lambda s, e: dict(row_starts=s, row_ends=e), has_n=True),
+    MaskForm("causal_drop", ("row_ends",),
+             lambda x, e, n, fill: x.masked_fill(_causal_drop(x, e, n), fill),
              lambda e: dict(row_ends=e), has_n=True),
     MaskForm("keep_mask", ("mask",),
              lambda x, m, fill: x.masked_fill(~m, fill),
@@ -247,28 +265,68 @@ def _check(match) -> Optional[str]:
 
 _INDEX_CASTS = (torch.int32, torch.int64)  # indices < 2**31 survive these casts unchanged
 
+_POSITIONWISE = {  # elementwise ops: out[..., j] depends on the inputs' [..., j] only
+    aten.ge.Tensor, aten.gt.Tensor, aten.le.Tensor, aten.lt.Tensor, aten.eq.Tensor, aten.ne.Tensor,
+    aten.ge.Scalar, aten.gt.Scalar, aten.le.Scalar, aten.lt.Scalar, aten.eq.Scalar, aten.ne.Scalar,
+    aten.where.self, aten.add.Tensor, aten.sub.Tensor, aten.bitwise_not.default, aten.logical_not.default,
+    aten.bitwise_and.Tensor, aten.bitwise_or.Tensor, aten.logical_and.default, aten.logical_or.default,
+    torch.ops.prims.convert_element_type.default,
+}
+
+
+def _same_along_last(arg, last: int) -> bool:
+    """``arg`` is the same at every position of the last dim (of a result with ``last`` dims): a number,
+    a tensor of size 1 there (or of fewer dims), or a constant ``full``."""
+    if not isinstance(arg, torch.fx.Node):
+        return True
+    val = arg.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return False
+    if arg.target is aten.full.default or val.dim() == 0:
+        return True
+    return val.dim() <= last and statically_known_true(val.shape[-1] == 1)
+
 
 def _order_unobservable(node: torch.fx.Node) -> bool:
     """Do all uses of ``node`` (top-k indices) ignore their order along the last dim?
 
-    True when every path goes through index-preserving casts into ``scatter(x, -1, indices, value)`` with
-    a scalar value: writing one value at a set of distinct positions does not depend on their order.
-    This is how transformers' ``DeepseekV32Attention`` turns the indexer's selection into a mask.
+    True when every path from ``node`` runs through position-wise ops (casts, comparisons, ``where``,
+    add / sub, logic), whose other operands are the same at every position of the last dim (numbers, tensors
+    of size 1 there, constant ``full``s) or position-wise functions of ``node`` themselves, or ``unsqueeze``
+    of another dim, into ``scatter(x, -1, indices, value)`` with a scalar value: writing one value at a set of
+    positions does not depend on their order.  This is how transformers' ``DeepseekV32Attention`` turns the
+    indexer's selection into a mask, and DeepSeek-V4's CSA compressor its block bias (after
+    ``where(idx >= row_ends, -1, idx)`` and ``where(idx >= 0, idx, T)``).
     """
-    if not node.users:
+    val = node.meta.get("val")
+    if val is None or not node.users:
         return False
-    for user in node.users:
-        if user.target is torch.ops.prims.convert_element_type.default and user.args[1] in _INDEX_CASTS:
-            if not _order_unobservable(user):
+    last = val.dim()
+    derived = {node: last}  # node -> its rank (the k positions are its last dim)
+    pending = set(node.users)
+    for user in node.graph.nodes:  # topological order: a node's derived operands are classified first
+        if user not in pending:
+            continue
+        pending.discard(user)
+        tensors = [a for a in (*user.args, *user.kwargs.values()) if isinstance(a, torch.fx.Node)]
+        mine = [a for a in tensors if a in derived]
+        out = user.meta.get("val")
+        if user.target is aten.scatter.value and user.args[2] in derived and user.args[0] not in derived \
+                and not isinstance(user.args[3], torch.fx.Node):
+            if user.args[1] not in (-1, derived[user.args[2]] - 1):
                 return False
-        elif user.target is aten.scatter.value and user.args[2] is node and not isinstance(user.args[3],
-                                                                                               torch.fx.Node):
-            val = node.meta.get("val")
-            if val is None or user.args[1] not in (-1, val.dim() - 1):
-                return False
-        else:
+            continue
+        if not isinstance(out, torch.Tensor):
             return False
-    return True
+        if user.target is aten.unsqueeze.default and user.args[1] not in (-1, out.dim() - 1) or \
+                user.target in _POSITIONWISE and all(a in derived or _same_along_last(a, out.dim()) for a in tensors):
+            if any(derived[a] != out.dim() for a in mine if user.target is not aten.unsqueeze.default):
+                return False  # a broadcast that moves the k positions off the last dim
+            derived[user] = out.dim()
+            pending.update(user.users)
+            continue
+        return False
+    return not pending
 
 
 def relax_unobservable_order(graph: torch.fx.Graph, stats) -> int:
