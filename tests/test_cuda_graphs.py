@@ -1,6 +1,7 @@
 """Issue 6, bar 4: every compiled example also runs under CUDA graphs (``mode="reduce-overhead"``) and
 matches eager.  The examples are the bench idioms (bench/bench_*.py, at small sizes) and transformers'
-DeepseekV32ForCausalLM; each must also have been rewritten (a fused op inside the graph).  CUDA only.
+DeepseekV32ForCausalLM, GLM-5 and DeepSeek-V4; each must also have been rewritten (a fused op inside the
+graph).  CUDA only.
 """
 
 import importlib.util
@@ -126,6 +127,28 @@ def test_transformers_model(fresh):
             torch.testing.assert_close(compiled(ids).logits, eager, atol=1e-4, rtol=1e-4)
     assert match_count() >= 1
 
+
+
+@pytest.mark.parametrize("name", ["glm5", "deepseek_v4"])
+def test_glm5_deepseek_v4_models(fresh, name):
+    """examples/glm5_deepseek_v4_prefill.py's two models under CUDA graphs.  Their MoE layers run the
+    `batched_mm` experts (transformers' default fp32 path calls ``offs.tolist()``, which no graph captures)."""
+    pytest.importorskip("transformers", minversion="5.23")
+    spec = importlib.util.spec_from_file_location("glm5_deepseek_v4_prefill",
+                                                  _ROOT / "examples" / "glm5_deepseek_v4_prefill.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    try:
+        model, ids = example.build(name)
+    except ImportError as e:
+        pytest.skip(f"transformers has no {name}: {e}")
+    model.set_experts_implementation("batched_mm")
+    with torch.no_grad():
+        eager = model(ids).logits
+        compiled = _graphed(model)
+        for _ in range(4):
+            torch.testing.assert_close(compiled(ids).logits, eager, atol=1e-4, rtol=1e-4)
+    assert match_count() >= 1
 
 def test_serving_fp8_cache_read_loop(fresh):
     """examples/serving_loops.py's per-token FP8 read, lifted: its graph (gather_dequant inside, no
