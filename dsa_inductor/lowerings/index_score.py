@@ -345,6 +345,16 @@ if triton is not None:
         return lo, hi
 
     @triton.jit
+    def _live_span(lo, hi, s_ok, T, short_k, UNDEFINED_OUTSIDE: tl.constexpr):
+        """``(hi_max, lo_min)``: the key span ``[lo_min, hi_max)`` that a tile's rows still need.  Rows whose
+        values matter are real rows and, where positions outside the range are undefined, not short ones
+        (``hi - lo <= short_k``: the top-k takes all of them without scores)."""
+        live = s_ok
+        if UNDEFINED_OUTSIDE:
+            live = live & (hi - lo > short_k)
+        return tl.max(tl.where(live, hi, 0), 0), tl.min(tl.where(live, lo, T.to(tl.int64)), 0)
+
+    @triton.jit
     def _score_tile(
         b, s0, t0, lo, hi, kf_ptrs, q_ptr, qs0, qs1, qs2, qs3, k_ptr, ks0, ks1, ks2, w_ptr, ws0, ws1, ws2,
         ksc_ptr, kscs0, kscs1, o_ptr, os0, os1, os2, ki_ptr, kis0, kis1, kc_ptr, kcs0, kcs1,
@@ -463,11 +473,7 @@ if triton is not None:
         rs = (s1 + tl.arange(0, FIX_S)).to(tl.int64)
         s_ok = rs < S
         lo, hi = _row_bounds(b, rs, s_ok, e_ptr, es0, es1, st_ptr, sts0, sts1, T, HAS_ENDS, HAS_STARTS)
-        live = s_ok
-        if UNDEFINED_OUTSIDE:
-            live = live & (hi - lo > short_k)
-        hi_max = tl.max(tl.where(live, hi, 0), 0)
-        lo_min = tl.min(tl.where(live, lo, T.to(tl.int64)), 0)
+        hi_max, lo_min = _live_span(lo, hi, s_ok, T, short_k, UNDEFINED_OUTSIDE)
         qmin = tl.min(tl.load(qm_ptr + b * qms0 + rs * qms1, mask=s_ok, other=float("inf")), 0)
         kf_row = kf_ptr + b * kfs0 + (s1 // BLOCK_S) * kfs1
         # the group's tiles at once (one load latency for the common case: nothing to fix)
@@ -520,13 +526,10 @@ if triton is not None:
         rs = (s0 + tl.arange(0, BLOCK_S)).to(tl.int64)
         s_ok = rs < S
         lo, hi = _row_bounds(b, rs, s_ok, e_ptr, es0, es1, st_ptr, sts0, sts1, T, HAS_ENDS, HAS_STARTS)
-        # Rows whose values matter here: real rows, and (undefined outside) not short.
-        live = s_ok
-        if UNDEFINED_OUTSIDE:
-            live = live & (hi - lo > short_k)
-        skip = tl.max(tl.where(live, hi, 0), 0) <= t0
+        hi_max, lo_min = _live_span(lo, hi, s_ok, T, short_k, UNDEFINED_OUTSIDE)
+        skip = hi_max <= t0
         if HAS_STARTS:
-            skip = skip | (tl.min(tl.where(live, lo, T.to(tl.int64)), 0) >= t0 + BLOCK_T)
+            skip = skip | (lo_min >= t0 + BLOCK_T)
         kf_ptrs = kf_ptr + b * kfs0 + pid_s * kfs1 + pid_t * kfs2
         if skip:
             if not UNDEFINED_OUTSIDE:
