@@ -106,11 +106,26 @@ def test_index_score(fresh):
     assert match_count() >= 1
 
 
-def test_transformers_model(fresh):
-    pytest.importorskip("transformers", minversion="5.23")
-    spec = importlib.util.spec_from_file_location("deepseek_v32_prefill", _ROOT / "examples" / "deepseek_v32_prefill.py")
+def _example(name):
+    spec = importlib.util.spec_from_file_location(name, _ROOT / "examples" / f"{name}.py")
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
+    return example
+
+
+def _check_graphed_model(model, ids):
+    """A causal LM under CUDA graphs: four calls (warm-up, record, replays), each's logits == eager (fp32)."""
+    with torch.no_grad():
+        eager = model(ids).logits
+        compiled = _graphed(model)
+        for _ in range(4):
+            torch.testing.assert_close(compiled(ids).logits, eager, atol=1e-4, rtol=1e-4)
+    assert match_count() >= 1
+
+
+def test_transformers_model(fresh):
+    pytest.importorskip("transformers", minversion="5.23")
+    example = _example("deepseek_v32_prefill")
     # Every layer dense: transformers' MoE layer (its fp32 grouped-matmul fallback) calls offs.tolist(),
     # which no CUDA graph can capture, with or without dsa_inductor.  The indexer is in every layer.
     cfg = example.small_config(False)
@@ -119,14 +134,7 @@ def test_transformers_model(fresh):
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     model = example.DeepseekV32ForCausalLM(cfg).to(device="cuda", dtype=torch.float32).eval()
-    ids = torch.randint(0, cfg.vocab_size, (2, 96), device="cuda")
-    with torch.no_grad():
-        eager = model(ids).logits
-        compiled = _graphed(model)
-        for _ in range(4):
-            torch.testing.assert_close(compiled(ids).logits, eager, atol=1e-4, rtol=1e-4)
-    assert match_count() >= 1
-
+    _check_graphed_model(model, torch.randint(0, cfg.vocab_size, (2, 96), device="cuda"))
 
 
 @pytest.mark.parametrize("name", ["glm5", "deepseek_v4"])
@@ -134,21 +142,13 @@ def test_glm5_deepseek_v4_models(fresh, name):
     """examples/glm5_deepseek_v4_prefill.py's two models under CUDA graphs.  Their MoE layers run the
     `batched_mm` experts (transformers' default fp32 path calls ``offs.tolist()``, which no graph captures)."""
     pytest.importorskip("transformers", minversion="5.23")
-    spec = importlib.util.spec_from_file_location("glm5_deepseek_v4_prefill",
-                                                  _ROOT / "examples" / "glm5_deepseek_v4_prefill.py")
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
     try:
-        model, ids = example.build(name)
+        model, ids = _example("glm5_deepseek_v4_prefill").build(name)
     except ImportError as e:
         pytest.skip(f"transformers has no {name}: {e}")
     model.set_experts_implementation("batched_mm")
-    with torch.no_grad():
-        eager = model(ids).logits
-        compiled = _graphed(model)
-        for _ in range(4):
-            torch.testing.assert_close(compiled(ids).logits, eager, atol=1e-4, rtol=1e-4)
-    assert match_count() >= 1
+    _check_graphed_model(model, ids)
+
 
 def test_serving_fp8_cache_read_loop(fresh):
     """examples/serving_loops.py's per-token FP8 read, lifted: its graph (gather_dequant inside, no
