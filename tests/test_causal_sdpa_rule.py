@@ -133,7 +133,9 @@ def test_compiled_equals_eager(fresh, fn, dtype):
     check()
     variant = POSITIVE[fn][1]
     assert set(matches("causal_sdpa")) == {variant}, fresh.report()
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2  # static, then dynamic
+    # static (or batch 1), then dynamic; the efficient kernel's meta adds a guard on S % 32 == 0 when the first
+    # dynamic example's S is a multiple of 32 (stock torch.compile compiles the same third graph)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2 + variant.startswith("sdpa_efficient")
 
 
 def _rewritten_graph(fn, args):
