@@ -65,6 +65,17 @@ def fresh():
     torch._dynamo.reset()
 
 
+def load_example(name: str):
+    """``examples/<name>.py`` as a module (the examples are scripts, not a package)."""
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).parents[1] / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def matches(rule="mask_topk"):
     """{variant: count} for a rule since the last reset."""
     from dsa_inductor.report import _STATS

@@ -4,7 +4,6 @@ DeepseekV32ForCausalLM, GLM-5 and DeepSeek-V4; each must also have been rewritte
 graph).  CUDA only.
 """
 
-import importlib.util
 import pathlib
 import sys
 
@@ -22,6 +21,7 @@ import bench_mask_topk as bm  # noqa: E402
 import bench_windowed_softmax as bw  # noqa: E402
 from dsa_inductor.lowerings.gather_dequant import gather_dequant_reference  # noqa: E402
 from dsa_inductor.lowerings.masked_topk import masked_logits, topk_mismatch  # noqa: E402
+from conftest import load_example  # noqa: E402
 from dsa_inductor.report import match_count  # noqa: E402
 
 
@@ -106,13 +106,6 @@ def test_index_score(fresh):
     assert match_count() >= 1
 
 
-def _example(name):
-    spec = importlib.util.spec_from_file_location(name, _ROOT / "examples" / f"{name}.py")
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    return example
-
-
 def _check_graphed_model(model, ids):
     """A causal LM under CUDA graphs: four calls (warm-up, record, replays), each's logits == eager (fp32)."""
     with torch.no_grad():
@@ -125,7 +118,7 @@ def _check_graphed_model(model, ids):
 
 def test_transformers_model(fresh):
     pytest.importorskip("transformers", minversion="5.23")
-    example = _example("deepseek_v32_prefill")
+    example = load_example("deepseek_v32_prefill")
     # Every layer dense: transformers' MoE layer (its fp32 grouped-matmul fallback) calls offs.tolist(),
     # which no CUDA graph can capture, with or without dsa_inductor.  The indexer is in every layer.
     cfg = example.small_config(False)
@@ -143,7 +136,7 @@ def test_glm5_deepseek_v4_models(fresh, name):
     `batched_mm` experts (transformers' default fp32 path calls ``offs.tolist()``, which no graph captures)."""
     pytest.importorskip("transformers", minversion="5.23")
     try:
-        model, ids = _example("glm5_deepseek_v4_prefill").build(name)
+        model, ids = load_example("glm5_deepseek_v4_prefill").build(name)
     except ImportError as e:
         pytest.skip(f"transformers has no {name}: {e}")
     model.set_experts_implementation("batched_mm")

@@ -199,18 +199,24 @@ def test_gpu_batch1_mm_form_matches(fresh, gpu_bmm_to_mm):
     assert "aten.bmm.default" not in seen[0] and "dsa_inductor.index_score.default" in seen[0], seen
 
 
+def _compiled_post_grad_targets(fn, *args):
+    """Compile ``fn`` (dynamic), check it equals eager on ``args``, return each graph's node targets as the
+    post-grad passes left them (after ours)."""
+    seen = []
+    with torch._inductor.config.patch(post_grad_custom_post_pass=lambda g: seen.append(
+            [str(n.target) for n in g.nodes])), torch.no_grad():
+        out = torch.compile(fn, dynamic=True, fullgraph=True)(*args)
+    torch.testing.assert_close(out, fn(*args))
+    return seen
+
+
 def test_gpu_batch1_mm_form_is_restored_when_nothing_matches(fresh, gpu_bmm_to_mm):
     """A batch-1 mm that no rule takes leaves the pass in Inductor's mm form."""
-    seen = []
-
     def plain_bmm(q, k, weights):  # a near miss: gelu, not relu
         return torch.einsum("bsht,bsh->bst", F.gelu(torch.einsum("bshd,btd->bsht", q, k)), weights)
 
-    q, k, w = torch.randn(1, 5, 3, 16), torch.randn(1, 7, 16), torch.randn(1, 5, 3)
-    with torch._inductor.config.patch(post_grad_custom_post_pass=lambda g: seen.append(
-            [str(n.target) for n in g.nodes])), torch.no_grad():
-        out = torch.compile(plain_bmm, dynamic=True, fullgraph=True)(q, k, w)
-    torch.testing.assert_close(out, plain_bmm(q, k, w))
+    seen = _compiled_post_grad_targets(plain_bmm, torch.randn(1, 5, 3, 16), torch.randn(1, 7, 16),
+                                       torch.randn(1, 5, 3))
     assert matches("index_score") == {}
     # q . k (batch 1) stays Inductor's mm; the head reduction (batch B*S) is a bmm either way
     assert seen[0].count("aten.mm.default") == 1 and seen[0].count("aten.bmm.default") == 1, seen
@@ -218,17 +224,12 @@ def test_gpu_batch1_mm_form_is_restored_when_nothing_matches(fresh, gpu_bmm_to_m
 
 def test_contiguity_clone_restored_when_nothing_matches(fresh):
     """The rule drops the contiguity clone of a transposed q before matching; a near miss gets it back."""
-    seen = []
-
     def over_rows_transposed_q(q, k, weights):  # the weighted sum over S (dim 1), not the heads
         q = q.transpose(1, 2).contiguous().transpose(1, 2)
         scores = F.relu(torch.matmul(q, k.transpose(-1, -2).unsqueeze(1)))
         return (scores * weights.unsqueeze(-1)).sum(dim=1)
 
-    q, k, w = torch.randn(2, 5, 3, 16), torch.randn(2, 7, 16), torch.randn(2, 5, 3)
-    with torch._inductor.config.patch(post_grad_custom_post_pass=lambda g: seen.append(
-            [str(n.target) for n in g.nodes])), torch.no_grad():
-        out = torch.compile(over_rows_transposed_q, dynamic=True, fullgraph=True)(q, k, w)
-    torch.testing.assert_close(out, over_rows_transposed_q(q, k, w))
+    seen = _compiled_post_grad_targets(over_rows_transposed_q, torch.randn(2, 5, 3, 16), torch.randn(2, 7, 16),
+                                       torch.randn(2, 5, 3))
     assert matches("index_score") == {}
     assert seen[0].count("aten.clone.default") >= 1, seen

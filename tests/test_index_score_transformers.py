@@ -1,16 +1,14 @@
 """The index_score rule fires inside transformers' DeepseekV32Indexer (code we did not write), logits match eager."""
 
-import importlib.util
 import pathlib
 
 import pytest
 
+from conftest import load_example
+
 pytest.importorskip("transformers", minversion="5.23")
 
-_spec = importlib.util.spec_from_file_location(
-    "deepseek_v32_prefill", pathlib.Path(__file__).parents[1] / "examples" / "deepseek_v32_prefill.py")
-example = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(example)
+example = load_example("deepseek_v32_prefill")
 
 
 def test_index_score_rule_fires_in_deepseek_v32(fresh):

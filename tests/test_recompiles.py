@@ -7,15 +7,13 @@ T stays >= 2 (Dynamo specializes 0 and 1 by design) and avoids the other input s
 0/1 specialization nor duck sizing is what the sweep measures.
 """
 
-import importlib.util
-import pathlib
 
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import dsa_inductor
-from conftest import matches
+from conftest import load_example, matches
 from dsa_inductor import testing
 from dsa_inductor.lowerings.gather_dequant import quantize_e4m3
 from test_properties import gather_slots, index_matmul, softmax_range, topk_range, topk_keep_mask_int32
@@ -92,10 +90,7 @@ def test_toy_model_sweep_compiles_at_most_twice(plain, rule):
 
 
 transformers = pytest.importorskip("transformers", minversion="5.23")
-_spec = importlib.util.spec_from_file_location(
-    "deepseek_v32_prefill", pathlib.Path(__file__).parents[1] / "examples" / "deepseek_v32_prefill.py")
-example = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(example)
+example = load_example("deepseek_v32_prefill")
 
 
 def test_deepseek_v32_sweep_compiles_at_most_twice(plain):

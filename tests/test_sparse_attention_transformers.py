@@ -2,17 +2,15 @@
 logits still match eager, for both the eager (finfo.min additive mask) and sdpa (bool mask) paths; on CUDA the
 sdpa path is SDPA's fused efficient kernel with the mask as an additive bias."""
 
-import importlib.util
 import pathlib
 
 import pytest
 
+from conftest import load_example
+
 pytest.importorskip("transformers", minversion="5.23")
 
-_spec = importlib.util.spec_from_file_location(
-    "deepseek_v32_prefill", pathlib.Path(__file__).parents[1] / "examples" / "deepseek_v32_prefill.py")
-example = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(example)
+example = load_example("deepseek_v32_prefill")
 
 
 @pytest.mark.parametrize("attn,variant", [("sdpa", "dense_mask:per_head_kv:safe_softmax"),

@@ -1,16 +1,14 @@
 """The rule fires inside transformers' DeepseekV32Indexer (code we did not write), and logits match eager."""
 
-import importlib.util
 import pathlib
 
 import pytest
 
+from conftest import load_example
+
 pytest.importorskip("transformers", minversion="5.23")
 
-_spec = importlib.util.spec_from_file_location(
-    "deepseek_v32_prefill", pathlib.Path(__file__).parents[1] / "examples" / "deepseek_v32_prefill.py")
-example = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(example)
+example = load_example("deepseek_v32_prefill")
 
 
 @pytest.mark.parametrize("attn,variant", [("sdpa", "keep_mask:sorted:indices_int32"),

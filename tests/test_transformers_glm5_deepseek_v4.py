@@ -3,19 +3,17 @@
 Skipped where the installed transformers lacks the model (both are in 5.25).
 """
 
-import importlib.util
 import pathlib
 
 import pytest
+
+from conftest import load_example
 
 from dsa_inductor.report import _STATS
 
 pytest.importorskip("transformers", minversion="5.23")
 
-_spec = importlib.util.spec_from_file_location(
-    "glm5_deepseek_v4_prefill", pathlib.Path(__file__).parents[1] / "examples" / "glm5_deepseek_v4_prefill.py")
-example = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(example)
+example = load_example("glm5_deepseek_v4_prefill")
 
 
 def _build(name):
