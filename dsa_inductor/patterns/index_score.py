@@ -211,10 +211,6 @@ def _bmm_of(node, depth=0) -> Optional[torch.fx.Node]:
     return None
 
 
-def _from_bmm(node) -> bool:
-    return _bmm_of(node) is not None
-
-
 prims = torch.ops.prims
 
 
@@ -420,7 +416,7 @@ class IndexScoreRule(Rule):
     def candidates(self, graph: torch.fx.Graph) -> list:
         """Relus of a batched matmul's output (4-d): the only relus this rule could rewrite."""
         return [n for n in graph.nodes if n.op == "call_function" and n.target is aten.relu.default
-                and isinstance(_val(n), torch.Tensor) and _val(n).dim() == 4 and _from_bmm(n.args[0])]
+                and isinstance(_val(n), torch.Tensor) and _val(n).dim() == 4 and _bmm_of(n.args[0]) is not None]
 
     def apply(self, graph: torch.fx.Graph) -> int:
         relus = self.candidates(graph)
