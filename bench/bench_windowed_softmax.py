@@ -54,6 +54,23 @@ def sliding_window_attention(q, k, v, w: int):
     return probs @ v
 
 
+def v4_sliding_attention_sink(q, kv, sinks, w: int):
+    """transformers' DeepSeek-V4 ``eager_attention_forward`` on a sliding-window layer: one K = V head shared by
+    the query heads (repeat_kv), an additive finfo.min window mask, the per-head sink cat'ed, the row max
+    subtracted, softmax, the sink column dropped."""
+    b, h, s, d = q.shape
+    t = kv.shape[-2]
+    kv = kv[:, :, None].expand(b, 1, h, t, d).reshape(b, h, t, d)
+    qpos = torch.arange(s, device=q.device)[:, None] + (t - s)
+    kpos = torch.arange(t, device=q.device)[None, :]
+    mask = torch.where((kpos > qpos - w) & (kpos <= qpos), 0.0, torch.finfo(q.dtype).min).to(q.dtype)
+    scores = torch.matmul(q, kv.transpose(2, 3)) * d ** -0.5 + mask[None, None].expand(b, -1, s, t)
+    combined = torch.cat([scores, sinks.reshape(1, -1, 1, 1).expand(b, -1, s, -1)], dim=-1)
+    combined = combined - combined.max(dim=-1, keepdim=True).values
+    probs = torch.nn.functional.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1]
+    return torch.matmul(probs.to(kv.dtype), kv)
+
+
 def _check_attention(args, eager, ours):
     return windowed_attention_mismatch(eager, ours, args[0].dtype)
 
@@ -101,6 +118,16 @@ def cases(device="cuda"):
                     flops=4 * t * w * 128,  # q k^T and P V over each row's w keys
                     check=_check_attention)
 
+    def v4_inputs(s=4096, h=64, d=512):
+        g = torch.Generator(device=device).manual_seed(3)
+        q = torch.randn(1, h, s, d, device=device, generator=g).to(torch.bfloat16)
+        kv = torch.randn(1, 1, s, d, device=device, generator=g).to(torch.bfloat16)
+        return q, kv, torch.randn(h, device=device, generator=g), w
+
+    v4 = Case("windowed attention + sink (DeepSeek-V4 sliding layer, transformers)",
+              "B=1 H=64 S=T=4096 D=512 bf16, shared K=V, w=128", v4_sliding_attention_sink, v4_inputs,
+              min_bytes=2 * 64 * 4096 * 512 * 2 + 4096 * 512 * 2, flops=4 * 64 * 4096 * w * 512,
+              check=_check_attention)
     return [
         Case("windowed_softmax (sliding 128, arange mask)", f"scores {t}x{t} fp32, w={w}", sliding_window_softmax,
              sliding_inputs, min_bytes=dense, check=_check_sliding),
@@ -108,4 +135,5 @@ def cases(device="cuda"):
              range_inputs, min_bytes=dense + 2 * t * 4, check=_check_range),
         attention_case(torch.bfloat16, ""),
         attention_case(torch.float32, ", fp32"),
+        v4,
     ]

@@ -2,6 +2,9 @@
 
 Usage (GPU): ``python bench/tune_mask_topk.py [causal|decode|sort] [--variants]`` prints one line per
 configuration with the do_bench median, registers/spills of each launch and a correctness check against eager.
+With ``--gpu-time``: each variant's host-free cost, the figure a decode or CUDA-graph caller sees:
+CUDA-graph replay of one call, and the profiler's per-kernel device time (``--variants`` measures with
+``do_bench`` over direct calls, which for the launch-heavy split designs is host launch time).
 Without ``--variants``: the v4 sweep (band size, chunk/merge, warps).  With ``--variants``: v4's default
 against the v5 designs and knobs (``impl``, ``bits``, ``phases``, ``tile``, ``num_warps``, ``maxnreg``;
 ``chunk`` for split decode rows), the rows bench/NOTES.md's v5 table asks for.
@@ -78,10 +81,86 @@ def variants(which, t, k):
                   flush=True)
 
 
+def graph_us(fn) -> float:
+    """One call of ``fn`` captured in a CUDA graph, replayed: do_bench median of the replays."""
+    fn()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return triton.testing.do_bench(g.replay, warmup=10, rep=50, return_mode="median") * 1e3
+
+
+def kernel_times(fn, calls=20) -> str:
+    """Per-kernel device time of one call (profiler), largest first."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    ev = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
+    ev.sort(key=lambda e: -e.self_device_time_total)
+    total = sum(e.self_device_time_total for e in ev) / calls
+    parts = ", ".join(f"{e.key[:40]} {e.self_device_time_total / calls:.1f}" for e in ev[:6])
+    return f"device {total:7.1f}us = {parts}"
+
+
+GPU_TIME_VARIANTS = [("v4 default", dict(impl="v4"))] + [
+    (f"v5 split chunk {chunk} tile {tile} warps {warps}", dict(impl="v5", chunk=chunk, tile=tile, num_warps=warps))
+    for chunk, tile, warps in ((4096, 1024, 4), (4096, 2048, 4), (8192, 2048, 4), (8192, 4096, 8),
+                               (16384, 4096, 8), (2048, 1024, 4))
+]
+
+
+def gpu_time(which, t, k):
+    cases = []
+    if "decode" in which:
+        g = torch.Generator(device="cuda").manual_seed(1)
+        dx = torch.randn(64, 65536, device="cuda", generator=g)
+        ends = torch.randint(32768, 65537, (64,), device="cuda", dtype=torch.int32, generator=g)
+        cases += [("decode", dx, ends, GPU_TIME_VARIANTS), ("decode bf16", dx.bfloat16(), ends, GPU_TIME_VARIANTS)]
+    if "causal" in which:
+        x = torch.randn(t, t, device="cuda")
+        ends = torch.arange(1, t + 1, device="cuda", dtype=torch.int32)
+        cases += [("causal", x, ends, [("v5 default", dict(impl="v5"))])]
+    for case, x, ends, table in cases:
+        masked = masked_logits(x, row_ends=ends)
+        for srt in (False, True):
+            for name, kw in table:
+                fn = lambda: masked_topk_triton(x, k, row_ends=ends, need_values=False,  # noqa: E731
+                                                index_dtype=torch.int32, sorted=srt, **kw)
+                try:
+                    bad = topk_mismatch(masked, k, None, fn()[1], srt, False)
+                    r = f"graph {graph_us(fn):7.1f}us  {kernel_times(fn)}{' BAD ' + bad if bad else ''}"
+                except Exception as e:
+                    r = f"FAILED {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+                print(f"{case} {'sorted' if srt else 'unsorted'} {name:38s}: {r}", flush=True)
+        stock = torch.compile(lambda x, e: x.masked_fill(
+            torch.arange(x.shape[-1], device=x.device)[None] >= e[:, None], float("-inf")).topk(k, dim=-1).indices)
+        fn = lambda: stock(x, ends)  # noqa: E731
+        print(f"{case} sorted stock torch.compile{'':21s}: graph {graph_us(fn):7.1f}us  {kernel_times(fn)}",
+              flush=True)
+        v = torch.randn(x.shape[0], k, device="cuda")
+        fn = lambda: v.sort(dim=-1, descending=True)  # noqa: E731
+        print(f"{case} torch.sort [{x.shape[0]}, {k}]{'':27s}: graph {graph_us(fn):7.1f}us  {kernel_times(fn)}",
+              flush=True)
+
+
 def main():
     t, k = 8192, 2048
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     which = args or ["causal", "decode", "sort"]
+    if "--gpu-time" in sys.argv:
+        gpu_time(which, t, k)
+        return
     if "--variants" in sys.argv:
         variants(which, t, k)
         return

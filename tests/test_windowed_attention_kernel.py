@@ -40,10 +40,30 @@ def on_oracle_device(fn, *args, **kwargs):
     return out.to(args[0].device)
 
 
-def eager(q, k, v, s=None, e=None, scale=1.0, scores_dtype=None):
+def eager(q, k, v, s=None, e=None, scale=1.0, scores_dtype=None, sinks=None):
     """What model code computes, written independently of the op's reference (on the CPU under
-    compute-sanitizer: ``on_oracle_device``)."""
+    compute-sanitizer: ``on_oracle_device``).  ``sinks`` ([H] or broadcastable to the rows) as
+    transformers' DeepSeek-V4 ``eager_attention_forward``: an additive finfo.min mask, the sink column cat'ed,
+    the row max subtracted, softmax, the sink column dropped."""
+    if sinks is not None:
+        return on_oracle_device(_eager_sink, q, k, v, s, e, scale, scores_dtype, sinks)
     return on_oracle_device(_eager, q, k, v, s, e, scale, scores_dtype)
+
+
+def _eager_sink(q, k, v, s, e, scale, scores_dtype, sinks):
+    scores = (q @ k.transpose(-1, -2)).to(scores_dtype or q.dtype) * scale
+    pos = torch.arange(k.shape[-2], device=q.device)
+    keep = torch.ones_like(pos, dtype=torch.bool)
+    if s is not None:
+        keep = keep & (pos >= s[..., None])
+    if e is not None:
+        keep = keep & (pos < e[..., None])
+    scores = scores + torch.where(keep, 0.0, torch.finfo(scores.dtype).min).to(scores.dtype)
+    sink = sinks[..., None].expand(*scores.shape[:-1], 1)
+    combined = torch.cat([scores, sink], dim=-1)  # promoted to fp32 with fp32 sinks
+    combined = combined - combined.max(dim=-1, keepdim=True).values
+    probs = torch.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1]
+    return probs.to(v.dtype) @ v
 
 
 def _eager(q, k, v, s, e, scale, scores_dtype):
@@ -90,10 +110,12 @@ def problems(draw):
     elif mode == "per_head" and batch:  # bounds that vary along the last batch dim too
         kw["row_starts"] = torch.randint(-1, t + 1, (batch[-1], s), generator=g)
         kw["row_ends"] = kw["row_starts"] + torch.randint(0, 9, (batch[-1], s), generator=g)
-    kw = {n: b.to(idt) for n, b in kw.items()}
+    kw = {n: b.to(idt) for n, b in kw.items()}  # (sinks come after)
     # Scores of a few units, as attention's: q @ k^T is rounded to q's dtype, and one ulp of a large score from
     # another summation order (eager's matmul, the kernel's dot) would move its weight by more than the tolerance.
     scale = draw(st.sampled_from([1.0, 2.0])) / math.sqrt(d)
+    if draw(st.booleans()):  # DeepSeek-V4's attention sink: one fp32 logit per head (the last batch dim)
+        kw["sinks"] = (torch.randn(*((batch[-1], 1) if batch else (1,)), generator=g) * 2).to(draw(st.sampled_from([torch.float32, dtype])))
     return q, k, v, kw, scale, scores_dtype, draw(st.sampled_from(TILES))
 
 
@@ -107,7 +129,7 @@ def test_kernel_equals_eager(problem):
     q, k, v, kw, scale, scores_dtype, (bm, bn) = problem
     q, k, v, kw = q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), _to(kw, DEVICE)
     out = windowed_attention_triton(q, k, v, **kw, scale=scale, scores_dtype=scores_dtype, block_m=bm, block_n=bn)
-    ref = eager(q, k, v, kw.get("row_starts"), kw.get("row_ends"), scale, scores_dtype)
+    ref = eager(q, k, v, kw.get("row_starts"), kw.get("row_ends"), scale, scores_dtype, kw.get("sinks"))
     why = windowed_attention_mismatch(ref, out, q.dtype)
     assert why is None, why
     mine = on_oracle_device(windowed_attention_reference, q, k, v, **kw, scale=scale, scores_dtype=scores_dtype)
@@ -237,3 +259,32 @@ def test_verify_mode_names_rule_and_element(monkeypatch):
     monkeypatch.setattr(mod, "windowed_attention_triton", lambda *a, **kw: real(*a, **kw) * 0.5)
     with pytest.raises(AssertionError, match=r"rule windowed_attention .* element \(0, 0\)"):
         torch.ops.dsa_inductor.windowed_attention(q, k, v, e - 8, e, 0.25, torch.float32)
+
+
+def test_sink_rows_without_keys_as_eager():
+    """With a finite sink a row whose window is empty gets all the weight on the sink: zeros, as eager (its
+    finfo.min mask leaves the sink the row max); a -inf sink leaves nothing: NaN, as eager's all -inf softmax."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 6, 8, generator=g) for _ in range(3))
+    s = torch.tensor([0, 2, 4, 4, 1, 6])
+    e = torch.tensor([0, 5, 4, 6, 1, 6])  # rows 0, 2, 4, 5 empty
+    for sink, want in ((torch.tensor([[0.5], [-1.0]]), 0.0), (torch.full((2, 1), NEG_INF), float("nan"))):
+        out = windowed_attention_triton(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), s.to(DEVICE), e.to(DEVICE),
+                                        scale=0.3, sinks=sink.to(DEVICE), block_m=16, block_n=16).cpu()
+        ref = windowed_attention_reference(q, k, v, s, e, 0.3, sinks=sink)
+        assert windowed_attention_mismatch(ref, out, q.dtype) is None
+        empty = out[:, [0, 2, 4, 5]]
+        assert (empty.isnan().all() if want != want else (empty == 0).all()), empty
+        if want == 0.0:
+            assert windowed_attention_mismatch(eager(q, k, v, s, e, 0.3, None, sink), out, q.dtype) is None
+
+
+def test_bad_sinks_named():
+    q = torch.randn(2, 5, 8, device=DEVICE)
+    with pytest.raises(TypeError, match="`sinks`"):
+        windowed_attention_triton(q, q, q, sinks=torch.ones(2, 1, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="`sinks`"):
+        windowed_attention_triton(q, q, q, sinks=torch.ones(3, 1, device=DEVICE))
+    with pytest.raises(ValueError, match="`sinks`"):  # the CPU path checks too
+        torch.ops.dsa_inductor.windowed_attention(q.cpu(), q.cpu(), q.cpu(), None, None, 1.0, q.dtype,
+                                                  torch.ones(3, 1))

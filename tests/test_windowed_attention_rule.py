@@ -92,6 +92,42 @@ def scores_upcast_then_scaled(q, k, v, ks, ke):
     return torch.softmax(scores.masked_fill(~keep, NEG_INF), dim=-1) @ v.float()
 
 
+def v4_sink_window(q, kv, sinks, w):
+    # transformers' DeepSeek-V4 eager_attention_forward: one shared K = V head (repeat_kv's expand), an additive
+    # finfo.min sliding-window mask ([1, 1, S, T], expanded over the batch), the per-head sink cat'ed as a
+    # column, the row max subtracted, softmax, the sink column dropped
+    b, h, s, d = q.shape
+    t = kv.shape[-2]
+    kv = kv[:, :, None].expand(b, 1, h, t, d).reshape(b, h, t, d)
+    scores = torch.matmul(q, kv.transpose(2, 3)) * 0.125
+    keep = _sliding_keep(s, t, w, q.device)
+    mask = torch.where(keep, 0.0, torch.finfo(scores.dtype).min).to(scores.dtype)[None, None].expand(b, -1, s, t)
+    scores = scores + mask
+    sink = sinks.reshape(1, -1, 1, 1).expand(b, -1, s, -1)
+    combined = torch.cat([scores, sink], dim=-1)
+    combined = combined - combined.max(dim=-1, keepdim=True).values
+    probs = torch.nn.functional.softmax(combined, dim=-1, dtype=combined.dtype)
+    return torch.matmul(probs[..., :-1].to(kv.dtype), kv)
+
+
+def sink_causal_neg_inf(q, k, v, sinks, w):
+    # gpt-oss-like, per-head k / v: a -inf causal mask added, the softmax straight on the cat (no max
+    # subtraction), in fp32 (w unused)
+    s, t = q.shape[-2], k.shape[-2]
+    keep = torch.arange(t, device=q.device)[None, :] <= (torch.arange(s, device=q.device) + (t - s))[:, None]
+    scores = (q @ k.transpose(-1, -2)) * 0.125 + torch.where(keep, 0.0, NEG_INF)
+    combined = torch.cat([scores, sinks[None, :, None, None].expand(q.shape[0], -1, s, 1)], dim=-1)
+    probs = torch.softmax(combined.float(), dim=-1)[..., :-1]
+    return probs.to(v.dtype) @ v
+
+
+def sink_no_mask(q, k, v, sinks, w):
+    # full (unmasked) attention with a sink (w unused)
+    scores = (q @ k.transpose(-1, -2)) * 0.125
+    sink = sinks.reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+    return torch.cat([scores, sink], dim=-1).softmax(-1)[..., :-1] @ v
+
+
 # fn -> ({dtype: expected variant}, input kind)
 CASES = {
     sliding_window_attention: ({torch.float32: "bmm:broadcast:fp32", torch.bfloat16: "bmm:broadcast:bf16"}, "heads"),
@@ -101,6 +137,11 @@ CASES = {
     causal_einsum: ({torch.float32: "bmm:flat:fp32", torch.bfloat16: "bmm:flat:bf16"}, "bshd"),
     prefill_ks_ke: ({torch.float32: "mm:flat:fp32", torch.bfloat16: "mm:flat:bf16"}, "rows"),
     scores_upcast_then_scaled: ({torch.bfloat16: "bmm:flat:bf16->fp32"}, "batch_rows"),
+    v4_sink_window: ({torch.float32: "sink:window:bmm:broadcast:fp32",
+                      torch.bfloat16: "sink:window:bmm:broadcast:bf16"}, "sink_shared"),
+    sink_causal_neg_inf: ({torch.float32: "sink:window:bmm:broadcast:fp32",
+                           torch.bfloat16: "sink:window:bmm:broadcast:bf16"}, "sink_heads"),
+    sink_no_mask: ({torch.float32: "sink:bmm:broadcast:fp32"}, "sink_heads"),
 }
 PARAMS = [(fn, dt) for fn, (variants, _) in CASES.items() for dt in variants]
 
@@ -121,6 +162,12 @@ def inputs(draw, kind, dtype, device):
         hk = h if kind == "heads" else 1
         w = draw(st.integers(1, t + 3))  # window sizes from 1 to beyond T
         return rand(b, h, s, d), rand(b, hk, t, d), rand(b, hk, t, dv), w
+    if kind.startswith("sink"):  # per-head sinks, in the model's dtype (model.to(dtype) casts them too)
+        sinks = (torch.randn(h, generator=g) * 2).to(dtype).to(device)
+        w = draw(st.integers(1, t + 3))
+        if kind == "sink_shared":
+            return rand(b, h, s, d), rand(b, 1, t, d), sinks, w
+        return rand(b, h, s, d), rand(b, h, t, d), rand(b, h, t, dv), sinks, w
     if kind == "gqa":  # two query heads per k/v head
         return rand(b, 2 * h, s, d), rand(b, h, t, d), rand(b, h, t, dv), 0
     if kind == "bshd":
@@ -257,6 +304,41 @@ def nm_probs_rounded_then_upcast(q, k, v):
 ROUNDING_DROPPED = ("torch < 2.13: Inductor's pointless_convert removes the bf16 rounding of the weights before "
                     "our pass" if torch.torch_version.TorchVersion(torch.__version__) < "2.13" else "")
 
+def _sink_cat(q, k, scores):
+    sink = torch.linspace(-1, 1, q.shape[1]).reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+    return torch.cat([scores, sink], dim=-1)
+
+
+def _additive_scores(q, k, fill=torch.finfo(torch.float32).min):
+    return (q @ k.transpose(-1, -2)) * SCALE + torch.where(_window(q, k), 0.0, fill)
+
+
+def nm_sink_first_key_dropped(q, k, v):
+    # probs[..., 1:]: the first key's column dropped, the sink's kept
+    return _sink_cat(q, k, _additive_scores(q, k)).softmax(-1)[..., 1:] @ v
+
+
+def nm_sink_finite_fill(q, k, v):
+    # -1e4 outside the window: masked keys keep a (tiny) weight
+    return _sink_cat(q, k, _additive_scores(q, k, -1e4)).softmax(-1)[..., :-1] @ v
+
+
+def nm_sink_probs_reused(q, k, v):
+    probs = _sink_cat(q, k, _additive_scores(q, k)).softmax(-1)[..., :-1]
+    return probs @ v, probs.sum(-1)
+
+
+def nm_sink_softmax_over_queries(q, k, v):
+    # the softmax over dim -2 (the queries) of the cat'ed scores, then the sink column dropped
+    return _sink_cat(q, k, _additive_scores(q, k)).softmax(-2)[..., :-1] @ v
+
+
+def nm_sink_keep_plus_one(q, k, v):
+    # where(keep, 1, min): kept scores shifted (harmless for the softmax, but not the op's semantics)
+    scores = (q @ k.transpose(-1, -2)) * SCALE + torch.where(_window(q, k), 1.0, torch.finfo(torch.float32).min)
+    return _sink_cat(q, k, scores).softmax(-1)[..., :-1] @ v
+
+
 NEAR_MISSES = {  # fn -> (the reason report() gives, or None when the rule sees no candidate; input dtype)
     nm_probs_reused: ("attention weights have another consumer", torch.float32),
     nm_scores_reused: ("scores have another consumer", torch.float32),
@@ -266,6 +348,11 @@ NEAR_MISSES = {  # fn -> (the reason report() gives, or None when the rule sees 
     nm_two_scales: ("scaled twice", torch.float32),
     nm_non_window_mask: (None, torch.float32),
     nm_probs_rounded_then_upcast: ("rounded to torch.bfloat16 before the matmul", torch.bfloat16),
+    nm_sink_first_key_dropped: ("not probs[..., :-1]", torch.float32),
+    nm_sink_finite_fill: ("not where(keep, 0, -inf or finfo.min)", torch.float32),
+    nm_sink_probs_reused: ("attention weights have another consumer", torch.float32),
+    nm_sink_softmax_over_queries: ("not over the last dim", torch.float32),
+    nm_sink_keep_plus_one: ("not where(keep, 0, -inf or finfo.min)", torch.float32),
 }
 
 

@@ -20,7 +20,10 @@ Semantics (the matched eager graph, rounding points included)::
     p = softmax(where(keep, s, -inf), dim=-1, dtype=float32).to(v.dtype)
     out = p @ v                            # fp32 accumulation, rounded to v.dtype
 
-with ``keep[..., i, j] = row_starts[..., i] <= j < row_ends[..., i]`` (either bound optional).  The batch
+with ``keep[..., i, j] = row_starts[..., i] <= j < row_ends[..., i]`` (either bound optional).  With ``sinks``
+(DeepSeek-V4's per-head attention sink) the softmax is ``softmax(cat([s, sink], -1))[..., :-1]`` in fp32: the
+kernel starts each row's online softmax from the sink (running max ``sink``, sum 1) instead of (-inf, 0), so a
+row with no key in its window is 0 rather than NaN, as eager.  The batch
 dims of ``q``, ``k``, ``v`` and the row bounds broadcast as ``torch.matmul`` and ``where`` do; ``scale``
 multiplies (a ``/ c`` in the graph arrives as ``* (1 / c)``, which may differ from eager's division in the
 last bit of the scores).  A row with no key in its window (or whose kept scores are all ``-inf``) is NaN,
@@ -77,7 +80,7 @@ CONFIG_32 = dict(block_m=32, block_n=32, num_warps=4, num_stages=2)
 FP32_PRECISION = "ieee"
 
 
-def _check_args(q, k, v, row_starts, row_ends, scale, scores_dtype):
+def _check_args(q, k, v, row_starts, row_ends, scale, scores_dtype, sinks=None):
     """Raise ValueError/TypeError naming the offending argument; returns the output shape."""
     name = "windowed_attention"
     for arg, t in (("q", q), ("k", k), ("v", v)):
@@ -95,11 +98,13 @@ def _check_args(q, k, v, row_starts, row_ends, scale, scores_dtype):
         raise ValueError(f"{name}: `v` has {v.shape[-2]} keys, `k` has {k.shape[-2]}")
     shape = (*q.shape[:-1],)  # the rows [*batch, S], broadcast with every other argument in turn
     for arg, own in (("k", (*k.shape[:-2], 1)), ("v", (*v.shape[:-2], 1)), ("row_starts", row_starts),
-                     ("row_ends", row_ends)):
+                     ("row_ends", row_ends), ("sinks", sinks)):
         if own is None:
             continue
         if isinstance(own, torch.Tensor):
-            if own.dtype not in (torch.int32, torch.int64):
+            if arg == "sinks" and own.dtype not in _FLOATS:
+                raise TypeError(f"{name}: `sinks` must be a float32, float16 or bfloat16 tensor, got {own.dtype}")
+            if arg != "sinks" and own.dtype not in (torch.int32, torch.int64):
                 raise TypeError(f"{name}: `{arg}` must be an int32 or int64 tensor, got {own.dtype}")
             if own.device != q.device:
                 raise ValueError(f"{name}: `{arg}` is on {own.device}, `q` on {q.device}")
@@ -121,16 +126,23 @@ def _known_differ(a, b) -> bool:
     return isinstance(a, int) and isinstance(b, int) and a != b
 
 
-def windowed_attention_reference(q, k, v, row_starts=None, row_ends=None, scale=1.0, scores_dtype=None):
+def windowed_attention_reference(q, k, v, row_starts=None, row_ends=None, scale=1.0, scores_dtype=None,
+                                 sinks=None):
     """Plain-torch definition of the op (its CPU path, and the oracle of the kernel tests): the dense eager
-    computation, ``[..., S, T]`` scores and probabilities included."""
+    computation, ``[..., S, T]`` scores and probabilities included; with ``sinks``, DeepSeek-V4's (and
+    gpt-oss's) ``softmax(cat([scores, sink], -1))[..., :-1]``."""
     scores_dtype = scores_dtype or q.dtype
     s = torch.matmul(q, k.transpose(-1, -2)).to(scores_dtype) * scale
     keep = window_keep(s.shape[-1], row_starts, row_ends, device=q.device)
     if keep is not None:
         s = torch.where(keep, s, torch.tensor(float("-inf"), dtype=s.dtype, device=s.device))
-    p = torch.softmax(s, dim=-1, dtype=torch.float32).to(v.dtype)
-    return torch.matmul(p, v)
+    if sinks is None:
+        p = torch.softmax(s, dim=-1, dtype=torch.float32)
+    else:
+        shape = torch.broadcast_shapes(s.shape[:-1], sinks.shape)
+        s = torch.cat([s.float().expand(*shape, s.shape[-1]), sinks.float().expand(shape)[..., None]], dim=-1)
+        p = torch.softmax(s, dim=-1)[..., :-1]
+    return torch.matmul(p.to(v.dtype), v)
 
 
 def _zh_strides(t, batch, last):
@@ -166,10 +178,11 @@ if triton is not None:
         v_ptr, vs_z, vs_h, vs_t, vs_d,
         st_ptr, sts_z, sts_h, sts_s,
         en_ptr, ens_z, ens_h, ens_s,
+        sk_ptr, sks_z, sks_h, sks_s,
         o_ptr, os_z, os_h, os_s,
         S, T, H, scale,
         D: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, BLOCK_DV: tl.constexpr,
-        HAS_STARTS: tl.constexpr, HAS_ENDS: tl.constexpr,
+        HAS_STARTS: tl.constexpr, HAS_ENDS: tl.constexpr, HAS_SINK: tl.constexpr,
         MM_DTYPE: tl.constexpr, SCORES_DTYPE: tl.constexpr, ROUND: tl.constexpr,
         QK_PREC: tl.constexpr, PV_PREC: tl.constexpr, INTERPRETED: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -208,6 +221,10 @@ if triton is not None:
         v_base = v_ptr + z * vs_z + h * vs_h
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
+        if HAS_SINK:  # the sink is one more (value-less) score of each row: the softmax starts from it
+            sk = tl.load(sk_ptr + z * sks_z + h * sks_h + rows * sks_s, mask=rmask, other=0.0).to(tl.float32)
+            m_i = sk * 1.4426950408889634
+            l_i = tl.where(sk == float("-inf"), 0.0, 1.0)  # exp(sink - sink), or nothing for a -inf sink
         acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
         for start in range(span_lo, span_hi, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
@@ -253,7 +270,7 @@ if triton is not None:
     _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
-def windowed_attention_triton(q, k, v, row_starts=None, row_ends=None, scale=1.0, scores_dtype=None,
+def windowed_attention_triton(q, k, v, row_starts=None, row_ends=None, scale=1.0, scores_dtype=None, sinks=None,
                               block_m=None, block_n=None, num_warps=None, num_stages=None):
     """Run the Triton kernel (the op's CUDA path; tests and tuning call it directly).
 
@@ -264,7 +281,7 @@ def windowed_attention_triton(q, k, v, row_starts=None, row_ends=None, scale=1.0
     if triton is None:
         raise RuntimeError("windowed_attention: triton is not installed")
     scores_dtype = scores_dtype or q.dtype
-    shape = _check_args(q, k, v, row_starts, row_ends, scale, scores_dtype)
+    shape = _check_args(q, k, v, row_starts, row_ends, scale, scores_dtype, sinks)
     batch, s, t, d, dvn = shape[:-2], shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
     out = q.new_empty(shape, dtype=v.dtype)
     if out.numel() == 0:
@@ -276,6 +293,7 @@ def windowed_attention_triton(q, k, v, row_starts=None, row_ends=None, scale=1.0
     v_, vs = _zh_strides(v, batch, (t, dvn))
     st_, sts = _zh_strides(row_starts, batch, (s,)) if row_starts is not None else (q, (0, 0, 0))
     en_, ens = _zh_strides(row_ends, batch, (s,)) if row_ends is not None else (q, (0, 0, 0))
+    sk_, sks = _zh_strides(sinks, batch, (s,)) if sinks is not None else (q, (0, 0, 0))
     h = batch[-1] if batch else 1
     z = out.numel() // (h * s * dvn)
     cfg = dict(CONFIG_32 if q.dtype == torch.float32 else CONFIG_16)
@@ -293,10 +311,10 @@ def windowed_attention_triton(q, k, v, row_starts=None, row_ends=None, scale=1.0
     grid = (triton.cdiv(s, cfg["block_m"]) * z * h,)
     da, db, dvp = _dims(d, dvn)
     _windowed_attention_kernel[grid](
-        q_, *qs[:-1], k_, *ks[:-1], v_, *vs, st_, *sts, en_, *ens, out, h * s * dvn, s * dvn, dvn, s, t, h,
+        q_, *qs[:-1], k_, *ks[:-1], v_, *vs, st_, *sts, en_, *ens, sk_, *sks, out, h * s * dvn, s * dvn, dvn, s, t, h,
         float(scale),
         D=d, DV=dvn, DA=da, DB=db, BLOCK_DV=dvp,
-        HAS_STARTS=row_starts is not None, HAS_ENDS=row_ends is not None,
+        HAS_STARTS=row_starts is not None, HAS_ENDS=row_ends is not None, HAS_SINK=sinks is not None,
         MM_DTYPE=_TL_DTYPES[q.dtype], SCORES_DTYPE=_TL_DTYPES[scores_dtype],
         ROUND=q.dtype != torch.float32 or scores_dtype != torch.float32,
         QK_PREC=prec(q.dtype), PV_PREC=prec(v.dtype), INTERPRETED=upcast,
@@ -313,8 +331,10 @@ def windowed_attention(
     row_ends: Optional[torch.Tensor],
     scale: float,
     scores_dtype: torch.dtype,
+    sinks: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Fused ``softmax(where(keep, (q @ k^T) * scale, -inf), -1) @ v`` over per-row key windows.
+    """Fused ``softmax(where(keep, (q @ k^T) * scale, -inf), -1) @ v`` over per-row key windows, with an
+    optional attention sink (DeepSeek-V4, gpt-oss: ``softmax(cat([scores, sink], -1))[..., :-1] @ v``).
 
     Args:
         q: ``[..., S, D]`` float32 / float16 / bfloat16 (any strides).
@@ -326,15 +346,18 @@ def windowed_attention(
         scale: finite number multiplying the scores.
         scores_dtype: ``q.dtype`` or ``torch.float32``: the dtype the scale is applied in (``(q @ k^T) *
             scale`` in q's dtype, or ``(q @ k^T).float() * scale``).
+        sinks: optional float tensor broadcastable to the rows ``[..., S]`` (DeepSeek-V4: one learned logit
+            per head, ``[H, 1]`` against rows ``[B, H, S]``): each row's softmax also counts ``exp(sink)``,
+            a key with no value, so the weights sum to less than 1; computed in fp32.
 
     Returns:
         ``[*batch, S, Dv]`` in ``v.dtype`` (batch: the broadcast of the batch dims of q, k, v and the
-        bounds); NaN rows where a row's window holds no key, as eager.
+        bounds); NaN rows where a row's window holds no key, as eager (zeros with a finite sink, as eager).
 
     Raises:
         ValueError / TypeError naming the argument: bad rank, dtype, device, shapes or broadcast.
     """
-    args = (q, k, v, row_starts, row_ends, scale, scores_dtype)
+    args = (q, k, v, row_starts, row_ends, scale, scores_dtype, sinks)
     if q.device.type != "cuda":  # (on CUDA, the *_triton function checks them)
         _check_args(*args)
         return windowed_attention_reference(*args)
@@ -347,5 +370,5 @@ def windowed_attention(
 
 
 @windowed_attention.register_fake
-def _windowed_attention_fake(q, k, v, row_starts, row_ends, scale, scores_dtype):
-    return q.new_empty(_check_args(q, k, v, row_starts, row_ends, scale, scores_dtype), dtype=v.dtype)
+def _windowed_attention_fake(q, k, v, row_starts, row_ends, scale, scores_dtype, sinks=None):
+    return q.new_empty(_check_args(q, k, v, row_starts, row_ends, scale, scores_dtype, sinks), dtype=v.dtype)

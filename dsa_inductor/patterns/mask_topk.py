@@ -442,7 +442,9 @@ def _mask_as_bounds(mask, negate=False, row_len=None):
     n = mask.meta["val"].shape[-1]
     joins = (aten.bitwise_or.Tensor, aten.logical_or.default) if negate else (aten.bitwise_and.Tensor,
                                                                                aten.logical_and.default)
-    parts = list(node.args[:2]) if node.target in joins else [node]
+    parts = _join_parts(node, joins, neutral=not negate)
+    if not parts:
+        return None
     bounds = {}
     for part in parts:
         found = _comparison_bound(part, n, negate)
@@ -451,6 +453,19 @@ def _mask_as_bounds(mask, negate=False, row_len=None):
         bounds[found[0]] = found[1:]
     # The peels index dims of the comparison's result: the per-row side must have its rank to take them.
     return list(reversed(peels)), bounds, node.meta["val"].dim()
+
+
+def _join_parts(node, joins, neutral: bool) -> list:
+    """The terms of a (nested) ``&`` (or ``|``) of masks, without constant ``neutral`` ones: transformers'
+    sliding-window mask is ``(True & (kv > q - w)) & (kv <= q)``."""
+    if isinstance(node, torch.fx.Node) and node.target in joins:
+        return [p for a in node.args[:2] for p in _join_parts(a, joins, neutral)]
+    if isinstance(node, bool) and node is neutral:
+        return []
+    if (isinstance(node, torch.fx.Node) and node.target is aten.full.default and node.args[1] is neutral
+            and not node.meta["val"].shape):
+        return []
+    return [node]
 
 
 def mask_to_row_bounds(graph: torch.fx.Graph, stats) -> int:

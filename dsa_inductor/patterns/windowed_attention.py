@@ -35,11 +35,35 @@ weights on the right), transposed scores (a softmax over the queries), an added 
 a bool mask that did not become row bounds, and probabilities rounded to a dtype other than v's before the
 matmul.  In verify mode (``register_dsa_passes(verify=True)``) the windowed softmax is followed by its check,
 so this fold does not apply.
+
+**Attention sink** (transformers' DeepSeek-V4 ``eager_attention_forward``; gpt-oss writes the same)::
+
+    scores = torch.matmul(q, repeat_kv(kv).transpose(2, 3)) * scaling + attention_mask   # where(keep, 0, min)
+    combined = torch.cat([scores, sinks.reshape(1, -1, 1, 1).expand(b, -1, s, -1)], dim=-1)
+    combined = combined - combined.max(dim=-1, keepdim=True).values                     # optional
+    probs = F.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1]                 # drop the sink
+    out = torch.matmul(probs.to(v.dtype), v)
+
+The softmax input is a ``cat`` rather than masked scores, so windowed_softmax does not see it; this rule
+walks from each ``cat([scores, column], -1)`` whose row max is taken (the other cats are not counted): the
+column must broadcast per-row (per-head) logits, the cat feed one decomposed softmax over the last dim (after
+the explicit max subtraction, a no-op for the softmax), the sink's column be dropped by ``[..., :-1]``, and
+the rest reach ``@ v`` as above.  Upward, the scores may carry one ``+ where(keep, 0, fill)`` with ``fill``
+-inf or a float dtype's ``finfo.min`` (through expands and unsqueezes, whose bounds take the same views) and
+``keep`` an ``arange`` window (``mask_topk._mask_as_bounds``: V4's ``(True & (kv > q - w)) & (kv <= q)``).
+The op then gets the window bounds and ``sinks``.  Equal to eager's additive mask whenever ``|score|`` is far
+below ``|fill|`` (a finite ``min + score`` rounds to ``min``, weight exactly 0 once the sink bounds the row max);
+a 16-bit ``combined`` (sinks cast to the model dtype) is a bf16 softmax in eager and an fp32 one in the op,
+within the bf16 tolerance.  Left alone with the reason: the sink column kept (another slice), a finite fill
+such as -1e4, ``where(keep, 1, min)``, a softmax over another dim, the weights used elsewhere, and an additive
+mask that is not an ``arange`` window: DeepSeek-V4's compressed layers ``cat`` the window's mask with the
+compressor's block bias (the indexer's picks), not rewritten yet.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional
 
 import torch
@@ -49,8 +73,8 @@ from ..lowerings import windowed_attention as _op_module
 from ..lowerings import windowed_softmax as _ws_module  # noqa: F401  (defines the anchor op)
 from ..report import log, source_location, stats_for
 from .common import Rule, graph_value_reason
-from .mask_topk import _new_node
-from .sparse_attention import Reject, _is, _val
+from .mask_topk import _bound_node, _mask_as_bounds, _new_node
+from .sparse_attention import Reject, _full_value, _is, _val
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -116,9 +140,11 @@ def _scale_of(node, have_scale: bool):
     return x, factor
 
 
-def _scores_chain(ws, nodes):
-    """Walk up from the softmax input to the ``q @ k^T`` matmul: ``(mm, scale, scores_dtype)``."""
-    cur = ws.args[0]
+def _scores_chain(ws, nodes, cur=None):
+    """Walk up from the softmax input (``ws.args[0]``, or ``cur``) to the ``q @ k^T`` matmul:
+    ``(mm, scale, scores_dtype)``."""
+    cur = ws.args[0] if cur is None else cur
+    top = cur
     scale, scale_dtype = None, None
     while not _is(cur, *_MATMULS):
         if len(cur.users) != 1:
@@ -139,7 +165,7 @@ def _scores_chain(ws, nodes):
             raise Reject(f"the scores come from {what}, not a q @ k^T matmul (times a number)")
     if len(cur.users) != 1:
         raise Reject("the q @ k^T product has another consumer: it must be materialized")
-    if not _same(_val(cur).shape[-2:], _val(ws.args[0]).shape[-2:]):
+    if not _same(_val(cur).shape[-2:], _val(top).shape[-2:]):
         raise Reject("the softmax rows are not the rows of q @ k^T (the scores are transposed, or the matmul "
                      "folded batch dims into its rows)")
     return cur, (1.0 if scale is None else scale), (scale_dtype or _val(cur).dtype)
@@ -226,14 +252,20 @@ def _match_and_build(graph, ws) -> str:
     nodes = []
     mm1, scale, scores_dtype = _scores_chain(ws, nodes)
     mm2, _ = _probs_chain(ws, nodes)
+    vv = _val(mm2.args[1])
+    why = _probs_rounding(ws, nodes, vv.dtype) if vv.dtype in _FLOATS else None
+    if why:
+        raise Reject(why)
+    return _build(graph, mm1, mm2, list(ws_in.shape[:-2]), starts, ends, scale, scores_dtype, None, "")
+
+
+def _build(graph, mm1, mm2, rows_batch, starts, ends, scale, scores_dtype, sinks, tag) -> str:
+    """Replace ``probs @ v`` (``mm2``, whose probabilities come from the scores of ``mm1``) by the fused op;
+    ``sinks`` (a node broadcastable to the rows ``[*rows_batch, S]``) or None.  Returns the variant name."""
     q, kt, v = mm1.args[0], mm1.args[1], mm2.args[1]
     qv, vv = _val(q), _val(v)
     if qv.dtype not in _FLOATS or vv.dtype not in _FLOATS:
         raise Reject(f"q / v dtypes {qv.dtype}, {vv.dtype}: the op takes float32, float16, bfloat16")
-    why = _probs_rounding(ws, nodes, vv.dtype)
-    if why:
-        raise Reject(why)
-    rows_batch = list(ws_in.shape[:-2])
     peeled = [_peel(n) for n in (q, kt, v)]
     user = next(iter(mm2.users)) if len(mm2.users) == 1 else None
     broadcast = (all(p is not None and _same(p[1], rows_batch) for p in peeled) and
@@ -248,19 +280,237 @@ def _match_and_build(graph, ws) -> str:
     with graph.inserting_before(mm2), qv.fake_mode:
         bounds = [_new_node(graph, aten.reshape.default, (b, [-1])) if plan == "squeeze" else b
                   for b, plan in zip((starts, ends), plans)]
-        fused = _new_node(graph, OP, (q, _untransposed(graph, kt), v, *bounds, scale, scores_dtype))
+        extra = ()
+        if sinks is not None:
+            if not broadcast:  # laid over the matmul's flattened rows
+                rows = [*rows_batch, _val(mm1).shape[-2]]
+                sinks = _new_node(graph, aten.expand.default, (sinks, rows))
+                sinks = _new_node(graph, aten.reshape.default, (sinks, [*_val(mm2).shape[:-2], rows[-1]]))
+            extra = (sinks,)
+        fused = _new_node(graph, OP, (q, _untransposed(graph, kt), v, *bounds, scale, scores_dtype, *extra))
     fv, rv = _val(fused), _val(replaced)
     assert _same(fv.shape, rv.shape) and fv.dtype == rv.dtype, (fv, rv)  # what the checks above ensure
     replaced.replace_all_uses_with(fused)
     kind = "mm" if _is(mm1, aten.mm.default) else "bmm"
     upcast = "" if scores_dtype == qv.dtype else f"->{_SHORT[scores_dtype]}"
-    return f"{kind}:{'broadcast' if broadcast else 'flat'}:{_SHORT[qv.dtype]}{upcast}"
+    return f"{tag}{kind}:{'broadcast' if broadcast else 'flat'}:{_SHORT[qv.dtype]}{upcast}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Attention sink (DeepSeek-V4, gpt-oss): graph walk from the cat of the scores and the sink column
+# ---------------------------------------------------------------------------------------------------------
+
+def _last_dim(node, dim) -> bool:
+    rank = _val(node).dim()
+    return isinstance(dim, int) and dim % rank == rank - 1
+
+
+def _is_sink_cat(node) -> bool:
+    """``cat([scores, column], -1)`` with a ``[..., 1]`` column, whose row max is taken (by the softmax or
+    before it): the shape of a sink, worth a candidate."""
+    if not _is(node, aten.cat.default) or len(node.args[0]) != 2:
+        return False
+    if not any(_is(u, aten.amax.default, aten.max.dim, prims.convert_element_type.default) for u in node.users):
+        return False
+    dim = node.args[1] if len(node.args) > 1 else 0
+    col = _val(node.args[0][1])
+    return _last_dim(node, dim) and col is not None and col.dim() >= 2 and _is_one(col.shape[-1])
+
+
+def _sink_source(col, rows):
+    """The per-row sink logits behind the ``[*rows, 1]`` column: the column with its expands peeled and the
+    last dim squeezed, a node broadcastable to ``rows``.  Raises Reject when it broadcasts the rows further."""
+    cur = col
+    while _is(cur, aten.expand.default, prims.convert_element_type.default):
+        cur = cur.args[0]
+    shape = _val(cur).shape
+    if len(shape) > len(rows) + 1 or not _is_one(shape[-1]):
+        raise Reject("the sink column is not a [..., 1] tensor of per-row (per-head) logits")
+    try:
+        if not _same(torch.broadcast_shapes(tuple(shape[:-1]), tuple(rows)), rows):
+            raise Reject("the sink column broadcasts the scores to more rows")
+    except RuntimeError:
+        raise Reject("the sink column does not broadcast with the scores' rows") from None
+    return cur
+
+
+def _softmax_probs(x, nodes):
+    """``x`` feeds one softmax over its last dim, decomposed as post-grad graphs hold it (``amax``, ``sub``,
+    ``exp``, ``sum``, ``div``; an upcast first for a 16-bit softmax computed in fp32).  Returns the ``div``."""
+    users = list(x.users)
+    if len(users) == 1 and _is(users[0], prims.convert_element_type.default):
+        nodes.append(users[0])
+        x, users = users[0], list(users[0].users)
+    amax = [u for u in users if _is(u, aten.amax.default) and u.args[0] is x]
+    sub = [u for u in users if _is(u, aten.sub.Tensor) and u.args[0] is x]
+    if len(users) != 2 or len(amax) != 1 or len(sub) != 1 or sub[0].args[1] is not amax[0]:
+        raise Reject("the scores with the sink do not feed one softmax (amax, sub, exp, sum, div)")
+    dims = amax[0].args[1] if len(amax[0].args) > 1 else []
+    if len(dims) != 1 or not _last_dim(x, dims[0]):
+        raise Reject("the softmax with the sink is not over the last dim (the keys)")
+    exp = list(sub[0].users)
+    if len(exp) != 1 or not _is(exp[0], aten.exp.default):
+        raise Reject("the scores with the sink do not feed one softmax (amax, sub, exp, sum, div)")
+    exp = exp[0]
+    total = [u for u in exp.users if _is(u, aten.sum.dim_IntList)]
+    div = [u for u in exp.users if _is(u, aten.div.Tensor) and u.args[0] is exp]
+    if len(exp.users) != 2 or len(total) != 1 or len(div) != 1 or div[0].args[1] is not total[0] \
+            or len(total[0].args[1]) != 1 or not _last_dim(exp, total[0].args[1][0]):
+        raise Reject("the scores with the sink do not feed one softmax (amax, sub, exp, sum, div)")
+    nodes += [amax[0], sub[0], exp, total[0], div[0]]
+    return div[0]
+
+
+def _max_subtracted(cat, nodes):
+    """transformers' DeepSeek-V4 ``combined - combined.max(dim=-1, keepdim=True).values`` before the softmax
+    (a no-op for the softmax): the ``sub`` node, else ``cat`` itself."""
+    users = list(cat.users)
+    mx = [u for u in users if _is(u, aten.max.dim, aten.amax.default) and u.args[0] is cat]
+    if len(users) != 2 or len(mx) != 1:
+        return cat
+    mx = mx[0]
+    ref = mx
+    if _is(mx, aten.max.dim):
+        got = [u for u in mx.users if u.target is operator.getitem]
+        if len(got) != 1 or got[0].args[1] != 0:
+            return cat
+        ref = got[0]
+    dims = mx.args[1] if len(mx.args) > 1 else None
+    dims = [dims] if isinstance(dims, int) else dims
+    keepdim = mx.args[2] if len(mx.args) > 2 else mx.kwargs.get("keepdim", False)
+    sub = [u for u in users if _is(u, aten.sub.Tensor) and u.args == (cat, ref)]
+    if not sub or not keepdim or len(dims or ()) != 1 or not _last_dim(cat, dims[0]) or len(ref.users) != 1:
+        return cat
+    nodes += [mx, ref, sub[0]] if ref is not mx else [mx, sub[0]]
+    return sub[0]
+
+
+def _sink_softmax(cat, nodes):
+    """The softmax over ``cat``, straight or after transformers' explicit max subtraction: its ``div``."""
+    first = []
+    try:
+        div = _softmax_probs(cat, first)
+    except Reject:
+        x = _max_subtracted(cat, first)
+        if x is cat:
+            raise
+        div = _softmax_probs(x, first)
+    nodes += first
+    return div
+
+
+def _drop_sink(div, nodes, way):
+    """``probs[..., :-1]``: the slice that drops the sink column (after the rounding of a 16-bit softmax's
+    probabilities, which goes to ``way``)."""
+    users = list(div.users)
+    if len(users) == 1 and _is(users[0], prims.convert_element_type.default):
+        way.append(users[0])
+        div, users = users[0], list(users[0].users)
+    if len(users) != 1 or not _is(users[0], aten.slice.Tensor):
+        raise Reject("the sink's probability column is not dropped (probs[..., :-1]) before the matmul")
+    sl = users[0]
+    dim, start, end = (list(sl.args[1:]) + [0, None, None])[:3]
+    n = _val(div).shape[-1]
+    step = sl.args[4] if len(sl.args) > 4 else 1
+    if not _last_dim(div, dim) or start not in (0, None) or step != 1 or not (
+            end == -1 or (end is not None and statically_known_true(end == n - 1))):
+        raise Reject("the slice after the sink softmax is not probs[..., :-1] (the sink column dropped)")
+    nodes.append(sl)
+    return sl
+
+
+def _peeled(node):
+    while _is(node, aten.expand.default, aten.unsqueeze.default, prims.convert_element_type.default):
+        node = node.args[0]
+    return node
+
+
+def _additive_window(bias, row_len):
+    """``where(keep, 0, fill)`` (through expands and casts) with ``fill`` -inf or the dtype's finfo.min and
+    ``keep`` an arange window: ``_mask_as_bounds``'s result.  Raises Reject otherwise."""
+    cur = bias
+    outer = []  # expands / unsqueezes of the mask: the bounds take them too, so that they lie over the same rows
+    while _is(cur, aten.expand.default, aten.unsqueeze.default, prims.convert_element_type.default):
+        if _is(cur, aten.unsqueeze.default):
+            if cur.args[1] % _val(cur).dim() == _val(cur).dim() - 1:
+                raise Reject("the additive mask is unsqueezed at its last dim")
+            outer.append(cur)
+        elif _is(cur, aten.expand.default):
+            outer.append(cur)
+        cur = cur.args[0]
+    if not _is(cur, aten.where.self):
+        raise Reject("the additive mask is not where(keep, 0, -inf or finfo.min) (a cat of masks, or a tensor)")
+    keep, zero, fill = cur.args[:3]
+    zero = zero if isinstance(zero, (int, float)) else _full_value(zero)
+    fill = fill if isinstance(fill, (int, float)) else _full_value(fill)
+    lows = (float("-inf"), *(torch.finfo(d).min for d in _FLOATS))  # the conventional "masked" constants
+    if zero != 0 or fill not in lows:
+        raise Reject("the additive mask is not where(keep, 0, -inf or finfo.min): kept scores change, or "
+                     "masked ones keep a weight")
+    found = _mask_as_bounds(keep, row_len=row_len)
+    if found is None or _val(keep).dim() != _val(cur).dim():
+        raise Reject("the additive mask's keep is not an arange window (row_starts <= kv < row_ends)")
+    peels, bounds, rank = found
+    return [*peels, *reversed(outer)], bounds, rank
+
+
+def _masked_scores(x, nodes):
+    """Walk up from the cat's scores through casts and one ``+ where(keep, 0, fill)``: ``(scores, found)``
+    with ``found`` the window (``_mask_as_bounds``) or None (no mask)."""
+    found = None
+    cur = x
+    while True:
+        if len(cur.users) != 1:
+            raise Reject("the scores have another consumer: they must be materialized")
+        if _is(cur, prims.convert_element_type.default) and cur.args[1] in (torch.float32, _val(cur.args[0]).dtype):
+            nodes.append(cur)
+            cur = cur.args[0]
+        elif _is(cur, aten.add.Tensor) and found is None and all(isinstance(a, torch.fx.Node) for a in cur.args[:2]):
+            nodes.append(cur)
+            n = _val(cur).shape[-1]
+            a, b = cur.args[:2]
+            mask, cur = (a, b) if _is(_peeled(a), aten.where.self) and not _is(_peeled(b), aten.where.self) else (b, a)
+            found = _additive_window(mask, n)
+            if not _same(_val(cur).shape, _val(x).shape):
+                raise Reject("the additive mask broadcasts the scores to more rows")
+        else:
+            return cur, found
+
+
+def _match_sink(graph, cat) -> str:
+    """Check the chain around one ``cat([scores, sink], -1)`` and replace it by the fused op."""
+    scores_in, col = cat.args[0]
+    rows = list(_val(scores_in).shape[:-1])
+    nodes = []
+    sinks = _sink_source(col, rows)
+    div = _sink_softmax(cat, nodes)
+    way = []  # the probabilities' way to the matmul
+    probs = _drop_sink(div, nodes, way)
+    mm2, _ = _probs_chain(probs, way)
+    nodes += way
+    vv = _val(mm2.args[1])
+    odd = [n.args[1] for n in way if _is(n, prims.convert_element_type.default)
+           and n.args[1] not in (torch.float32, vv.dtype)]
+    if odd:
+        raise Reject(f"the attention weights are rounded to {odd[0]} before the matmul with {vv.dtype} v")
+    scores, found = _masked_scores(scores_in, nodes)
+    mm1, scale, scores_dtype = _scores_chain(None, nodes, cur=scores)
+    starts = ends = None
+    if found is not None:
+        peels, bounds, rank = found
+        with graph.inserting_before(mm2), _val(mm2).fake_mode:
+            made = {kind: _bound_node(graph, row, peels, terms, rank) for kind, (row, terms) in bounds.items()}
+        starts, ends = made.get("starts"), made.get("ends")
+    with graph.inserting_before(mm2), _val(mm2).fake_mode:
+        sinks = _new_node(graph, aten.squeeze.dim, (sinks, -1))
+    return _build(graph, mm1, mm2, rows[:-1], starts, ends, scale, scores_dtype, sinks,
+                  "sink:" + ("window:" if found is not None else ""))
 
 
 class WindowedAttentionRule(Rule):
     name = "windowed_attention"
     op = _op_module.OP_NAME
-    anchors = (WS,)
+    anchors = (WS, aten.cat.default)
 
     def variants(self):
         return ()  # a graph walk from the windowed_softmax op (see the module docstring)
@@ -271,9 +521,11 @@ class WindowedAttentionRule(Rule):
         st = stats_for(self.name, self.op)
         matched = 0
         for ws in self.candidates(graph):
+            if _is(ws, aten.cat.default) and not _is_sink_cat(ws):
+                continue  # any other cat: not counted as a candidate
             st.candidates += 1
             try:
-                variant = _match_and_build(graph, ws)
+                variant = _match_and_build(graph, ws) if _is(ws, WS) else _match_sink(graph, ws)
             except Reject as r:
                 st.rejections[str(r)] += 1
                 log.info("rule %s left %s at %s alone: %s", self.name, ws.name, source_location(ws), r)
