@@ -76,6 +76,9 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 # 7.8 us (session 7), but Triton 3.6 miscompiles that tile (see host.miscompiled_tile).
 CONFIG_16 = dict(block_m=64, block_n=32, num_warps=4, num_stages=3)
 CONFIG_32 = dict(block_m=32, block_n=32, num_warps=4, num_stages=2)
+# Head dims past 256 (DeepSeek-V4: D = Dv = 512): the [BLOCK_M, Dv] fp32 accumulator and the staged k / v tiles
+# outgrow 4 warps and 3 stages (q 64 x 512 plus three 32 x 512 k and v tiles exceed the shared memory).
+CONFIG_WIDE = dict(block_m=32, block_n=32, num_warps=8, num_stages=2)
 # fp32 dots: "ieee" as eager's fp32 matmul without TF32 ("tf32x3" is faster and close to fp32, not equal)
 FP32_PRECISION = "ieee"
 
@@ -296,7 +299,7 @@ def windowed_attention_triton(q, k, v, row_starts=None, row_ends=None, scale=1.0
     sk_, sks = _zh_strides(sinks, batch, (s,)) if sinks is not None else (q, (0, 0, 0))
     h = batch[-1] if batch else 1
     z = out.numel() // (h * s * dvn)
-    cfg = dict(CONFIG_32 if q.dtype == torch.float32 else CONFIG_16)
+    cfg = dict(CONFIG_WIDE if max(d, dvn) > 256 else CONFIG_32 if q.dtype == torch.float32 else CONFIG_16)
     cfg.update({n: x for n, x in (("block_m", block_m), ("block_n", block_n), ("num_warps", num_warps),
                                   ("num_stages", num_stages)) if x})
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
