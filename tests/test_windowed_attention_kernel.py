@@ -288,3 +288,17 @@ def test_bad_sinks_named():
     with pytest.raises(ValueError, match="`sinks`"):  # the CPU path checks too
         torch.ops.dsa_inductor.windowed_attention(q.cpu(), q.cpu(), q.cpu(), None, None, 1.0, q.dtype,
                                                   torch.ones(3, 1))
+
+
+@pytest.mark.skipif(not CUDA, reason="the wide-head default tile at DeepSeek-V4's head dim runs on the device")
+@pytest.mark.parametrize("d", [320, 512])
+def test_wide_heads_default_tile(d):
+    """DeepSeek-V4's head dim (512) and an odd one past 256: the CONFIG_WIDE tile, with a sink, shared K = V."""
+    g = torch.Generator(device="cuda").manual_seed(d)
+    q = torch.randn(2, 4, 300, d, device="cuda", generator=g).to(torch.bfloat16)
+    kv = torch.randn(2, 1, 300, d, device="cuda", generator=g).to(torch.bfloat16)
+    sinks = torch.randn(4, 1, device="cuda", generator=g)
+    e = torch.arange(1, 301, device="cuda")
+    out = windowed_attention_triton(q, kv, kv, e - 128, e, d ** -0.5, torch.bfloat16, sinks)
+    ref = eager(q, kv, kv, e - 128, e, d ** -0.5, torch.bfloat16, sinks)
+    assert windowed_attention_mismatch(ref, out, q.dtype) is None
