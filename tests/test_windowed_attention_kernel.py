@@ -50,7 +50,7 @@ def eager(q, k, v, s=None, e=None, scale=1.0, scores_dtype=None, sinks=None):
     return on_oracle_device(_eager, q, k, v, s, e, scale, scores_dtype)
 
 
-def _eager_sink(q, k, v, s, e, scale, scores_dtype, sinks):
+def _scores_and_keep(q, k, s, e, scale, scores_dtype):
     scores = (q @ k.transpose(-1, -2)).to(scores_dtype or q.dtype) * scale
     pos = torch.arange(k.shape[-2], device=q.device)
     keep = torch.ones_like(pos, dtype=torch.bool)
@@ -58,6 +58,11 @@ def _eager_sink(q, k, v, s, e, scale, scores_dtype, sinks):
         keep = keep & (pos >= s[..., None])
     if e is not None:
         keep = keep & (pos < e[..., None])
+    return scores, keep
+
+
+def _eager_sink(q, k, v, s, e, scale, scores_dtype, sinks):
+    scores, keep = _scores_and_keep(q, k, s, e, scale, scores_dtype)
     scores = scores + torch.where(keep, 0.0, torch.finfo(scores.dtype).min).to(scores.dtype)
     sink = sinks[..., None].expand(*scores.shape[:-1], 1)
     combined = torch.cat([scores, sink], dim=-1)  # promoted to fp32 with fp32 sinks
@@ -67,13 +72,7 @@ def _eager_sink(q, k, v, s, e, scale, scores_dtype, sinks):
 
 
 def _eager(q, k, v, s, e, scale, scores_dtype):
-    scores = (q @ k.transpose(-1, -2)).to(scores_dtype or q.dtype) * scale
-    pos = torch.arange(k.shape[-2], device=q.device)
-    keep = torch.ones_like(pos, dtype=torch.bool)
-    if s is not None:
-        keep = keep & (pos >= s[..., None])
-    if e is not None:
-        keep = keep & (pos < e[..., None])
+    scores, keep = _scores_and_keep(q, k, s, e, scale, scores_dtype)
     probs = torch.softmax(scores.masked_fill(~keep, NEG_INF), dim=-1, dtype=torch.float32)
     return probs.to(v.dtype) @ v
 
