@@ -54,21 +54,45 @@ def sliding_window_attention(q, k, v, w: int):
     return probs @ v
 
 
-def v4_sliding_attention_sink(q, kv, sinks, w: int):
+def v4_sliding_attention_sink(q, kv, sinks, w: int, block_bias=None, compressed=None):
     """transformers' DeepSeek-V4 ``eager_attention_forward`` on a sliding-window layer: one K = V head shared by
     the query heads (repeat_kv), an additive finfo.min window mask, the per-head sink cat'ed, the row max
-    subtracted, softmax, the sink column dropped."""
+    subtracted, softmax, the sink column dropped.  With ``compressed`` keys (the CSA / HCA layers) the keys are
+    ``cat([kv, compressed])`` and the mask ``cat([window mask, block_bias])``, as ``DeepseekV4Attention``."""
     b, h, s, d = q.shape
     t = kv.shape[-2]
-    kv = kv[:, :, None].expand(b, 1, h, t, d).reshape(b, h, t, d)
     qpos = torch.arange(s, device=q.device)[:, None] + (t - s)
     kpos = torch.arange(t, device=q.device)[None, :]
     mask = torch.where((kpos > qpos - w) & (kpos <= qpos), 0.0, torch.finfo(q.dtype).min).to(q.dtype)
-    scores = torch.matmul(q, kv.transpose(2, 3)) * d ** -0.5 + mask[None, None].expand(b, -1, s, t)
+    mask = mask[None, None].expand(b, 1, s, t)
+    if compressed is not None:
+        kv = torch.cat([kv, compressed], dim=2)
+        mask = torch.cat([mask, block_bias.to(mask.dtype)], dim=-1)
+        t = kv.shape[-2]
+    kv = kv[:, :, None].expand(b, 1, h, t, d).reshape(b, h, t, d)
+    scores = torch.matmul(q, kv.transpose(2, 3)) * d ** -0.5 + mask.expand(b, -1, s, t)
     combined = torch.cat([scores, sinks.reshape(1, -1, 1, 1).expand(b, -1, s, -1)], dim=-1)
     combined = combined - combined.max(dim=-1, keepdim=True).values
     probs = torch.nn.functional.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1]
     return torch.matmul(probs.to(kv.dtype), kv)
+
+
+def v4_hca_attention(q, kv, compressed, sinks, w: int, m: int):
+    """DeepSeek-V4's HCA layer: ``DeepseekV4HCACompressor``'s causal block bias over the compressed keys (query t
+    sees entry j when j < (t + 1) // m), then the attention above."""
+    b, s, n = q.shape[0], q.shape[-2], compressed.shape[-2]
+    threshold = (torch.arange(s, device=q.device) + 1) // m
+    bias = compressed.new_zeros((b, 1, s, n)).masked_fill(
+        torch.arange(n, device=q.device).view(1, 1, 1, -1) >= threshold.view(1, 1, -1, 1), float("-inf"))
+    return v4_sliding_attention_sink(q, kv, sinks, w, bias, compressed)
+
+
+def v4_csa_attention(q, kv, compressed, sinks, w: int, picks):
+    """DeepSeek-V4's CSA layer: ``DeepseekV4CSACompressor``'s block bias from the indexer's picks ([B, S, k], the
+    entry count for "none"), then the attention above."""
+    b, s, n = q.shape[0], q.shape[-2], compressed.shape[-2]
+    bias = compressed.new_full((b, 1, s, n + 1), float("-inf")).scatter(-1, picks.unsqueeze(1), 0.0)[..., :n]
+    return v4_sliding_attention_sink(q, kv, sinks, w, bias, compressed)
 
 
 def _check_attention(args, eager, ours):
@@ -128,6 +152,31 @@ def cases(device="cuda"):
               "B=1 H=64 S=T=4096 D=512 bf16, shared K=V, w=128", v4_sliding_attention_sink, v4_inputs,
               min_bytes=2 * 64 * 4096 * 512 * 2 + 4096 * 512 * 2, flops=4 * 64 * 4096 * w * 512,
               check=_check_attention)
+    def v4_compressed_inputs(m, k=None, s=4096, h=64, d=512):
+        def inputs():
+            q, kv, sinks, _ = v4_inputs(s, h, d)
+            g = torch.Generator(device=device).manual_seed(4)
+            n = s // m
+            compressed = torch.randn(1, 1, n, d, device=device, generator=g).to(torch.bfloat16)
+            if k is None:
+                return q, kv, compressed, sinks, w, m
+            # the indexer's picks: k distinct causal entries per query, "none" (n) where fewer are ready
+            ready = ((torch.arange(s, device=device) + 1) // m)[:, None]
+            scores = torch.rand(1, s, n, device=device, generator=g).masked_fill(
+                torch.arange(n, device=device) >= ready, -1.0)
+            picks = scores.topk(k, dim=-1).indices
+            return q, kv, compressed, sinks, w, torch.where(picks >= ready, n, picks)
+        return inputs
+
+    flops_window = 4 * 64 * 4096 * w * 512
+    v4_hca = Case("windowed attention + sink + tail (DeepSeek-V4 HCA layer, transformers)",
+                  "B=1 H=64 S=4096 D=512 bf16, w=128, 32 compressed keys (m=128)", v4_hca_attention,
+                  v4_compressed_inputs(128), min_bytes=2 * 64 * 4096 * 512 * 2 + 4096 * 512 * 2,
+                  flops=flops_window + 4 * 64 * 4096 * 32 * 512 / 2, check=_check_attention)
+    v4_csa = Case("windowed attention + sink + tail (DeepSeek-V4 CSA layer, transformers)",
+                  "B=1 H=64 S=4096 D=512 bf16, w=128, 1024 compressed keys (m=4), 512 picks",
+                  v4_csa_attention, v4_compressed_inputs(4, 512), min_bytes=2 * 64 * 4096 * 512 * 2,
+                  flops=flops_window + 4 * 64 * 4096 * 512 * 512, check=_check_attention)
     return [
         Case("windowed_softmax (sliding 128, arange mask)", f"scores {t}x{t} fp32, w={w}", sliding_window_softmax,
              sliding_inputs, min_bytes=dense, check=_check_sliding),
@@ -136,4 +185,6 @@ def cases(device="cuda"):
         attention_case(torch.bfloat16, ""),
         attention_case(torch.float32, ", fp32"),
         v4,
+        v4_hca,
+        v4_csa,
     ]

@@ -301,3 +301,66 @@ def test_wide_heads_default_tile(d):
     out = windowed_attention_triton(q, kv, kv, e - 128, e, d ** -0.5, torch.bfloat16, sinks)
     ref = eager(q, kv, kv, e - 128, e, d ** -0.5, torch.bfloat16, sinks)
     assert windowed_attention_mismatch(ref, out, q.dtype) is None
+
+
+def _eager_tail(q, k, v, s, e, scale, scores_dtype, sinks, tail, ts, te, tb):
+    """DeepSeek-V4's compressed layers as transformers writes them: the window's additive finfo.min mask over the
+    first ``tail`` keys cat'ed with the compressed keys' block bias (``tb``, or a 0 / -inf causal one from
+    ``ts`` / ``te``), the sink cat'ed, max subtracted, softmax, sink dropped."""
+    scores = (q @ k.transpose(-1, -2)).to(scores_dtype or q.dtype) * scale
+    t = k.shape[-2]
+    pos = torch.arange(tail, device=q.device)
+    keep = (pos >= s[..., None]) & (pos < e[..., None])
+    head = torch.where(keep, 0.0, torch.finfo(scores.dtype).min)
+    j = torch.arange(t - tail, device=q.device)
+    rest = torch.zeros(t - tail, device=q.device)
+    if ts is not None:
+        rest = rest.masked_fill(j < ts[..., None], NEG_INF)
+    if te is not None:
+        rest = rest.masked_fill(j >= te[..., None], NEG_INF)
+    if tb is not None:
+        rest = rest + tb
+    rows = torch.broadcast_shapes(head.shape[:-1], rest.shape[:-1])
+    mask = torch.cat([head.expand(*rows, tail), rest.expand(*rows, t - tail)], dim=-1).to(scores.dtype)
+    scores = scores + mask
+    combined = torch.cat([scores, sinks[..., None].expand(*scores.shape[:-1], 1)], dim=-1)
+    combined = combined - combined.max(dim=-1, keepdim=True).values
+    probs = torch.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1]
+    return probs.to(v.dtype) @ v
+
+
+@settings(max_examples=examples(cuda=200, cpu=40))
+@given(st.data())
+def test_tail_segment_equals_eager(data):
+    """Keys [0, tail) under a sliding window, keys [tail, T) under their own causal bounds (V4's HCA) or an
+    additive 0 / -inf block bias (V4's CSA, the indexer's picks), a per-head sink: kernel == eager."""
+    draw = data.draw
+    dtype = draw(st.sampled_from(FLOATS))
+    tail, extra = draw(st.integers(1, MAX_T)), draw(st.integers(0, 24))
+    t, s, d = tail + extra, draw(st.integers(1, MAX_T)), draw(st.integers(1, 40))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    q = torch.randn(2, 3, s, d, generator=g).to(dtype)
+    kv = torch.randn(2, 1, t, d, generator=g).to(dtype)
+    qpos = torch.arange(s) + (tail - s)
+    w = draw(st.integers(1, tail + 2))
+    starts, ends = qpos - w + 1, qpos + 1
+    ts = te = tb = None
+    kind = draw(st.sampled_from(["causal", "bias", "both", "none"]))
+    if kind in ("causal", "both"):
+        te = (qpos + 1) // draw(st.integers(1, 8))
+    if kind in ("bias", "both"):
+        tb = torch.where(torch.rand(2, 1, s, extra, generator=g) < 0.5, 0.0, NEG_INF)
+    if draw(st.booleans()) and kind != "none":
+        ts = torch.randint(-2, extra + 2, (s,), generator=g)
+    sinks = (torch.randn(3, 1, generator=g) * 2).to(draw(st.sampled_from([torch.float32, dtype])))
+    scale = 1.0 / math.sqrt(d)
+    bm, bn = draw(st.sampled_from(TILES))
+    dev = lambda x: None if x is None else x.to(DEVICE)  # noqa: E731
+    out = windowed_attention_triton(dev(q), dev(kv), dev(kv), dev(starts), dev(ends), scale, dtype, dev(sinks),
+                                    tail, dev(ts), dev(te), dev(tb), block_m=bm, block_n=bn)
+    ref = on_oracle_device(_eager_tail, dev(q), dev(kv), dev(kv), dev(starts), dev(ends), scale, dtype, dev(sinks),
+                           tail, dev(ts), dev(te), dev(tb))
+    why = windowed_attention_mismatch(ref, out, dtype)
+    assert why is None, why
+    mine = windowed_attention_reference(q, kv, kv, starts, ends, scale, dtype, sinks, tail, ts, te, tb)
+    assert windowed_attention_mismatch(ref.cpu(), mine, dtype) is None

@@ -110,6 +110,39 @@ def v4_sink_window(q, kv, sinks, w):
     return torch.matmul(probs[..., :-1].to(kv.dtype), kv)
 
 
+def _v4_compressed(q, kv, cmp, sinks, w, block_bias):
+    # transformers' DeepSeek-V4 compressed layers: the sliding window's keys cat'ed with the compressed ones, the
+    # window's additive mask cat'ed with the compressor's block bias, then as v4_sink_window
+    b, h, s, d = q.shape
+    kv = torch.cat([kv, cmp], dim=2)
+    t = kv.shape[-2]
+    kv = kv[:, :, None].expand(b, 1, h, t, d).reshape(b, h, t, d)
+    scores = torch.matmul(q, kv.transpose(2, 3)) * 0.125
+    window = torch.where(_sliding_keep(s, s, w, q.device), 0.0, torch.finfo(scores.dtype).min).to(scores.dtype)
+    mask = torch.cat([window[None, None].expand(b, 1, s, s), block_bias.to(scores.dtype)], dim=-1)
+    scores = scores + mask
+    combined = torch.cat([scores, sinks.reshape(1, -1, 1, 1).expand(b, -1, s, -1)], dim=-1)
+    combined = combined - combined.max(dim=-1, keepdim=True).values
+    probs = torch.nn.functional.softmax(combined, dim=-1, dtype=combined.dtype)
+    return torch.matmul(probs[..., :-1].to(kv.dtype), kv)
+
+
+def v4_hca(q, kv, cmp, sinks, w):
+    # HCA: query t sees compressed entry j when j < (t + 1) // m (here m = 4)
+    b, s, n = q.shape[0], q.shape[-2], cmp.shape[-2]
+    threshold = (torch.arange(s, device=q.device) + 1) // 4
+    bias = cmp.new_zeros((b, 1, s, n)).masked_fill(
+        torch.arange(n, device=q.device).view(1, 1, 1, -1) >= threshold.view(1, 1, -1, 1), float("-inf"))
+    return _v4_compressed(q, kv, cmp, sinks, w, bias)
+
+
+def v4_csa(q, kv, cmp, sinks, w, picks):
+    # CSA: the indexer's picks ([B, S, k], n = "none") scattered into a 0 / -inf block bias
+    b, s, n = q.shape[0], q.shape[-2], cmp.shape[-2]
+    bias = cmp.new_full((b, 1, s, n + 1), float("-inf")).scatter(-1, picks.unsqueeze(1), 0.0)[..., :n]
+    return _v4_compressed(q, kv, cmp, sinks, w, bias)
+
+
 def sink_causal_neg_inf(q, k, v, sinks, w):
     # gpt-oss-like, per-head k / v: a -inf causal mask added, the softmax straight on the cat (no max
     # subtraction), in fp32 (w unused)
@@ -142,6 +175,10 @@ CASES = {
     sink_causal_neg_inf: ({torch.float32: "sink:window:bmm:broadcast:fp32",
                            torch.bfloat16: "sink:window:bmm:broadcast:bf16"}, "sink_heads"),
     sink_no_mask: ({torch.float32: "sink:bmm:broadcast:fp32"}, "sink_heads"),
+    v4_hca: ({torch.float32: "sink:window:tail_window:bmm:broadcast:fp32",
+              torch.bfloat16: "sink:window:tail_window:bmm:broadcast:bf16"}, "sink_tail"),
+    v4_csa: ({torch.float32: "sink:window:tail_bias:bmm:broadcast:fp32",
+              torch.bfloat16: "sink:window:tail_bias:bmm:broadcast:bf16"}, "sink_picks"),
 }
 PARAMS = [(fn, dt) for fn, (variants, _) in CASES.items() for dt in variants]
 
@@ -165,6 +202,13 @@ def inputs(draw, kind, dtype, device):
     if kind.startswith("sink"):  # per-head sinks, in the model's dtype (model.to(dtype) casts them too)
         sinks = (torch.randn(h, generator=g) * 2).to(dtype).to(device)
         w = draw(st.integers(1, t + 3))
+        if kind in ("sink_tail", "sink_picks"):  # s queries over their own s keys, plus n compressed keys
+            n = draw(st.integers(2, 12))
+            args = (rand(b, h, s, d), rand(b, 1, s, d), rand(b, 1, n, d), sinks, w)
+            if kind == "sink_tail":
+                return args
+            picks = torch.randint(0, n + 1, (b, s, draw(st.integers(2, 5))), generator=g).to(device)
+            return (*args, picks)
         if kind == "sink_shared":
             return rand(b, h, s, d), rand(b, 1, t, d), sinks, w
         return rand(b, h, s, d), rand(b, h, t, d), rand(b, h, t, dv), sinks, w
@@ -339,6 +383,27 @@ def nm_sink_keep_plus_one(q, k, v):
     return _sink_cat(q, k, scores).softmax(-1)[..., :-1] @ v
 
 
+def _compressed_scores(q, k, parts):
+    # the last 4 keys stand for compressed ones
+    return (q @ k.transpose(-1, -2)) * SCALE + torch.cat(parts, dim=-1)
+
+
+def _head_window(q, k):
+    s, t = q.shape[-2], k.shape[-2]
+    return torch.where(_sliding_keep(s, t - 4, 5, q.device), 0.0, torch.finfo(torch.float32).min)
+
+
+def nm_tail_three_masks(q, k, v):
+    z = torch.zeros(q.shape[-2], 2)
+    return _sink_cat(q, k, _compressed_scores(q, k, [_head_window(q, k), z, z])).softmax(-1)[..., :-1] @ v
+
+
+def nm_tail_bias_first(q, k, v):
+    # the tensor mask first and the window after it: the window must be the first part
+    parts = [torch.zeros(q.shape[-2], k.shape[-2] - 4), _head_window(q, k)[..., :4]]
+    return _sink_cat(q, k, _compressed_scores(q, k, parts)).softmax(-1)[..., :-1] @ v
+
+
 NEAR_MISSES = {  # fn -> (the reason report() gives, or None when the rule sees no candidate; input dtype)
     nm_probs_reused: ("attention weights have another consumer", torch.float32),
     nm_scores_reused: ("scores have another consumer", torch.float32),
@@ -353,6 +418,8 @@ NEAR_MISSES = {  # fn -> (the reason report() gives, or None when the rule sees 
     nm_sink_probs_reused: ("attention weights have another consumer", torch.float32),
     nm_sink_softmax_over_queries: ("not over the last dim", torch.float32),
     nm_sink_keep_plus_one: ("not where(keep, 0, -inf or finfo.min)", torch.float32),
+    nm_tail_three_masks: ("not [window mask, tail mask]", torch.float32),
+    nm_tail_bias_first: ("not where(keep, 0, -inf or finfo.min)", torch.float32),
 }
 
 

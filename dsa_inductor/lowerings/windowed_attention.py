@@ -23,7 +23,10 @@ Semantics (the matched eager graph, rounding points included)::
 with ``keep[..., i, j] = row_starts[..., i] <= j < row_ends[..., i]`` (either bound optional).  With ``sinks``
 (DeepSeek-V4's per-head attention sink) the softmax is ``softmax(cat([s, sink], -1))[..., :-1]`` in fp32: the
 kernel starts each row's online softmax from the sink (running max ``sink``, sum 1) instead of (-inf, 0), so a
-row with no key in its window is 0 rather than NaN, as eager.  The batch
+row with no key in its window is 0 rather than NaN, as eager.  With ``tail`` (DeepSeek-V4's compressed layers,
+whose keys are the sliding window's followed by the compressed ones) the bounds apply to keys ``[0, tail)``, and
+keys ``[tail, T)`` are kept by their own ``tail_starts <= j - tail < tail_ends`` and take ``tail_bias`` added to
+their scaled scores (rounded to ``scores_dtype``); the kernel walks the window's span, then the tail's.  The batch
 dims of ``q``, ``k``, ``v`` and the row bounds broadcast as ``torch.matmul`` and ``where`` do; ``scale``
 multiplies (a ``/ c`` in the graph arrives as ``* (1 / c)``, which may differ from eager's division in the
 last bit of the scores).  A row with no key in its window (or whose kept scores are all ``-inf``) is NaN,
@@ -85,7 +88,8 @@ CONFIG_WIDE = dict(block_m=64, block_n=32, num_warps=8, num_stages=2)
 FP32_PRECISION = "ieee"
 
 
-def _check_args(q, k, v, row_starts, row_ends, scale, scores_dtype, sinks=None):
+def _check_args(q, k, v, row_starts, row_ends, scale, scores_dtype, sinks=None, tail=None, tail_starts=None,
+                tail_ends=None, tail_bias=None):
     """Raise ValueError/TypeError naming the offending argument; returns the output shape."""
     name = "windowed_attention"
     for arg, t in (("q", q), ("k", k), ("v", v)):
@@ -102,8 +106,20 @@ def _check_args(q, k, v, row_starts, row_ends, scale, scores_dtype, sinks=None):
     if _known_differ(v.shape[-2], k.shape[-2]):
         raise ValueError(f"{name}: `v` has {v.shape[-2]} keys, `k` has {k.shape[-2]}")
     shape = (*q.shape[:-1],)  # the rows [*batch, S], broadcast with every other argument in turn
+    if tail is None and any(x is not None for x in (tail_starts, tail_ends, tail_bias)):
+        raise ValueError(f"{name}: `tail_starts`, `tail_ends` and `tail_bias` need `tail` (where the tail keys start)")
+    if tail is not None and (isinstance(tail, bool) or not isinstance(tail, (int, torch.SymInt)) or (
+            isinstance(tail, int) and isinstance(k.shape[-2], int) and not 0 <= tail <= k.shape[-2])):
+        raise ValueError(f"{name}: `tail` must be an int in [0, {k.shape[-2]}] (the number of keys), got {tail!r}")
+    if tail_bias is not None:
+        if tail_bias.dtype not in _FLOATS or tail_bias.dim() < 2:
+            raise TypeError(f"{name}: `tail_bias` must be a float32, float16 or bfloat16 tensor [..., S, T - tail], "
+                            f"got {tail_bias.dtype} {tuple(tail_bias.shape)}")
+        if _known_differ(tail_bias.shape[-1], k.shape[-2] - tail):
+            raise ValueError(f"{name}: `tail_bias` has {tail_bias.shape[-1]} keys, the tail {k.shape[-2] - tail}")
     for arg, own in (("k", (*k.shape[:-2], 1)), ("v", (*v.shape[:-2], 1)), ("row_starts", row_starts),
-                     ("row_ends", row_ends), ("sinks", sinks)):
+                     ("row_ends", row_ends), ("sinks", sinks), ("tail_starts", tail_starts),
+                     ("tail_ends", tail_ends), ("tail_bias", None if tail_bias is None else tuple(tail_bias.shape[:-1]))):
         if own is None:
             continue
         if isinstance(own, torch.Tensor):
@@ -132,13 +148,26 @@ def _known_differ(a, b) -> bool:
 
 
 def windowed_attention_reference(q, k, v, row_starts=None, row_ends=None, scale=1.0, scores_dtype=None,
-                                 sinks=None):
+                                 sinks=None, tail=None, tail_starts=None, tail_ends=None, tail_bias=None):
     """Plain-torch definition of the op (its CPU path, and the oracle of the kernel tests): the dense eager
     computation, ``[..., S, T]`` scores and probabilities included; with ``sinks``, DeepSeek-V4's (and
     gpt-oss's) ``softmax(cat([scores, sink], -1))[..., :-1]``."""
     scores_dtype = scores_dtype or q.dtype
     s = torch.matmul(q, k.transpose(-1, -2)).to(scores_dtype) * scale
-    keep = window_keep(s.shape[-1], row_starts, row_ends, device=q.device)
+    t = s.shape[-1]
+    if tail is None:
+        keep = window_keep(t, row_starts, row_ends, device=q.device)
+    else:  # the window over [0, tail), the tail's own bounds (relative to it) and additive mask over [tail, T)
+        head = window_keep(tail, row_starts, row_ends, device=q.device)
+        rest = window_keep(t - tail, tail_starts, tail_ends, device=q.device)
+        head = torch.ones(tail, dtype=torch.bool, device=q.device) if head is None else head
+        rest = torch.ones(t - tail, dtype=torch.bool, device=q.device) if rest is None else rest
+        shape = torch.broadcast_shapes(head.shape[:-1], rest.shape[:-1])
+        keep = torch.cat([head.expand(*shape, tail), rest.expand(*shape, t - tail)], dim=-1)
+        if tail_bias is not None:
+            rows = torch.broadcast_shapes(s.shape[:-1], tail_bias.shape[:-1])
+            zeros = tail_bias.new_zeros(()).expand(*rows, tail)
+            s = (s + torch.cat([zeros, tail_bias.expand(*rows, t - tail)], dim=-1)).to(scores_dtype)
     if keep is not None:
         s = torch.where(keep, s, torch.tensor(float("-inf"), dtype=s.dtype, device=s.device))
     if sinks is None:
@@ -176,7 +205,62 @@ def _zh_strides(t, batch, last):
 
 if triton is not None:
 
-    @triton.jit(do_not_specialize=["S", "T"])
+    @triton.jit
+    def _row_window(lo_ptr, hi_ptr, rows, rmask, base, n, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr):
+        """Each row's kept keys ``[base + lo, base + hi)`` of a segment of ``n`` keys starting at ``base``
+        (bounds relative to the segment, clamped to it), and the block's span; rows past S and empty windows
+        widen nothing."""
+        lo = tl.zeros((rows.shape[0],), tl.int32)
+        hi = tl.zeros((rows.shape[0],), tl.int32) + n
+        if HAS_LO:
+            lo = tl.minimum(tl.maximum(tl.load(lo_ptr, mask=rmask, other=0), 0), n).to(tl.int32)
+        if HAS_HI:
+            hi = tl.minimum(tl.maximum(tl.load(hi_ptr, mask=rmask, other=0), 0), n).to(tl.int32)
+        counts = rmask & (lo < hi)
+        lo = tl.where(counts, lo + base, base + n)
+        hi = tl.where(counts, hi + base, base)
+        return lo, hi, tl.min(lo, 0), tl.max(hi, 0)
+
+    @triton.jit
+    def _attend_span(q_a, q_b, k_base, ks_t, v_base, vs_t, vs_d, lo, hi, span_lo, span_hi, scale,
+                     bias_base, bs_s, bs_t, bias_from, rows, m_i, l_i, acc,
+                     da, db, dv, D: tl.constexpr, DB: tl.constexpr, DV: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     MM_DTYPE: tl.constexpr, SCORES_DTYPE: tl.constexpr, ROUND: tl.constexpr,
+                     QK_PREC: tl.constexpr, PV_PREC: tl.constexpr, INTERPRETED: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+        """The online softmax over keys ``[span_lo, span_hi)`` in BLOCK_N tiles, each row keeping ``[lo, hi)``;
+        with HAS_BIAS, ``bias[row, key - bias_from]`` is added to the scaled scores (in their dtype)."""
+        for start in range(span_lo, span_hi, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            cmask = cols < span_hi  # never past the block's span (span_hi <= T)
+            s, _ = _qk_tile(q_a, q_b, k_base + cols.to(tl.int64) * ks_t, cmask, da, db, D, DB, QK_PREC,
+                            INTERPRETED)
+            keep = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
+            if ROUND:  # the matched graph's rounding: matmul result, then the scaled scores
+                s = _to(s, MM_DTYPE, INTERPRETED).to(tl.float32) * scale
+                s = _to(s, SCORES_DTYPE, INTERPRETED).to(tl.float32)
+            else:
+                s = s * scale
+            if HAS_BIAS:  # the additive mask of this segment, read only where the window keeps the key
+                b = tl.load(bias_base + rows[:, None] * bs_s + (cols - bias_from)[None, :].to(tl.int64) * bs_t,
+                            mask=keep, other=0.0).to(tl.float32)
+                s = s + b
+                if ROUND:
+                    s = _to(s, SCORES_DTYPE, INTERPRETED).to(tl.float32)
+            s = tl.where(keep, s * 1.4426950408889634, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no finite score yet: weights exp2(-inf) = 0
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            vt = tl.load(v_base + cols[:, None].to(tl.int64) * vs_t + dv[None, :] * vs_d,
+                         mask=cmask[:, None] & (dv[None, :] < DV), other=0.0)  # [BLOCK_N, BLOCK_DV]
+            pv = _up(_to(p, vt.dtype, INTERPRETED), INTERPRETED)  # the weights rounded to v's dtype
+            acc = tl.dot(pv, _up(vt, INTERPRETED), acc * alpha[:, None], input_precision=PV_PREC)
+            m_i = m_new
+        return m_i, l_i, acc
+
+    @triton.jit(do_not_specialize=["S", "T", "TAIL"])
     def _windowed_attention_kernel(
         q_ptr, qs_z, qs_h, qs_s,
         k_ptr, ks_z, ks_h, ks_t,
@@ -184,15 +268,20 @@ if triton is not None:
         st_ptr, sts_z, sts_h, sts_s,
         en_ptr, ens_z, ens_h, ens_s,
         sk_ptr, sks_z, sks_h, sks_s,
+        ts_ptr, tss_z, tss_h, tss_s,
+        te_ptr, tes_z, tes_h, tes_s,
+        tb_ptr, tbs_z, tbs_h, tbs_s, tbs_t,
         o_ptr, os_z, os_h, os_s,
-        S, T, H, scale,
+        S, T, TAIL, H, scale,
         D: tl.constexpr, DV: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr, BLOCK_DV: tl.constexpr,
         HAS_STARTS: tl.constexpr, HAS_ENDS: tl.constexpr, HAS_SINK: tl.constexpr,
+        HAS_TAIL: tl.constexpr, HAS_TAIL_STARTS: tl.constexpr, HAS_TAIL_ENDS: tl.constexpr, HAS_TAIL_BIAS: tl.constexpr,
         MM_DTYPE: tl.constexpr, SCORES_DTYPE: tl.constexpr, ROUND: tl.constexpr,
         QK_PREC: tl.constexpr, PV_PREC: tl.constexpr, INTERPRETED: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
-        """One program per (BLOCK_M query rows, batch entry): FlashAttention-2 over the block's key span."""
+        """One program per (BLOCK_M query rows, batch entry): FlashAttention-2 over the block's key span (keys
+        ``[0, TAIL)``), then, with HAS_TAIL, over its span of the tail segment ``[TAIL, T)``."""
         # A 1-d grid, the row blocks of one batch entry consecutive (the order of a (row blocks, batch) grid,
         # without the 65535 limit of a second grid dim).
         pid = tl.program_id(0).to(tl.int64)
@@ -202,21 +291,9 @@ if triton is not None:
         h = zh % H
         rows = (pid % n_m) * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < S
-        # Each row's window, clamped to [0, T]; rows past S and empty windows widen nothing.
-        lo = tl.zeros((BLOCK_M,), tl.int32)
-        hi = tl.zeros((BLOCK_M,), tl.int32) + T
-        if HAS_STARTS:
-            st = tl.load(st_ptr + z * sts_z + h * sts_h + rows * sts_s, mask=rmask, other=0)
-            lo = tl.minimum(tl.maximum(st, 0), T).to(tl.int32)
-        if HAS_ENDS:
-            en = tl.load(en_ptr + z * ens_z + h * ens_h + rows * ens_s, mask=rmask, other=0)
-            hi = tl.minimum(tl.maximum(en, 0), T).to(tl.int32)
-        counts = rmask & (lo < hi)
-        lo = tl.where(counts, lo, T)
-        hi = tl.where(counts, hi, 0)
-        span_lo = tl.min(lo, 0)
-        span_hi = tl.max(hi, 0)
-
+        lo, hi, span_lo, span_hi = _row_window(st_ptr + z * sts_z + h * sts_h + rows * sts_s,
+                                               en_ptr + z * ens_z + h * ens_h + rows * ens_s, rows, rmask, 0, TAIL,
+                                               HAS_STARTS, HAS_ENDS)
         dv = tl.arange(0, BLOCK_DV)
         # q and k as the sparse kernels read them (rows of contiguous head dims, Dqk split DA + DB): the same
         # code proven on the H100; a [BLOCK_D, BLOCK_N] transposed k load padded from D = 40 to 64 gave wrong
@@ -231,28 +308,18 @@ if triton is not None:
             m_i = sk * 1.4426950408889634
             l_i = tl.where(sk == float("-inf"), 0.0, 1.0)  # exp(sink - sink), or nothing for a -inf sink
         acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
-        for start in range(span_lo, span_hi, BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)
-            cmask = cols < span_hi  # never past the block's span (span_hi <= T)
-            s, _ = _qk_tile(q_a, q_b, k_base + cols.to(tl.int64) * ks_t, cmask, da, db, D, DB, QK_PREC,
-                            INTERPRETED)
-            if ROUND:  # the matched graph's rounding: matmul result, then the scaled scores
-                s = _to(s, MM_DTYPE, INTERPRETED).to(tl.float32) * scale
-                s = _to(s, SCORES_DTYPE, INTERPRETED).to(tl.float32) * 1.4426950408889634
-            else:
-                s = s * (scale * 1.4426950408889634)
-            keep = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
-            s = tl.where(keep, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no finite score yet: weights exp2(-inf) = 0
-            alpha = tl.exp2(m_i - m_use)
-            p = tl.exp2(s - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            vt = tl.load(v_base + cols[:, None].to(tl.int64) * vs_t + dv[None, :] * vs_d,
-                         mask=cmask[:, None] & (dv[None, :] < DV), other=0.0)  # [BLOCK_N, BLOCK_DV]
-            pv = _up(_to(p, vt.dtype, INTERPRETED), INTERPRETED)  # the weights rounded to v's dtype
-            acc = tl.dot(pv, _up(vt, INTERPRETED), acc * alpha[:, None], input_precision=PV_PREC)
-            m_i = m_new
+        tb_base = tb_ptr + z * tbs_z + h * tbs_h
+        m_i, l_i, acc = _attend_span(q_a, q_b, k_base, ks_t, v_base, vs_t, vs_d, lo, hi, span_lo, span_hi, scale,
+                                     tb_base, tbs_s, tbs_t, 0, rows, m_i, l_i, acc, da, db, dv, D, DB, DV, False,
+                                     MM_DTYPE, SCORES_DTYPE, ROUND, QK_PREC, PV_PREC, INTERPRETED, BLOCK_N)
+        if HAS_TAIL:
+            lo, hi, span_lo, span_hi = _row_window(ts_ptr + z * tss_z + h * tss_h + rows * tss_s,
+                                                   te_ptr + z * tes_z + h * tes_h + rows * tes_s, rows, rmask, TAIL,
+                                                   T - TAIL, HAS_TAIL_STARTS, HAS_TAIL_ENDS)
+            m_i, l_i, acc = _attend_span(q_a, q_b, k_base, ks_t, v_base, vs_t, vs_d, lo, hi, span_lo, span_hi,
+                                         scale, tb_base, tbs_s, tbs_t, TAIL, rows, m_i, l_i, acc, da, db, dv, D, DB,
+                                         DV, HAS_TAIL_BIAS, MM_DTYPE, SCORES_DTYPE, ROUND, QK_PREC, PV_PREC,
+                                         INTERPRETED, BLOCK_N)
         empty = l_i == 0.0  # no key in the window, or all -inf: NaN, as eager's softmax
         out = tl.where(empty[:, None], float("nan"), acc / tl.where(empty, 1.0, l_i)[:, None])
         tl.store(o_ptr + z * os_z + h * os_h + rows[:, None] * os_s + dv[None, :],
@@ -276,6 +343,7 @@ if triton is not None:
 
 
 def windowed_attention_triton(q, k, v, row_starts=None, row_ends=None, scale=1.0, scores_dtype=None, sinks=None,
+                              tail=None, tail_starts=None, tail_ends=None, tail_bias=None,
                               block_m=None, block_n=None, num_warps=None, num_stages=None):
     """Run the Triton kernel (the op's CUDA path; tests and tuning call it directly).
 
@@ -286,7 +354,8 @@ def windowed_attention_triton(q, k, v, row_starts=None, row_ends=None, scale=1.0
     if triton is None:
         raise RuntimeError("windowed_attention: triton is not installed")
     scores_dtype = scores_dtype or q.dtype
-    shape = _check_args(q, k, v, row_starts, row_ends, scale, scores_dtype, sinks)
+    shape = _check_args(q, k, v, row_starts, row_ends, scale, scores_dtype, sinks, tail, tail_starts, tail_ends,
+                        tail_bias)
     batch, s, t, d, dvn = shape[:-2], shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
     out = q.new_empty(shape, dtype=v.dtype)
     if out.numel() == 0:
@@ -299,6 +368,10 @@ def windowed_attention_triton(q, k, v, row_starts=None, row_ends=None, scale=1.0
     st_, sts = _zh_strides(row_starts, batch, (s,)) if row_starts is not None else (q, (0, 0, 0))
     en_, ens = _zh_strides(row_ends, batch, (s,)) if row_ends is not None else (q, (0, 0, 0))
     sk_, sks = _zh_strides(sinks, batch, (s,)) if sinks is not None else (q, (0, 0, 0))
+    n_head = t if tail is None else min(max(int(tail), 0), t)
+    ts_, tss = _zh_strides(tail_starts, batch, (s,)) if tail_starts is not None else (q, (0, 0, 0))
+    te_, tes = _zh_strides(tail_ends, batch, (s,)) if tail_ends is not None else (q, (0, 0, 0))
+    tb_, tbs = _zh_strides(tail_bias, batch, (s, t - n_head)) if tail_bias is not None else (q, (0, 0, 0, 0))
     h = batch[-1] if batch else 1
     z = out.numel() // (h * s * dvn)
     cfg = dict(CONFIG_WIDE if max(d, dvn) > 256 else CONFIG_32 if q.dtype == torch.float32 else CONFIG_16)
@@ -316,10 +389,13 @@ def windowed_attention_triton(q, k, v, row_starts=None, row_ends=None, scale=1.0
     grid = (triton.cdiv(s, cfg["block_m"]) * z * h,)
     da, db, dvp = _dims(d, dvn)
     _windowed_attention_kernel[grid](
-        q_, *qs[:-1], k_, *ks[:-1], v_, *vs, st_, *sts, en_, *ens, sk_, *sks, out, h * s * dvn, s * dvn, dvn, s, t, h,
+        q_, *qs[:-1], k_, *ks[:-1], v_, *vs, st_, *sts, en_, *ens, sk_, *sks, ts_, *tss, te_, *tes, tb_, *tbs,
+        out, h * s * dvn, s * dvn, dvn, s, t, n_head, h,
         float(scale),
         D=d, DV=dvn, DA=da, DB=db, BLOCK_DV=dvp,
         HAS_STARTS=row_starts is not None, HAS_ENDS=row_ends is not None, HAS_SINK=sinks is not None,
+        HAS_TAIL=tail is not None, HAS_TAIL_STARTS=tail_starts is not None, HAS_TAIL_ENDS=tail_ends is not None,
+        HAS_TAIL_BIAS=tail_bias is not None,
         MM_DTYPE=_TL_DTYPES[q.dtype], SCORES_DTYPE=_TL_DTYPES[scores_dtype],
         ROUND=q.dtype != torch.float32 or scores_dtype != torch.float32,
         QK_PREC=prec(q.dtype), PV_PREC=prec(v.dtype), INTERPRETED=upcast,
@@ -337,6 +413,10 @@ def windowed_attention(
     scale: float,
     scores_dtype: torch.dtype,
     sinks: Optional[torch.Tensor] = None,
+    tail: Optional[int] = None,
+    tail_starts: Optional[torch.Tensor] = None,
+    tail_ends: Optional[torch.Tensor] = None,
+    tail_bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Fused ``softmax(where(keep, (q @ k^T) * scale, -inf), -1) @ v`` over per-row key windows, with an
     optional attention sink (DeepSeek-V4, gpt-oss: ``softmax(cat([scores, sink], -1))[..., :-1] @ v``).
@@ -354,6 +434,13 @@ def windowed_attention(
         sinks: optional float tensor broadcastable to the rows ``[..., S]`` (DeepSeek-V4: one learned logit
             per head, ``[H, 1]`` against rows ``[B, H, S]``): each row's softmax also counts ``exp(sink)``,
             a key with no value, so the weights sum to less than 1; computed in fp32.
+        tail: optional int in ``[0, T]``: keys ``[tail, T)`` are a second segment (DeepSeek-V4's compressed
+            keys, cat'ed after the sliding window's), not under ``row_starts`` / ``row_ends`` (which then
+            apply to ``[0, tail)``) but under:
+        tail_starts, tail_ends: optional int32/int64 per-row bounds relative to the tail (key ``tail + j``
+            is kept when ``tail_starts <= j < tail_ends``; V4's HCA layers: ``j < (position + 1) // m``);
+        tail_bias: optional float ``[..., S, T - tail]`` additive mask on the tail's scaled scores, in
+            ``scores_dtype`` (V4's CSA layers: 0 at the indexer's picks, -inf elsewhere).
 
     Returns:
         ``[*batch, S, Dv]`` in ``v.dtype`` (batch: the broadcast of the batch dims of q, k, v and the
@@ -362,7 +449,7 @@ def windowed_attention(
     Raises:
         ValueError / TypeError naming the argument: bad rank, dtype, device, shapes or broadcast.
     """
-    args = (q, k, v, row_starts, row_ends, scale, scores_dtype, sinks)
+    args = (q, k, v, row_starts, row_ends, scale, scores_dtype, sinks, tail, tail_starts, tail_ends, tail_bias)
     if q.device.type != "cuda":  # (on CUDA, the *_triton function checks them)
         _check_args(*args)
         return windowed_attention_reference(*args)
@@ -375,5 +462,7 @@ def windowed_attention(
 
 
 @windowed_attention.register_fake
-def _windowed_attention_fake(q, k, v, row_starts, row_ends, scale, scores_dtype, sinks=None):
-    return q.new_empty(_check_args(q, k, v, row_starts, row_ends, scale, scores_dtype, sinks), dtype=v.dtype)
+def _windowed_attention_fake(q, k, v, row_starts, row_ends, scale, scores_dtype, sinks=None, tail=None,
+                             tail_starts=None, tail_ends=None, tail_bias=None):
+    return q.new_empty(_check_args(q, k, v, row_starts, row_ends, scale, scores_dtype, sinks, tail, tail_starts,
+                                   tail_ends, tail_bias), dtype=v.dtype)

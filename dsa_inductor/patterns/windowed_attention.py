@@ -56,8 +56,14 @@ below ``|fill|`` (a finite ``min + score`` rounds to ``min``, weight exactly 0 o
 a 16-bit ``combined`` (sinks cast to the model dtype) is a bf16 softmax in eager and an fp32 one in the op,
 within the bf16 tolerance.  Left alone with the reason: the sink column kept (another slice), a finite fill
 such as -1e4, ``where(keep, 1, min)``, a softmax over another dim, the weights used elsewhere, and an additive
-mask that is not an ``arange`` window: DeepSeek-V4's compressed layers ``cat`` the window's mask with the
-compressor's block bias (the indexer's picks), not rewritten yet.
+mask that is not an ``arange`` window.
+
+DeepSeek-V4's compressed layers (CSA, HCA) attend over ``cat([kv, compressed_kv], 2)`` with the mask
+``cat([window mask, block_bias], -1)``: the op's *tail* segment.  Keys ``[0, tail)`` (``tail`` = the first
+part's key count, a ``sym_size`` node when symbolic) keep the window; the keys after it take the second part,
+either a window too (HCA's ``zeros.masked_fill(entry >= (pos + 1) // m, -inf)``, a drop mask: ``tail_ends``) or,
+when it is no ``arange`` window, as an additive tensor read by the kernel (CSA's ``full(-inf).scatter(picks, 0)``:
+``tail_bias``).  A cat of more than two masks, or one whose first part is not the window, is left alone.
 """
 
 from __future__ import annotations
@@ -259,7 +265,7 @@ def _match_and_build(graph, ws) -> str:
     return _build(graph, mm1, mm2, list(ws_in.shape[:-2]), starts, ends, scale, scores_dtype, None, "")
 
 
-def _build(graph, mm1, mm2, rows_batch, starts, ends, scale, scores_dtype, sinks, tag) -> str:
+def _build(graph, mm1, mm2, rows_batch, starts, ends, scale, scores_dtype, sinks, tag, tail=None) -> str:
     """Replace ``probs @ v`` (``mm2``, whose probabilities come from the scores of ``mm1``) by the fused op;
     ``sinks`` (a node broadcastable to the rows ``[*rows_batch, S]``) or None.  Returns the variant name."""
     q, kt, v = mm1.args[0], mm1.args[1], mm2.args[1]
@@ -281,12 +287,16 @@ def _build(graph, mm1, mm2, rows_batch, starts, ends, scale, scores_dtype, sinks
         bounds = [_new_node(graph, aten.reshape.default, (b, [-1])) if plan == "squeeze" else b
                   for b, plan in zip((starts, ends), plans)]
         extra = ()
+        if tail is not None and not broadcast:
+            raise Reject("a tail segment (a cat of masks) needs q, k, v with the softmax's batch dims")
         if sinks is not None:
             if not broadcast:  # laid over the matmul's flattened rows
                 rows = [*rows_batch, _val(mm1).shape[-2]]
                 sinks = _new_node(graph, aten.expand.default, (sinks, rows))
                 sinks = _new_node(graph, aten.reshape.default, (sinks, [*_val(mm2).shape[:-2], rows[-1]]))
             extra = (sinks,)
+        if tail is not None:
+            extra = (*extra, *tail)
         fused = _new_node(graph, OP, (q, _untransposed(graph, kt), v, *bounds, scale, scores_dtype, *extra))
     fv, rv = _val(fused), _val(replaced)
     assert _same(fv.shape, rv.shape) and fv.dtype == rv.dtype, (fv, rv)  # what the checks above ensure
@@ -425,11 +435,10 @@ def _peeled(node):
     return node
 
 
-def _additive_window(bias, row_len):
-    """``where(keep, 0, fill)`` (through expands and casts) with ``fill`` -inf or the dtype's finfo.min and
-    ``keep`` an arange window: ``_mask_as_bounds``'s result.  Raises Reject otherwise."""
-    cur = bias
-    outer = []  # expands / unsqueezes of the mask: the bounds take them too, so that they lie over the same rows
+def _outer_views(bias):
+    """Peel expands / unsqueezes / casts above an additive mask: ``(the mask, the expands and unsqueezes)``.
+    The bounds take the same views, so that they lie over the same rows."""
+    cur, outer = bias, []
     while _is(cur, aten.expand.default, aten.unsqueeze.default, prims.convert_element_type.default):
         if _is(cur, aten.unsqueeze.default):
             if cur.args[1] % _val(cur).dim() == _val(cur).dim() - 1:
@@ -438,25 +447,73 @@ def _additive_window(bias, row_len):
         elif _is(cur, aten.expand.default):
             outer.append(cur)
         cur = cur.args[0]
+    return cur, outer
+
+
+def _constant(node):
+    """A Python number, or the value of an ``aten.full`` of any shape; else None."""
+    if isinstance(node, (int, float)):
+        return node
+    if _is(node, aten.full.default):
+        return node.args[1]
+    return None
+
+
+def _additive_window(bias, row_len):
+    """``where(keep, 0, fill)`` or ``where(drop, fill, 0)`` (through expands and casts) with ``fill`` -inf or a
+    float dtype's finfo.min and ``keep`` / ``drop`` an arange window (V4's compressed layers: ``zeros.masked_fill(
+    entry >= (pos + 1) // m, -inf)``): ``_mask_as_bounds``'s result.  Raises Reject otherwise."""
+    cur, outer = _outer_views(bias)
     if not _is(cur, aten.where.self):
         raise Reject("the additive mask is not where(keep, 0, -inf or finfo.min) (a cat of masks, or a tensor)")
-    keep, zero, fill = cur.args[:3]
-    zero = zero if isinstance(zero, (int, float)) else _full_value(zero)
-    fill = fill if isinstance(fill, (int, float)) else _full_value(fill)
+    cond, a, b = cur.args[:3]
     lows = (float("-inf"), *(torch.finfo(d).min for d in _FLOATS))  # the conventional "masked" constants
-    if zero != 0 or fill not in lows:
+    if _constant(a) == 0 and _constant(b) in lows:
+        drop = False
+    elif _constant(b) == 0 and _constant(a) in lows:
+        drop = True
+    else:
         raise Reject("the additive mask is not where(keep, 0, -inf or finfo.min): kept scores change, or "
                      "masked ones keep a weight")
-    found = _mask_as_bounds(keep, row_len=row_len)
-    if found is None or _val(keep).dim() != _val(cur).dim():
+    found = _mask_as_bounds(cond, negate=drop, row_len=row_len)
+    if found is None or _val(cond).dim() != _val(cur).dim():
         raise Reject("the additive mask's keep is not an arange window (row_starts <= kv < row_ends)")
     peels, bounds, rank = found
     return [*peels, *reversed(outer)], bounds, rank
 
 
+def _split_mask(bias, row_len):
+    """The additive mask of the scores: one window (``(found, None)``), or DeepSeek-V4's compressed layers'
+    ``cat([window mask, tail mask], -1)`` over ``cat([kv, compressed_kv])``: ``(found, (tail, tail_found,
+    tail_bias))`` with ``tail`` the first part's key count, and the second part either a window too
+    (``tail_found``, bounds relative to the tail: HCA's causal block mask) or any additive tensor
+    (``tail_bias``: CSA's 0 / -inf block bias from the indexer's picks)."""
+    cur, outer = _outer_views(bias)
+    if not _is(cur, aten.cat.default):
+        return _additive_window(bias, row_len), None
+    parts = cur.args[0]
+    dim = cur.args[1] if len(cur.args) > 1 else 0
+    if len(parts) != 2 or not _last_dim(cur, dim) or any(_is(o, aten.unsqueeze.default) for o in outer):
+        raise Reject("the additive mask is a cat that is not [window mask, tail mask] along the keys")
+    head, rest = parts
+    n_head, n_rest = _val(head).shape[-1], _val(rest).shape[-1]
+    found = _additive_window(head, n_head)
+    found = ([*found[0], *reversed(outer)], *found[1:])
+    try:
+        tail_found = _additive_window(rest, n_rest)
+        tail_found = ([*tail_found[0], *reversed(outer)], *tail_found[1:])
+        tail_bias = None
+    except Reject:
+        tail_found, tail_bias = None, rest
+        tv = _val(rest)
+        if tv.dtype not in _FLOATS or tv.dim() < 2:
+            raise Reject("the tail of the additive mask is not a float [..., S, T2] tensor") from None
+    return found, (head, tail_found, tail_bias)
+
+
 def _masked_scores(x, nodes):
-    """Walk up from the cat's scores through casts and one ``+ where(keep, 0, fill)``: ``(scores, found)``
-    with ``found`` the window (``_mask_as_bounds``) or None (no mask)."""
+    """Walk up from the cat's scores through casts and one additive mask: ``(scores, found)`` with ``found``
+    ``_split_mask``'s result or None (no mask)."""
     found = None
     cur = x
     while True:
@@ -469,8 +526,9 @@ def _masked_scores(x, nodes):
             nodes.append(cur)
             n = _val(cur).shape[-1]
             a, b = cur.args[:2]
-            mask, cur = (a, b) if _is(_peeled(a), aten.where.self) and not _is(_peeled(b), aten.where.self) else (b, a)
-            found = _additive_window(mask, n)
+            masks = (aten.where.self, aten.cat.default)
+            mask, cur = (a, b) if _is(_peeled(a), *masks) and not _is(_peeled(b), *masks) else (b, a)
+            found = _split_mask(mask, n)
             if not _same(_val(cur).shape, _val(x).shape):
                 raise Reject("the additive mask broadcasts the scores to more rows")
         else:
@@ -495,16 +553,30 @@ def _match_sink(graph, cat) -> str:
         raise Reject(f"the attention weights are rounded to {odd[0]} before the matmul with {vv.dtype} v")
     scores, found = _masked_scores(scores_in, nodes)
     mm1, scale, scores_dtype = _scores_chain(None, nodes, cur=scores)
-    starts = ends = None
-    if found is not None:
-        peels, bounds, rank = found
-        with graph.inserting_before(mm2), _val(mm2).fake_mode:
-            made = {kind: _bound_node(graph, row, peels, terms, rank) for kind, (row, terms) in bounds.items()}
-        starts, ends = made.get("starts"), made.get("ends")
+    starts = ends = tail = None
+    tag = "sink:"
     with graph.inserting_before(mm2), _val(mm2).fake_mode:
+        if found is not None:
+            (found, tail_of) = found
+            starts, ends = _bounds(graph, found)
+            tag += "window:"
+            if tail_of is not None:
+                head, tail_found, tail_bias = tail_of
+                n_head = _val(head).shape[-1]
+                if not isinstance(n_head, int):  # a symbolic key count: a node that computes it
+                    n_head = _new_node(graph, aten.sym_size.int, (head, -1))
+                tail_starts, tail_ends = _bounds(graph, tail_found) if tail_found is not None else (None, None)
+                tail = (n_head, tail_starts, tail_ends, tail_bias)
+                tag += "tail_window:" if tail_found is not None else "tail_bias:"
         sinks = _new_node(graph, aten.squeeze.dim, (sinks, -1))
-    return _build(graph, mm1, mm2, rows[:-1], starts, ends, scale, scores_dtype, sinks,
-                  "sink:" + ("window:" if found is not None else ""))
+    return _build(graph, mm1, mm2, rows[:-1], starts, ends, scale, scores_dtype, sinks, tag, tail)
+
+
+def _bounds(graph, found):
+    """(row_starts, row_ends) nodes (either None) for ``_mask_as_bounds``'s ``found``."""
+    peels, bounds, rank = found
+    made = {kind: _bound_node(graph, row, peels, terms, rank) for kind, (row, terms) in bounds.items()}
+    return made.get("starts"), made.get("ends")
 
 
 class WindowedAttentionRule(Rule):
