@@ -110,6 +110,17 @@ def v4_sink_window(q, kv, sinks, w):
     return torch.matmul(probs[..., :-1].to(kv.dtype), kv)
 
 
+def padded_bmm_ks_ke(q, k, v, ks, ke):
+    # what Inductor's pad_mm makes of probs @ v on CUDA when T is not aligned: both bmm operands padded with zeros
+    # along the keys (the reduction dim); written out here so that the CPU sees the same graph
+    scores = torch.bmm(q, k.transpose(1, 2)) * 0.125
+    pos = torch.arange(k.shape[1], device=q.device)
+    keep = (pos >= ks.unsqueeze(-1)) & (pos < ke.unsqueeze(-1))
+    probs = torch.softmax(scores.masked_fill(~keep, NEG_INF), dim=-1)
+    pad = torch.nn.functional.pad
+    return torch.bmm(pad(probs, (0, 3)), pad(v, (0, 0, 0, 3)))
+
+
 def _v4_compressed(q, kv, cmp, sinks, w, block_bias):
     # transformers' DeepSeek-V4 compressed layers: the sliding window's keys cat'ed with the compressed ones, the
     # window's additive mask cat'ed with the compressor's block bias, then as v4_sink_window
@@ -175,6 +186,7 @@ CASES = {
     sink_causal_neg_inf: ({torch.float32: "sink:window:bmm:broadcast:fp32",
                            torch.bfloat16: "sink:window:bmm:broadcast:bf16"}, "sink_heads"),
     sink_no_mask: ({torch.float32: "sink:bmm:broadcast:fp32"}, "sink_heads"),
+    padded_bmm_ks_ke: ({torch.float32: "bmm:flat:fp32"}, "batch_rows"),
     v4_hca: ({torch.float32: "sink:window:tail_window:bmm:broadcast:fp32",
               torch.bfloat16: "sink:window:tail_window:bmm:broadcast:bf16"}, "sink_tail"),
     v4_csa: ({torch.float32: "sink:window:tail_bias:bmm:broadcast:fp32",
@@ -404,6 +416,12 @@ def nm_tail_bias_first(q, k, v):
     return _sink_cat(q, k, _compressed_scores(q, k, parts)).softmax(-1)[..., :-1] @ v
 
 
+def nm_probs_padded_with_ones(q, k, v):
+    # the keys padded with 1, not 0: the padded products count
+    pad = torch.nn.functional.pad
+    return pad(_masked_scores(q, k).softmax(-1), (0, 2), value=1.0) @ pad(v, (0, 0, 0, 2), value=1.0)
+
+
 NEAR_MISSES = {  # fn -> (the reason report() gives, or None when the rule sees no candidate; input dtype)
     nm_probs_reused: ("attention weights have another consumer", torch.float32),
     nm_scores_reused: ("scores have another consumer", torch.float32),
@@ -419,6 +437,7 @@ NEAR_MISSES = {  # fn -> (the reason report() gives, or None when the rule sees 
     nm_sink_softmax_over_queries: ("not over the last dim", torch.float32),
     nm_sink_keep_plus_one: ("not where(keep, 0, -inf or finfo.min)", torch.float32),
     nm_tail_three_masks: ("not [window mask, tail mask]", torch.float32),
+    nm_probs_padded_with_ones: ("constant_pad_nd", torch.float32),
     nm_tail_bias_first: ("not where(keep, 0, -inf or finfo.min)", torch.float32),
 }
 

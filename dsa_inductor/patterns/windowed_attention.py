@@ -177,25 +177,50 @@ def _scores_chain(ws, nodes, cur=None):
     return cur, (1.0 if scale is None else scale), (scale_dtype or _val(cur).dtype)
 
 
+def _right_padded(node, dim_from_end: int):
+    """``constant_pad_nd(x, pad)`` with value 0 padding only dim ``-dim_from_end`` on its right: ``(x, amount)``,
+    else None."""
+    if not _is(node, aten.constant_pad_nd.default):
+        return None
+    pad = list(node.args[1])
+    value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0)
+    want = 2 * dim_from_end
+    if value != 0 or len(pad) != want or any(p != 0 for p in pad[:want - 1]):
+        return None
+    return node.args[0], pad[-1]
+
+
 def _probs_chain(ws, nodes):
-    """Walk down from the softmax to the ``probs @ v`` matmul: ``(mm, the matmul's left operand)``."""
+    """Walk down from the softmax to the ``probs @ v`` matmul: ``(mm, the matmul's left operand, v)``.
+
+    Inductor's ``pad_mm`` (CUDA) may pad the matmul's reduction dim, the keys: ``bmm(pad(probs, [0, p]),
+    pad(v, [0, 0, 0, p]))`` adds only zero products, so the unpadded probabilities and ``v`` are taken."""
     cur = ws
     while True:
         users = list(cur.users)
         if len(users) != 1:
             raise Reject("the attention weights have another consumer: they must be materialized")
-        nxt = users[0]
+        nxt = left = users[0]
         if _is(nxt, *_MATMULS):
+            left, v = cur, nxt.args[1]
             break
+        padded = _right_padded(nxt, 1)
+        if padded is not None and len(nxt.users) == 1 and _is(next(iter(nxt.users)), *_MATMULS):
+            mm = next(iter(nxt.users))
+            v_padded = _right_padded(mm.args[1], 2)
+            if mm.args[0] is nxt and v_padded is not None and v_padded[1] == padded[1]:
+                nodes.append(nxt)
+                nxt, v = mm, v_padded[0]
+                break  # (left: the padded weights)
         if not (_is(nxt, prims.convert_element_type.default) or _keeps_order(nxt)):
             raise Reject(f"the attention weights feed {getattr(nxt, 'target', nxt)}, not a matmul with v")
         nodes.append(nxt)
         cur = nxt
-    if nxt.args[0] is not cur:
+    if nxt.args[0] is not left:
         raise Reject("the attention weights are the right operand of a matmul (x @ probs), not probs @ v")
     if not _same(_val(cur).shape[-2:], _val(ws).shape[-2:]):
         raise Reject("the attention weights reach the matmul transposed or reshaped, not as [..., S, T]")
-    return nxt, cur
+    return nxt, cur, v
 
 
 def _probs_rounding(ws, nodes, v_dtype) -> Optional[str]:
@@ -257,18 +282,18 @@ def _match_and_build(graph, ws) -> str:
         raise Reject("the row bounds broadcast the scores to more rows")
     nodes = []
     mm1, scale, scores_dtype = _scores_chain(ws, nodes)
-    mm2, _ = _probs_chain(ws, nodes)
-    vv = _val(mm2.args[1])
+    mm2, _, v = _probs_chain(ws, nodes)
+    vv = _val(v)
     why = _probs_rounding(ws, nodes, vv.dtype) if vv.dtype in _FLOATS else None
     if why:
         raise Reject(why)
-    return _build(graph, mm1, mm2, list(ws_in.shape[:-2]), starts, ends, scale, scores_dtype, None, "")
+    return _build(graph, mm1, mm2, v, list(ws_in.shape[:-2]), starts, ends, scale, scores_dtype, None, "")
 
 
-def _build(graph, mm1, mm2, rows_batch, starts, ends, scale, scores_dtype, sinks, tag, tail=None) -> str:
+def _build(graph, mm1, mm2, v, rows_batch, starts, ends, scale, scores_dtype, sinks, tag, tail=None) -> str:
     """Replace ``probs @ v`` (``mm2``, whose probabilities come from the scores of ``mm1``) by the fused op;
     ``sinks`` (a node broadcastable to the rows ``[*rows_batch, S]``) or None.  Returns the variant name."""
-    q, kt, v = mm1.args[0], mm1.args[1], mm2.args[1]
+    q, kt = mm1.args[0], mm1.args[1]
     qv, vv = _val(q), _val(v)
     if qv.dtype not in _FLOATS or vv.dtype not in _FLOATS:
         raise Reject(f"q / v dtypes {qv.dtype}, {vv.dtype}: the op takes float32, float16, bfloat16")
@@ -544,9 +569,9 @@ def _match_sink(graph, cat) -> str:
     div = _sink_softmax(cat, nodes)
     way = []  # the probabilities' way to the matmul
     probs = _drop_sink(div, nodes, way)
-    mm2, _ = _probs_chain(probs, way)
+    mm2, _, v = _probs_chain(probs, way)
     nodes += way
-    vv = _val(mm2.args[1])
+    vv = _val(v)
     odd = [n.args[1] for n in way if _is(n, prims.convert_element_type.default)
            and n.args[1] not in (torch.float32, vv.dtype)]
     if odd:
@@ -569,7 +594,7 @@ def _match_sink(graph, cat) -> str:
                 tail = (n_head, tail_starts, tail_ends, tail_bias)
                 tag += "tail_window:" if tail_found is not None else "tail_bias:"
         sinks = _new_node(graph, aten.squeeze.dim, (sinks, -1))
-    return _build(graph, mm1, mm2, rows[:-1], starts, ends, scale, scores_dtype, sinks, tag, tail)
+    return _build(graph, mm1, mm2, v, rows[:-1], starts, ends, scale, scores_dtype, sinks, tag, tail)
 
 
 def _bounds(graph, found):
