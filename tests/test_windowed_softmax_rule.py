@@ -55,6 +55,16 @@ def transformers_causal_mask(scores):
     return scores.float().masked_fill(~mask, NEG_INF).softmax(-1)
 
 
+def transformers_sliding_and_chain(scores):
+    # transformers' sliding-window mask functions and-ed onto a constant True (as DeepSeek-V4's graph holds it):
+    # (True & (kv > q - W)) & (kv <= q)
+    s, t = scores.shape[-2], scores.shape[-1]
+    q = torch.arange(s, device=scores.device)[:, None] + (t - s)
+    kv = torch.arange(t, device=scores.device)[None, :]
+    keep = (torch.full((), True, device=scores.device) & (kv > q - W)) & (kv <= q)
+    return torch.softmax(scores.masked_fill(~keep, NEG_INF), dim=-1, dtype=torch.float32)
+
+
 def sliding_drop_mask(scores):
     # the mask marks dropped positions: future keys, and keys W or more behind
     q = torch.arange(scores.shape[-2], device=scores.device)
@@ -81,7 +91,7 @@ def _keep(fn, args):
     if fn is le_bound:
         return (pos >= args[1][:, None]) & (pos <= args[2][:, None])
     q = torch.arange(x.shape[-2], device=x.device)
-    if fn is sliding_window_attention:
+    if fn in (sliding_window_attention, transformers_sliding_and_chain):
         q = q + (t - x.shape[-2])
         return (pos > q[:, None] - W) & (pos <= q[:, None])
     if fn is sliding_drop_mask:
@@ -98,6 +108,7 @@ CASES = {
     transformers_causal_mask: ({torch.float16: "keep_mask:float_first"}, "attn"),
     le_bound: ({torch.float32: "keep_mask_where:fp32"}, "rows"),
     sliding_drop_mask: ({torch.float32: "drop_mask:fp32"}, "attn"),
+    transformers_sliding_and_chain: ({torch.float32: "keep_mask:fp32"}, "attn"),
 }
 PARAMS = [(fn, dt) for fn, (variants, _) in CASES.items() for dt in variants]
 
