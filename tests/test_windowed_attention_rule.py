@@ -147,6 +147,22 @@ def v4_hca(q, kv, cmp, sinks, w):
     return _v4_compressed(q, kv, cmp, sinks, w, bias)
 
 
+def v4_open_tail(q, kv, cmp, sinks, w):
+    # V4 at decode: no block bias, the window's mask padded with zeros over the compressed keys (all visible)
+    b, h, s, d = q.shape
+    n = cmp.shape[-2]
+    window = torch.where(_sliding_keep(s, s, w, q.device), 0.0, torch.finfo(q.dtype).min).to(q.dtype)
+    kv = torch.cat([kv, cmp], dim=2)
+    t = kv.shape[-2]
+    kv = kv[:, :, None].expand(b, 1, h, t, d).reshape(b, h, t, d)
+    mask = torch.nn.functional.pad(window[None, None].expand(b, 1, s, s), (0, n), value=0.0)
+    scores = torch.matmul(q, kv.transpose(2, 3)) * 0.125 + mask
+    combined = torch.cat([scores, sinks.reshape(1, -1, 1, 1).expand(b, -1, s, -1)], dim=-1)
+    combined = combined - combined.max(dim=-1, keepdim=True).values
+    probs = torch.nn.functional.softmax(combined, dim=-1, dtype=combined.dtype)
+    return torch.matmul(probs[..., :-1].to(kv.dtype), kv)
+
+
 def v4_csa(q, kv, cmp, sinks, w, picks):
     # CSA: the indexer's picks ([B, S, k], n = "none") scattered into a 0 / -inf block bias
     b, s, n = q.shape[0], q.shape[-2], cmp.shape[-2]
@@ -189,6 +205,7 @@ CASES = {
     padded_bmm_ks_ke: ({torch.float32: "bmm:flat:fp32"}, "batch_rows"),
     v4_hca: ({torch.float32: "sink:window:tail_window:bmm:broadcast:fp32",
               torch.bfloat16: "sink:window:tail_window:bmm:broadcast:bf16"}, "sink_tail"),
+    v4_open_tail: ({torch.float32: "sink:window:tail_open:bmm:broadcast:fp32"}, "sink_tail"),
     v4_csa: ({torch.float32: "sink:window:tail_bias:bmm:broadcast:fp32",
               torch.bfloat16: "sink:window:tail_bias:bmm:broadcast:bf16"}, "sink_picks"),
 }

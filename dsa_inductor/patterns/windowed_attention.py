@@ -63,7 +63,9 @@ DeepSeek-V4's compressed layers (CSA, HCA) attend over ``cat([kv, compressed_kv]
 part's key count, a ``sym_size`` node when symbolic) keep the window; the keys after it take the second part,
 either a window too (HCA's ``zeros.masked_fill(entry >= (pos + 1) // m, -inf)``, a drop mask: ``tail_ends``) or,
 when it is no ``arange`` window, as an additive tensor read by the kernel (CSA's ``full(-inf).scatter(picks, 0)``:
-``tail_bias``).  A cat of more than two masks, or one whose first part is not the window, is left alone.
+``tail_bias``).  At decode V4 pads the window's mask with zeros instead (``F.pad(mask, (0, n))``, every
+compressed key visible): a tail with neither.  A cat of more than two masks, or one whose first part is not the
+window, is left alone.
 """
 
 from __future__ import annotations
@@ -514,6 +516,12 @@ def _split_mask(bias, row_len):
     (``tail_found``, bounds relative to the tail: HCA's causal block mask) or any additive tensor
     (``tail_bias``: CSA's 0 / -inf block bias from the indexer's picks)."""
     cur, outer = _outer_views(bias)
+    padded = _right_padded(cur, 1)
+    if padded is not None and not any(_is(o, aten.unsqueeze.default) for o in outer):
+        # V4 at decode: F.pad(window mask, (0, n), value=0) for compressed keys all visible: a tail, unmasked
+        head = padded[0]
+        found = _additive_window(head, _val(head).shape[-1])
+        return ([*found[0], *reversed(outer)], *found[1:]), (head, None, None)
     if not _is(cur, aten.cat.default):
         return _additive_window(bias, row_len), None
     parts = cur.args[0]
@@ -551,7 +559,7 @@ def _masked_scores(x, nodes):
             nodes.append(cur)
             n = _val(cur).shape[-1]
             a, b = cur.args[:2]
-            masks = (aten.where.self, aten.cat.default)
+            masks = (aten.where.self, aten.cat.default, aten.constant_pad_nd.default)
             mask, cur = (a, b) if _is(_peeled(a), *masks) and not _is(_peeled(b), *masks) else (b, a)
             found = _split_mask(mask, n)
             if not _same(_val(cur).shape, _val(x).shape):
@@ -592,7 +600,8 @@ def _match_sink(graph, cat) -> str:
                     n_head = _new_node(graph, aten.sym_size.int, (head, -1))
                 tail_starts, tail_ends = _bounds(graph, tail_found) if tail_found is not None else (None, None)
                 tail = (n_head, tail_starts, tail_ends, tail_bias)
-                tag += "tail_window:" if tail_found is not None else "tail_bias:"
+                tag += ("tail_window:" if tail_found is not None else "tail_bias:" if tail_bias is not None
+                        else "tail_open:")
         sinks = _new_node(graph, aten.squeeze.dim, (sinks, -1))
     return _build(graph, mm1, mm2, v, rows[:-1], starts, ends, scale, scores_dtype, sinks, tag, tail)
 
