@@ -56,3 +56,24 @@ def test_deepseek_v4_indexer_and_attention(fresh):
                           "sink:window:tail_window:bmm:broadcast:fp32": 1}, report  # HCA: causal blocks
     assert any("modeling_deepseek_v4.py" in loc for loc in wa.locations), report
     assert "dsa_inductor.windowed_attention" in code
+
+
+def test_deepseek_v4_decode_step(fresh):
+    """One decode step after a prefill, with transformers' V4 caches: compiled logits equal eager's, and all three
+    layers' attention compiles to windowed_attention (at decode the HCA layer pads the window's mask with zeros
+    over its compressed keys instead of a block bias: an unbounded tail)."""
+    import copy
+
+    import torch
+
+    model, ids = _build("deepseek_v4")
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        ours_cache = copy.deepcopy(out.past_key_values)
+        ref = model(nxt, past_key_values=out.past_key_values, use_cache=True).logits
+        got = torch.compile(model)(nxt, past_key_values=ours_cache, use_cache=True).logits
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    wa = _STATS["windowed_attention"]
+    assert wa.matches == {"sink:window:bmm:broadcast:fp32": 1, "sink:window:tail_bias:bmm:broadcast:fp32": 1,
+                          "sink:window:tail_open:bmm:broadcast:fp32": 1}, fresh.report()
