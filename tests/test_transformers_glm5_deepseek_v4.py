@@ -16,9 +16,9 @@ pytest.importorskip("transformers", minversion="5.23")
 example = load_example("glm5_deepseek_v4_prefill")
 
 
-def _build(name):
+def _build(name, **kw):
     try:
-        return example.build(name)
+        return example.build(name, **kw)
     except ImportError as e:
         pytest.skip(f"transformers has no {name}: {e}")
 
@@ -77,3 +77,16 @@ def test_deepseek_v4_decode_step(fresh):
     wa = _STATS["windowed_attention"]
     assert wa.matches == {"sink:window:bmm:broadcast:fp32": 1, "sink:window:tail_bias:bmm:broadcast:fp32": 1,
                           "sink:window:tail_open:bmm:broadcast:fp32": 1}, fresh.report()
+
+
+def test_deepseek_v4_bf16_as_close_as_stock(fresh):
+    """bf16 V4 (its sinks cast to bf16 too): eager's sink softmax runs on a bf16 `combined`, the op's in fp32.
+    The compiled logits stay as close to eager as stock torch.compile's (compare's bf16 check), with all three
+    layers' attention on the op."""
+    import torch
+
+    model, ids = _build("deepseek_v4", dtype=torch.bfloat16)
+    res = example.compare(model, ids, with_stock=True)
+    assert _STATS["windowed_attention"].matches == {
+        "sink:window:bmm:broadcast:bf16": 1, "sink:window:tail_bias:bmm:broadcast:bf16": 1,
+        "sink:window:tail_window:bmm:broadcast:bf16": 1}, res["report"]
