@@ -365,13 +365,17 @@ def windowed_attention_triton(q, k, v, row_starts=None, row_ends=None, scale=1.0
     q_, qs = _zh_strides(_last_contiguous(q), batch, (s, d))  # (the kernel reads head dims contiguous)
     k_, ks = _zh_strides(_last_contiguous(k), batch, (t, d))
     v_, vs = _zh_strides(v, batch, (t, dvn))
-    st_, sts = _zh_strides(row_starts, batch, (s,)) if row_starts is not None else (q, (0, 0, 0))
-    en_, ens = _zh_strides(row_ends, batch, (s,)) if row_ends is not None else (q, (0, 0, 0))
-    sk_, sks = _zh_strides(sinks, batch, (s,)) if sinks is not None else (q, (0, 0, 0))
     n_head = t if tail is None else min(max(int(tail), 0), t)
-    ts_, tss = _zh_strides(tail_starts, batch, (s,)) if tail_starts is not None else (q, (0, 0, 0))
-    te_, tes = _zh_strides(tail_ends, batch, (s,)) if tail_ends is not None else (q, (0, 0, 0))
-    tb_, tbs = _zh_strides(tail_bias, batch, (s, t - n_head)) if tail_bias is not None else (q, (0, 0, 0, 0))
+
+    def optional(x, last):  # an absent tensor: q stands in as an unused pointer, its strides 0
+        return _zh_strides(x, batch, last) if x is not None else (q, (0,) * (2 + len(last)))
+
+    st_, sts = optional(row_starts, (s,))
+    en_, ens = optional(row_ends, (s,))
+    sk_, sks = optional(sinks, (s,))
+    ts_, tss = optional(tail_starts, (s,))
+    te_, tes = optional(tail_ends, (s,))
+    tb_, tbs = optional(tail_bias, (s, t - n_head))
     h = batch[-1] if batch else 1
     z = out.numel() // (h * s * dvn)
     cfg = dict(CONFIG_WIDE if max(d, dvn) > 256 else CONFIG_32 if q.dtype == torch.float32 else CONFIG_16)

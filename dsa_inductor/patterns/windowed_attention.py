@@ -82,7 +82,7 @@ from ..lowerings import windowed_softmax as _ws_module  # noqa: F401  (defines t
 from ..report import log, source_location, stats_for
 from .common import Rule, graph_value_reason
 from .mask_topk import _bound_node, _mask_as_bounds, _new_node
-from .sparse_attention import Reject, _full_value, _is, _val
+from .sparse_attention import Reject, _is, _val
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -457,23 +457,22 @@ def _drop_sink(div, nodes, way):
 
 
 def _peeled(node):
+    """Peel expands / unsqueezes / casts: ``(the tensor below them, the expands and unsqueezes, outermost
+    first)``."""
+    views = []
     while _is(node, aten.expand.default, aten.unsqueeze.default, prims.convert_element_type.default):
+        if not _is(node, prims.convert_element_type.default):
+            views.append(node)
         node = node.args[0]
-    return node
+    return node, views
 
 
 def _outer_views(bias):
-    """Peel expands / unsqueezes / casts above an additive mask: ``(the mask, the expands and unsqueezes)``.
-    The bounds take the same views, so that they lie over the same rows."""
-    cur, outer = bias, []
-    while _is(cur, aten.expand.default, aten.unsqueeze.default, prims.convert_element_type.default):
-        if _is(cur, aten.unsqueeze.default):
-            if cur.args[1] % _val(cur).dim() == _val(cur).dim() - 1:
-                raise Reject("the additive mask is unsqueezed at its last dim")
-            outer.append(cur)
-        elif _is(cur, aten.expand.default):
-            outer.append(cur)
-        cur = cur.args[0]
+    """``_peeled`` for an additive mask, whose bounds take the same views (so that they lie over the same rows):
+    an unsqueeze at its last dim has no such counterpart."""
+    cur, outer = _peeled(bias)
+    if any(_is(o, aten.unsqueeze.default) and o.args[1] % _val(o).dim() == _val(o).dim() - 1 for o in outer):
+        raise Reject("the additive mask is unsqueezed at its last dim")
     return cur, outer
 
 
@@ -486,10 +485,12 @@ def _constant(node):
     return None
 
 
-def _additive_window(bias, row_len):
+def _additive_window(bias, row_len, above=()):
     """``where(keep, 0, fill)`` or ``where(drop, fill, 0)`` (through expands and casts) with ``fill`` -inf or a
     float dtype's finfo.min and ``keep`` / ``drop`` an arange window (V4's compressed layers: ``zeros.masked_fill(
-    entry >= (pos + 1) // m, -inf)``): ``_mask_as_bounds``'s result.  Raises Reject otherwise."""
+    entry >= (pos + 1) // m, -inf)``): ``_mask_as_bounds``'s result, its peels followed by the views of ``bias``
+    and then by ``above`` (the views above the cat or pad that holds it, outermost first).  Raises Reject
+    otherwise."""
     cur, outer = _outer_views(bias)
     if not _is(cur, aten.where.self):
         raise Reject("the additive mask is not where(keep, 0, -inf or finfo.min) (a cat of masks, or a tensor)")
@@ -506,7 +507,7 @@ def _additive_window(bias, row_len):
     if found is None or _val(cond).dim() != _val(cur).dim():
         raise Reject("the additive mask's keep is not an arange window (row_starts <= kv < row_ends)")
     peels, bounds, rank = found
-    return [*peels, *reversed(outer)], bounds, rank
+    return [*peels, *reversed(outer), *reversed(above)], bounds, rank
 
 
 def _split_mask(bias, row_len):
@@ -520,8 +521,7 @@ def _split_mask(bias, row_len):
     if padded is not None and not any(_is(o, aten.unsqueeze.default) for o in outer):
         # V4 at decode: F.pad(window mask, (0, n), value=0) for compressed keys all visible: a tail, unmasked
         head = padded[0]
-        found = _additive_window(head, _val(head).shape[-1])
-        return ([*found[0], *reversed(outer)], *found[1:]), (head, None, None)
+        return _additive_window(head, _val(head).shape[-1], outer), (head, None, None)
     if not _is(cur, aten.cat.default):
         return _additive_window(bias, row_len), None
     parts = cur.args[0]
@@ -530,12 +530,9 @@ def _split_mask(bias, row_len):
         raise Reject("the additive mask is a cat that is not [window mask, tail mask] along the keys")
     head, rest = parts
     n_head, n_rest = _val(head).shape[-1], _val(rest).shape[-1]
-    found = _additive_window(head, n_head)
-    found = ([*found[0], *reversed(outer)], *found[1:])
+    found = _additive_window(head, n_head, outer)
     try:
-        tail_found = _additive_window(rest, n_rest)
-        tail_found = ([*tail_found[0], *reversed(outer)], *tail_found[1:])
-        tail_bias = None
+        tail_found, tail_bias = _additive_window(rest, n_rest, outer), None
     except Reject:
         tail_found, tail_bias = None, rest
         tv = _val(rest)
@@ -560,7 +557,7 @@ def _masked_scores(x, nodes):
             n = _val(cur).shape[-1]
             a, b = cur.args[:2]
             masks = (aten.where.self, aten.cat.default, aten.constant_pad_nd.default)
-            mask, cur = (a, b) if _is(_peeled(a), *masks) and not _is(_peeled(b), *masks) else (b, a)
+            mask, cur = (a, b) if _is(_peeled(a)[0], *masks) and not _is(_peeled(b)[0], *masks) else (b, a)
             found = _split_mask(mask, n)
             if not _same(_val(cur).shape, _val(x).shape):
                 raise Reject("the additive mask broadcasts the scores to more rows")
