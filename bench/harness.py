@@ -60,10 +60,9 @@ def _median_us(fn, args) -> float:
     return triton.testing.do_bench(lambda: fn(*args), warmup=50, rep=300, return_mode="median") * 1e3
 
 
-def device_us(fn, args, calls: int = 20) -> float:
-    """GPU time of one call of ``fn``: the device time of every kernel, copy and fill that ``calls`` calls
-    launch (torch.profiler), divided by ``calls``.  Host time and idle gaps are not counted: this is what the
-    GPU spends, the measure a kernel-level target ("takes 15 us") is stated in."""
+def device_kernels_us(fn, args, calls: int = 20) -> list[tuple[str, float]]:
+    """``(name, us)`` per kernel, copy and fill that one call of ``fn`` launches (torch.profiler over ``calls``
+    calls, divided by ``calls``), largest first."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -73,8 +72,16 @@ def device_us(fn, args, calls: int = 20) -> float:
         for _ in range(calls):
             fn(*args)
         torch.cuda.synchronize()
-    total = sum(e.self_device_time_total for e in prof.key_averages() if e.device_type == DeviceType.CUDA)
-    return total / calls
+    events = [(e.key, e.self_device_time_total / calls) for e in prof.key_averages()
+              if e.device_type == DeviceType.CUDA]
+    return sorted(events, key=lambda e: -e[1])
+
+
+def device_us(fn, args, calls: int = 20) -> float:
+    """GPU time of one call of ``fn``: the device time of every kernel, copy and fill that ``calls`` calls
+    launch (torch.profiler), divided by ``calls``.  Host time and idle gaps are not counted: this is what the
+    GPU spends, the measure a kernel-level target ("takes 15 us") is stated in."""
+    return sum(us for _, us in device_kernels_us(fn, args, calls))
 
 
 def _graphed(fn, args, rules: bool):

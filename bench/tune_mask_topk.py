@@ -20,6 +20,7 @@ import triton.language as tl
 
 from dsa_inductor.lowerings import masked_topk as mt
 from dsa_inductor.lowerings.masked_topk import masked_logits, masked_topk_triton, topk_mismatch
+from harness import device_kernels_us
 
 
 @triton.jit
@@ -95,22 +96,11 @@ def graph_us(fn) -> float:
     return triton.testing.do_bench(g.replay, warmup=10, rep=50, return_mode="median") * 1e3
 
 
-def kernel_times(fn, calls=20) -> str:
-    """Per-kernel device time of one call (profiler), largest first."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    ev = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
-    ev.sort(key=lambda e: -e.self_device_time_total)
-    total = sum(e.self_device_time_total for e in ev) / calls
-    parts = ", ".join(f"{e.key[:40]} {e.self_device_time_total / calls:.1f}" for e in ev[:6])
-    return f"device {total:7.1f}us = {parts}"
+def kernel_times(fn) -> str:
+    """Per-kernel device time of one call (``harness.device_kernels_us``), largest first."""
+    ev = [(name, us) for name, us in device_kernels_us(fn, ()) if us > 0]
+    total = sum(us for _, us in ev)
+    return f"device {total:7.1f}us = " + ", ".join(f"{name[:40]} {us:.1f}" for name, us in ev[:6])
 
 
 GPU_TIME_VARIANTS = [("v4 default", dict(impl="v4"))] + [
