@@ -2,6 +2,7 @@
 
     python bench/tune_sparse_attention.py [--quick]              # shared latent (MLA) kernel
     python bench/tune_sparse_attention.py --per-head [--quick]   # per-head masked flash kernel
+    python bench/tune_sparse_attention.py --v4                   # DeepSeek-V4 key lists (window [+ picks])
 
 Shared latent: heads per program, keys per tile, warps, stages, index packing at the benchmark shape (T = 2048,
 H = 128, K = 2048, dqk = 576, dv = 512, bf16), causal and all-valid selections; TFLOP/s use the issue's count
@@ -116,13 +117,65 @@ def per_head(quick: bool) -> None:
     print(f"per-head gather kernel (dedup off, the previous path): {ms * 1e3:10.1f} us", flush=True)
 
 
+V4_S, V4_H, V4_D, V4_W, V4_M, V4_K = 4096, 64, 512, 128, 4, 512
+
+
+def v4_key_lists(quick: bool) -> None:
+    """DeepSeek-V4-Flash attention as key lists (what the windowed_attention rule's CSA route builds): one K = V
+    head [1, T, 1, 512] shared by 64 heads, bf16, the sink, dedup; each query's window of 128 keys, plus (CSA)
+    512 picks among S / 4 compressed keys.  Shared-latent kernel configs; the sliding layer's windowed_attention
+    kernel on the same input for comparison."""
+    from dsa_inductor.lowerings.windowed_attention import windowed_attention_triton
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    s, h, d, w = V4_S, V4_H, V4_D, V4_W
+    n = s // V4_M
+    q = torch.randn(1, s, h, d, device="cuda", generator=g).to(torch.bfloat16)
+    kv = torch.randn(1, s + n, 1, d, device="cuda", generator=g).to(torch.bfloat16)
+    sinks = torch.randn(h, device="cuda", generator=g)
+    win = torch.arange(s, device="cuda")[:, None] + torch.arange(-w + 1, 1, device="cuda")[None]
+    win = torch.where(win >= 0, win, -1)[None]
+    ready = ((torch.arange(s, device="cuda") + 1) // V4_M)[:, None]
+    scores = torch.rand(1, s, n, device="cuda", generator=g).masked_fill(torch.arange(n, device="cuda") >= ready, -1)
+    picks = scores.topk(V4_K, dim=-1).indices
+    picks = torch.where(picks < ready, picks + s, -1)
+    grid = [(64, 64, 8, 2), (64, 32, 8, 2), (64, 64, 8, 1), (64, 32, 4, 2), (32, 64, 4, 2)]
+    if quick:
+        grid = grid[:2]
+    scale = d ** -0.5
+    rows = torch.cat([torch.arange(8), torch.arange(s - 8, s)]).cuda()
+    for label, idx, t in (("sliding (window 128)", win, s), ("CSA (window 128 + 512 picks)",
+                                                             torch.cat([win, picks], -1), s + n)):
+        k = kv[:, :t]
+        valid = int((idx >= 0).sum())
+        flops = 4.0 * h * valid * d  # q k^T and P V over each query's valid keys
+        args = (q, k, None, idx, None, None, sinks, scale, d, 1, True, torch.bfloat16)
+        ref = sparse_attention_reference(q[:, rows], k, None, idx[:, rows], None, None, sinks, scale, d, 1, True)
+        for bh, bk, warps, stages in grid:
+            kw = dict(block_h=bh, block_k=bk, num_warps=warps, num_stages=stages)
+            tag = f"V4 {label}: BLOCK_H {bh} BLOCK_K {bk} warps {warps} stages {stages}"
+            try:
+                out = sparse_attention_triton(*args, **kw)
+            except Exception as err:  # noqa: BLE001  (a config the compiler refuses, e.g. out of shared memory)
+                print(f"{tag}: {type(err).__name__}: {str(err)[:80]}", flush=True)
+                continue
+            why = attention_mismatch(ref, out[:, rows])
+            us = _us(lambda: sparse_attention_triton(*args, **kw))
+            print(f"{tag}: {us:8.1f} us {flops / us / 1e6:6.1f} TFLOP/s {why or 'ok'}", flush=True)
+    qh, kh = q.transpose(1, 2), kv[:, :s].transpose(1, 2)
+    ends = torch.arange(1, s + 1, device="cuda")
+    us = _us(lambda: windowed_attention_triton(qh, kh, kh, ends - w, ends, scale, torch.bfloat16, sinks=sinks[:, None]))
+    print(f"V4 sliding, windowed_attention kernel (rows layout): {us:8.1f} us", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="a few configs only")
     ap.add_argument("--per-head", action="store_true", help="the per-head masked flash kernel (transformers' shape)")
+    ap.add_argument("--v4", action="store_true", help="DeepSeek-V4's key lists (window, window + picks)")
     a = ap.parse_args()
     print(torch.cuda.get_device_name(), flush=True)
-    (per_head if a.per_head else shared_latent)(a.quick)
+    (v4_key_lists if a.v4 else per_head if a.per_head else shared_latent)(a.quick)
 
 
 if __name__ == "__main__":

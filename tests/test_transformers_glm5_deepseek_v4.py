@@ -52,7 +52,7 @@ def test_deepseek_v4_indexer_and_attention(fresh):
     assert "dsa_inductor.index_score" in code and "dsa_inductor.masked_topk" in code
     wa = stats["windowed_attention"]
     assert wa.matches == {"sink:window:bmm:broadcast:fp32": 1,  # the sliding_attention layer
-                          "sink:window:tail_bias:bmm:broadcast:fp32": 1,  # CSA: the indexer's block bias
+                          "sink:window:tail_picks:sparse_attention:fp32": 1,  # CSA: window + the indexer's picks
                           "sink:window:tail_window:bmm:broadcast:fp32": 1}, report  # HCA: causal blocks
     assert any("modeling_deepseek_v4.py" in loc for loc in wa.locations), report
     assert "dsa_inductor.windowed_attention" in code
@@ -75,7 +75,7 @@ def test_deepseek_v4_decode_step(fresh):
         got = torch.compile(model)(nxt, past_key_values=ours_cache, use_cache=True).logits
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     wa = _STATS["windowed_attention"]
-    assert wa.matches == {"sink:window:bmm:broadcast:fp32": 1, "sink:window:tail_bias:bmm:broadcast:fp32": 1,
+    assert wa.matches == {"sink:window:bmm:broadcast:fp32": 1, "sink:window:tail_picks:sparse_attention:fp32": 1,
                           "sink:window:tail_open:bmm:broadcast:fp32": 1}, fresh.report()
 
 
@@ -88,5 +88,5 @@ def test_deepseek_v4_bf16_as_close_as_stock(fresh):
     model, ids = _build("deepseek_v4", dtype=torch.bfloat16)
     res = example.compare(model, ids, with_stock=True)
     assert _STATS["windowed_attention"].matches == {
-        "sink:window:bmm:broadcast:bf16": 1, "sink:window:tail_bias:bmm:broadcast:bf16": 1,
+        "sink:window:bmm:broadcast:bf16": 1, "sink:window:tail_picks:sparse_attention:bf16": 1,
         "sink:window:tail_window:bmm:broadcast:bf16": 1}, res["report"]

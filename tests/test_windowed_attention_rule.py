@@ -130,7 +130,7 @@ def _v4_compressed(q, kv, cmp, sinks, w, block_bias):
     kv = kv[:, :, None].expand(b, 1, h, t, d).reshape(b, h, t, d)
     scores = torch.matmul(q, kv.transpose(2, 3)) * 0.125
     window = torch.where(_sliding_keep(s, s, w, q.device), 0.0, torch.finfo(scores.dtype).min).to(scores.dtype)
-    mask = torch.cat([window[None, None].expand(b, 1, s, s), block_bias.to(scores.dtype)], dim=-1)
+    mask = torch.cat([window[None, None].expand(b, block_bias.shape[1], s, s), block_bias.to(scores.dtype)], dim=-1)
     scores = scores + mask
     combined = torch.cat([scores, sinks.reshape(1, -1, 1, 1).expand(b, -1, s, -1)], dim=-1)
     combined = combined - combined.max(dim=-1, keepdim=True).values
@@ -170,6 +170,34 @@ def v4_csa(q, kv, cmp, sinks, w, picks):
     return _v4_compressed(q, kv, cmp, sinks, w, bias)
 
 
+def v4_csa_window_3(q, kv, cmp, sinks, w, picks):
+    # CSA with the model's constant window (3 here; V4-Flash: 128) and picks as V4's indexer makes them (top-k of
+    # scores over the compressed keys, a pick past the query's causal threshold -> the sentinel n): the window and
+    # the picks become each query's key list for sparse_attention (w and the given picks unused: picks made from q
+    # share its symbols, as in the model)
+    b, s, n = q.shape[0], q.shape[-2], cmp.shape[-2]
+    top = (q.sum(1) @ cmp[:, 0].transpose(-1, -2)).topk(min(3, n), dim=-1).indices  # [B, S, k]
+    late = top >= ((torch.arange(s, device=q.device) + 1) // 2)[None, :, None]
+    return v4_csa(q, kv, cmp, sinks, 3, torch.where(late, n, top))
+
+
+def v4_csa_picks_per_head(q, kv, cmp, sinks, w, picks):
+    # near miss of the key lists: picks that differ per head (the bias scattered over [B, H, S, n + 1]) stay a
+    # dense tail_bias
+    b, h, s, n = q.shape[0], q.shape[1], q.shape[-2], cmp.shape[-2]
+    per_head = torch.stack([picks.flip(-1) if i % 2 else picks for i in range(h)], 1)
+    bias = cmp.new_full((b, h, s, n + 1), float("-inf")).scatter(-1, per_head, 0.0)[..., :n]
+    return _v4_compressed(q, kv, cmp, sinks, 3, bias)
+
+
+def v4_csa_scatter_half(q, kv, cmp, sinks, w, picks):
+    # near miss of the key lists: -0.5 scattered at the picks (not 0: a picked key's score changes) stays a dense
+    # tail_bias
+    b, s, n = q.shape[0], q.shape[-2], cmp.shape[-2]
+    bias = cmp.new_full((b, 1, s, n + 1), float("-inf")).scatter(-1, picks.unsqueeze(1), -0.5)[..., :n]
+    return _v4_compressed(q, kv, cmp, sinks, 3, bias)
+
+
 def sink_causal_neg_inf(q, k, v, sinks, w):
     # gpt-oss-like, per-head k / v: a -inf causal mask added, the softmax straight on the cat (no max
     # subtraction), in fp32 (w unused)
@@ -206,8 +234,13 @@ CASES = {
     v4_hca: ({torch.float32: "sink:window:tail_window:bmm:broadcast:fp32",
               torch.bfloat16: "sink:window:tail_window:bmm:broadcast:bf16"}, "sink_tail"),
     v4_open_tail: ({torch.float32: "sink:window:tail_open:bmm:broadcast:fp32"}, "sink_tail"),
+    # a window of symbolic width (w is dynamic here): no key lists, the dense tail_bias
     v4_csa: ({torch.float32: "sink:window:tail_bias:bmm:broadcast:fp32",
               torch.bfloat16: "sink:window:tail_bias:bmm:broadcast:bf16"}, "sink_picks"),
+    v4_csa_window_3: ({torch.float32: "sink:window:tail_picks:sparse_attention:fp32",
+                       torch.bfloat16: "sink:window:tail_picks:sparse_attention:bf16"}, "sink_picks"),
+    v4_csa_picks_per_head: ({torch.float32: "sink:window:tail_bias:bmm:broadcast:fp32"}, "sink_picks"),
+    v4_csa_scatter_half: ({torch.float32: "sink:window:tail_bias:bmm:broadcast:fp32"}, "sink_picks"),
 }
 PARAMS = [(fn, dt) for fn, (variants, _) in CASES.items() for dt in variants]
 

@@ -80,6 +80,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from ..lowerings import windowed_attention as _op_module
 from ..lowerings import windowed_softmax as _ws_module  # noqa: F401  (defines the anchor op)
 from ..report import log, source_location, stats_for
+from . import csa_picks
 from .common import Rule, graph_value_reason
 from .mask_topk import _bound_node, _mask_as_bounds, _new_node
 from .sparse_attention import Reject, _is, _val
@@ -292,6 +293,17 @@ def _match_and_build(graph, ws) -> str:
     return _build(graph, mm1, mm2, v, list(ws_in.shape[:-2]), starts, ends, scale, scores_dtype, None, "")
 
 
+def _broadcast_operands(mm1, mm2, v, rows_batch):
+    """``(q, kt, v, user)``: the unexpanded operands of ``torch.matmul``'s broadcast (``reshape(expand(x))``
+    with the softmax's batch dims ``rows_batch``) and the reshape of ``mm2`` back to them; None otherwise."""
+    peeled = [_peel(n) for n in (mm1.args[0], mm1.args[1], v)]
+    user = next(iter(mm2.users)) if len(mm2.users) == 1 else None
+    if (all(p is not None and _same(p[1], rows_batch) for p in peeled) and _is(user, aten.reshape.default)
+            and _same(_val(user).shape, [*rows_batch, *_val(mm2).shape[-2:]])):
+        return peeled[0][0], peeled[1][0], peeled[2][0], user
+    return None
+
+
 def _build(graph, mm1, mm2, v, rows_batch, starts, ends, scale, scores_dtype, sinks, tag, tail=None) -> str:
     """Replace ``probs @ v`` (``mm2``, whose probabilities come from the scores of ``mm1``) by the fused op;
     ``sinks`` (a node broadcastable to the rows ``[*rows_batch, S]``) or None.  Returns the variant name."""
@@ -299,12 +311,10 @@ def _build(graph, mm1, mm2, v, rows_batch, starts, ends, scale, scores_dtype, si
     qv, vv = _val(q), _val(v)
     if qv.dtype not in _FLOATS or vv.dtype not in _FLOATS:
         raise Reject(f"q / v dtypes {qv.dtype}, {vv.dtype}: the op takes float32, float16, bfloat16")
-    peeled = [_peel(n) for n in (q, kt, v)]
-    user = next(iter(mm2.users)) if len(mm2.users) == 1 else None
-    broadcast = (all(p is not None and _same(p[1], rows_batch) for p in peeled) and
-                 _is(user, aten.reshape.default) and _same(_val(user).shape, [*rows_batch, *_val(mm2).shape[-2:]]))
+    unexpanded = _broadcast_operands(mm1, mm2, v, rows_batch)
+    broadcast = unexpanded is not None
     if broadcast:  # the unexpanded operands, batch dims as the softmax's: the bounds as they are
-        (q, _), (kt, _), (v, _) = peeled
+        q, kt, v, user = unexpanded
         plans, replaced = ("keep", "keep"), user
     else:  # the matmul's own (flattened) operands
         op_batch = list(_val(mm2).shape[:-2])
@@ -595,12 +605,37 @@ def _match_sink(graph, cat) -> str:
                 n_head = _val(head).shape[-1]
                 if not isinstance(n_head, int):  # a symbolic key count: a node that computes it
                     n_head = _new_node(graph, aten.sym_size.int, (head, -1))
+                if tail_bias is not None:
+                    variant = _csa_picks(graph, mm1, mm2, v, rows[:-1], found, ends, n_head, tail_bias, sinks, scale)
+                    if variant:
+                        return variant
                 tail_starts, tail_ends = _bounds(graph, tail_found) if tail_found is not None else (None, None)
                 tail = (n_head, tail_starts, tail_ends, tail_bias)
                 tag += ("tail_window:" if tail_found is not None else "tail_bias:" if tail_bias is not None
                         else "tail_open:")
         sinks = _new_node(graph, aten.squeeze.dim, (sinks, -1))
     return _build(graph, mm1, mm2, v, rows[:-1], starts, ends, scale, scores_dtype, sinks, tag, tail)
+
+
+def _csa_picks(graph, mm1, mm2, v, rows_batch, found, ends, n_head, tail_bias, sinks, scale) -> Optional[str]:
+    """DeepSeek-V4's CSA layer (a window, then the indexer's picks scattered into the tail's bias) as
+    ``sparse_attention`` over each query's key list (``patterns/csa_picks.py``): its variant name, or None
+    (logged) when that does not apply and the dense ``tail_bias`` stays."""
+    index = csa_picks.scattered_picks(tail_bias)
+    width = csa_picks.window_width(found)
+    ops = _broadcast_operands(mm1, mm2, v, rows_batch)
+    if index is None or width is None or ops is None:
+        why = ("the tail's bias is not scattered picks" if index is None else "the window's width is not constant"
+               if width is None else "q, k, v are not matmul-broadcast [B, H, ., .] operands")
+        log.info("rule windowed_attention: CSA picks not taken (%s): dense tail_bias", why)
+        return None
+    q, kt, v, user = ops
+    try:
+        return csa_picks.build(graph, q, _untransposed(graph, kt), v, user, ends, width, n_head, tail_bias, index,
+                               sinks, scale)
+    except Reject as r:
+        log.info("rule windowed_attention: CSA picks not taken (%s): dense tail_bias", r)
+        return None
 
 
 def _bounds(graph, found):
