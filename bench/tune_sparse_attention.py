@@ -41,6 +41,19 @@ def _us(fn):
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3
 
 
+def _try_config(tag, args, kw, ref, rows, flops) -> None:
+    """One kernel config: run it (a config the compiler refuses is printed), check ``rows`` against ``ref``,
+    time it."""
+    try:
+        out = sparse_attention_triton(*args, **kw)
+    except Exception as err:  # noqa: BLE001  (e.g. out of shared memory)
+        print(f"{tag}: {type(err).__name__}: {str(err)[:80]}", flush=True)
+        return
+    why = attention_mismatch(ref, out[:, rows])
+    us = _us(lambda: sparse_attention_triton(*args, **kw))
+    print(f"{tag}: {us:8.1f} us {flops / us / 1e6:6.1f} TFLOP/s {why or 'ok'}", flush=True)
+
+
 def shared_latent(quick: bool) -> None:
     grid = ([(64, 64, 8, 1, False), (64, 64, 8, 2, True), (64, 128, 8, 2, True), (64, 128, 8, 3, True),
              (32, 128, 8, 2, True), (32, 64, 8, 3, True), (128, 64, 8, 2, True), (64, 64, 4, 3, True)] if quick else
@@ -95,16 +108,8 @@ def per_head(quick: bool) -> None:
     ref = sparse_attention_reference(q[:, rows], k, v, idx[:, rows], ends[:, rows], None, None, scale, PH_DV, 0, True)
     print(f"per head: B=1 S=T={PH_S} H={PH_H} dqk={PH_DQK} dv={PH_DV} K={PH_K} bf16 causal", flush=True)
     for bm, bn, warps, stages in grid:
-        kw = dict(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages)
-        tag = f"masked flash BLOCK_M {bm:3d} BLOCK_N {bn:3d} warps {warps} stages {stages}"
-        try:
-            out = sparse_attention_triton(*args, **kw)
-        except Exception as err:  # noqa: BLE001  (a config the compiler refuses, e.g. out of shared memory)
-            print(f"{tag}: {type(err).__name__}: {str(err)[:80]}", flush=True)
-            continue
-        why = attention_mismatch(ref, out[:, rows])
-        us = _us(lambda: sparse_attention_triton(*args, **kw))
-        print(f"{tag}: {us:8.1f} us {flops / us / 1e6:6.1f} TFLOP/s {why or 'ok'}", flush=True)
+        _try_config(f"masked flash BLOCK_M {bm:3d} BLOCK_N {bn:3d} warps {warps} stages {stages}", args,
+                    dict(block_m=bm, block_n=bn, num_warps=warps, num_stages=stages), ref, rows, flops)
     for bm, bn in ((128, 64), (64, 64)):
         us = _us(lambda: selection_tiles(idx, PH_S, ends, None, bm, bn))
         print(f"pre-passes alone (bitmask + tile lists, BLOCK_M {bm} BLOCK_N {bn}): {us:8.1f} us", flush=True)
@@ -152,16 +157,8 @@ def v4_key_lists(quick: bool) -> None:
         args = (q, k, None, idx, None, None, sinks, scale, d, 1, True, torch.bfloat16)
         ref = sparse_attention_reference(q[:, rows], k, None, idx[:, rows], None, None, sinks, scale, d, 1, True)
         for bh, bk, warps, stages in grid:
-            kw = dict(block_h=bh, block_k=bk, num_warps=warps, num_stages=stages)
-            tag = f"V4 {label}: BLOCK_H {bh} BLOCK_K {bk} warps {warps} stages {stages}"
-            try:
-                out = sparse_attention_triton(*args, **kw)
-            except Exception as err:  # noqa: BLE001  (a config the compiler refuses, e.g. out of shared memory)
-                print(f"{tag}: {type(err).__name__}: {str(err)[:80]}", flush=True)
-                continue
-            why = attention_mismatch(ref, out[:, rows])
-            us = _us(lambda: sparse_attention_triton(*args, **kw))
-            print(f"{tag}: {us:8.1f} us {flops / us / 1e6:6.1f} TFLOP/s {why or 'ok'}", flush=True)
+            _try_config(f"V4 {label}: BLOCK_H {bh} BLOCK_K {bk} warps {warps} stages {stages}", args,
+                        dict(block_h=bh, block_k=bk, num_warps=warps, num_stages=stages), ref, rows, flops)
     qh, kh = q.transpose(1, 2), kv[:, :s].transpose(1, 2)
     ends = torch.arange(1, s + 1, device="cuda")
     us = _us(lambda: windowed_attention_triton(qh, kh, kh, ends - w, ends, scale, torch.bfloat16, sinks=sinks[:, None]))

@@ -37,10 +37,11 @@ def test_glm5_indexer_and_sparse_attention(fresh):
 def test_deepseek_v4_indexer_and_attention(fresh):
     """V4's CSA indexer: a transposed-q score, an `arange >= row_ends` drop mask, picks past the end -> -1, then
     a scattered block bias; all of it compiles to index_score (bounded) + an unsorted masked_topk.  V4's
-    attention in all three layer kinds (an additive finfo.min window mask, the per-head sink cat'ed, max
-    subtracted, softmax, sink dropped, one shared K = V head) compiles to windowed_attention with the sink; the
-    compressed layers' mask cats the window's with the compressor's block bias over the compressed keys: a tail
-    segment, under its own causal bounds (HCA) or the indexer's 0 / -inf bias (CSA)."""
+    attention in all three layer kinds (an additive finfo.min window mask of the config's constant width, the
+    per-head sink cat'ed, max subtracted, softmax, sink dropped, one shared K = V head) compiles to sparse_attention
+    over each query's key list with the sink: its window, then in the compressed layers (whose mask cats the
+    window's with the compressor's block bias) the compressed keys under their causal bounds (HCA) or the
+    indexer's picks (CSA)."""
     model, ids = _build("deepseek_v4")
     res = example.compare(model, ids, with_stock=False)
     report = res["report"]
@@ -51,17 +52,17 @@ def test_deepseek_v4_indexer_and_attention(fresh):
     code = "\n".join(pathlib.Path(p).read_text() for p in res["code_paths"])
     assert "dsa_inductor.index_score" in code and "dsa_inductor.masked_topk" in code
     wa = stats["windowed_attention"]
-    assert wa.matches == {"sink:window:bmm:broadcast:fp32": 1,  # the sliding_attention layer
-                          "sink:window:tail_picks:sparse_attention:fp32": 1,  # CSA: window + the indexer's picks
-                          "sink:window:tail_window:bmm:broadcast:fp32": 1}, report  # HCA: causal blocks
+    assert wa.matches == {"sink:window:key_list:sparse_attention:fp32": 1,  # the sliding_attention layer
+                          "sink:window:tail_picks:key_list:sparse_attention:fp32": 1,  # CSA: the indexer's picks
+                          "sink:window:tail_keys:key_list:sparse_attention:fp32": 1}, report  # HCA: causal blocks
     assert any("modeling_deepseek_v4.py" in loc for loc in wa.locations), report
-    assert "dsa_inductor.windowed_attention" in code
+    assert "dsa_inductor.sparse_attention" in code and "dsa_inductor.windowed_attention" not in code
 
 
 def test_deepseek_v4_decode_step(fresh):
     """One decode step after a prefill, with transformers' V4 caches: compiled logits equal eager's, and all three
-    layers' attention compiles to windowed_attention (at decode the HCA layer pads the window's mask with zeros
-    over its compressed keys instead of a block bias: an unbounded tail)."""
+    layers' attention compiles to sparse_attention over key lists (at decode the HCA layer pads the window's mask
+    with zeros over its compressed keys instead of a block bias: every compressed key is in the list)."""
     import copy
 
     import torch
@@ -75,8 +76,9 @@ def test_deepseek_v4_decode_step(fresh):
         got = torch.compile(model)(nxt, past_key_values=ours_cache, use_cache=True).logits
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     wa = _STATS["windowed_attention"]
-    assert wa.matches == {"sink:window:bmm:broadcast:fp32": 1, "sink:window:tail_picks:sparse_attention:fp32": 1,
-                          "sink:window:tail_open:bmm:broadcast:fp32": 1}, fresh.report()
+    assert wa.matches == {"sink:window:key_list:sparse_attention:fp32": 1,
+                          "sink:window:tail_picks:key_list:sparse_attention:fp32": 1,
+                          "sink:window:tail_keys:key_list:sparse_attention:fp32": 1}, fresh.report()
 
 
 def test_deepseek_v4_bf16_as_close_as_stock(fresh):
@@ -88,5 +90,5 @@ def test_deepseek_v4_bf16_as_close_as_stock(fresh):
     model, ids = _build("deepseek_v4", dtype=torch.bfloat16)
     res = example.compare(model, ids, with_stock=True)
     assert _STATS["windowed_attention"].matches == {
-        "sink:window:bmm:broadcast:bf16": 1, "sink:window:tail_picks:sparse_attention:bf16": 1,
-        "sink:window:tail_window:bmm:broadcast:bf16": 1}, res["report"]
+        "sink:window:key_list:sparse_attention:bf16": 1, "sink:window:tail_picks:key_list:sparse_attention:bf16": 1,
+        "sink:window:tail_keys:key_list:sparse_attention:bf16": 1}, res["report"]

@@ -121,6 +121,16 @@ def padded_bmm_ks_ke(q, k, v, ks, ke):
     return torch.bmm(pad(probs, (0, 3)), pad(v, (0, 0, 0, 3)))
 
 
+def padded_bmm_all_dims(q, k, v, ks, ke):
+    # pad_mm's form on an H100 (torch 2.11): the pad lists go on with zero pairs for every dim of the operands
+    scores = torch.bmm(q, k.transpose(1, 2)) * 0.125
+    pos = torch.arange(k.shape[1], device=q.device)
+    keep = (pos >= ks.unsqueeze(-1)) & (pos < ke.unsqueeze(-1))
+    probs = torch.softmax(scores.masked_fill(~keep, NEG_INF), dim=-1)
+    pad = torch.nn.functional.pad
+    return torch.bmm(pad(probs, (0, 3, 0, 0, 0, 0)), pad(v, (0, 0, 0, 3, 0, 0)))
+
+
 def _v4_compressed(q, kv, cmp, sinks, w, block_bias):
     # transformers' DeepSeek-V4 compressed layers: the sliding window's keys cat'ed with the compressed ones, the
     # window's additive mask cat'ed with the compressor's block bias, then as v4_sink_window
@@ -181,6 +191,22 @@ def v4_csa_window_3(q, kv, cmp, sinks, w, picks):
     return v4_csa(q, kv, cmp, sinks, 3, torch.where(late, n, top))
 
 
+def v4_sink_window_3(q, kv, sinks, w):
+    # V4's sliding layer with the model's constant window (3 here; V4-Flash: 128): each query's key list of w
+    # keys for sparse_attention, the heads sharing each gathered key tile (w unused)
+    return v4_sink_window(q, kv, sinks, 3)
+
+
+def v4_hca_window_3(q, kv, cmp, sinks, w):
+    # HCA with a constant window: the window's keys, then every compressed key under the causal block bounds
+    return v4_hca(q, kv, cmp, sinks, 3)
+
+
+def v4_open_tail_window_3(q, kv, cmp, sinks, w):
+    # V4 at decode with a constant window: the window's keys, then every compressed key
+    return v4_open_tail(q, kv, cmp, sinks, 3)
+
+
 def v4_csa_picks_per_head(q, kv, cmp, sinks, w, picks):
     # near miss of the key lists: picks that differ per head (the bias scattered over [B, H, S, n + 1]) stay a
     # dense tail_bias
@@ -231,14 +257,20 @@ CASES = {
                            torch.bfloat16: "sink:window:bmm:broadcast:bf16"}, "sink_heads"),
     sink_no_mask: ({torch.float32: "sink:bmm:broadcast:fp32"}, "sink_heads"),
     padded_bmm_ks_ke: ({torch.float32: "bmm:flat:fp32"}, "batch_rows"),
+    padded_bmm_all_dims: ({torch.float32: "bmm:flat:fp32"}, "batch_rows"),
     v4_hca: ({torch.float32: "sink:window:tail_window:bmm:broadcast:fp32",
               torch.bfloat16: "sink:window:tail_window:bmm:broadcast:bf16"}, "sink_tail"),
     v4_open_tail: ({torch.float32: "sink:window:tail_open:bmm:broadcast:fp32"}, "sink_tail"),
     # a window of symbolic width (w is dynamic here): no key lists, the dense tail_bias
     v4_csa: ({torch.float32: "sink:window:tail_bias:bmm:broadcast:fp32",
               torch.bfloat16: "sink:window:tail_bias:bmm:broadcast:bf16"}, "sink_picks"),
-    v4_csa_window_3: ({torch.float32: "sink:window:tail_picks:sparse_attention:fp32",
-                       torch.bfloat16: "sink:window:tail_picks:sparse_attention:bf16"}, "sink_picks"),
+    # the model's constant window: each query's key list, sparse_attention
+    v4_csa_window_3: ({torch.float32: "sink:window:tail_picks:key_list:sparse_attention:fp32",
+                       torch.bfloat16: "sink:window:tail_picks:key_list:sparse_attention:bf16"}, "sink_picks"),
+    v4_sink_window_3: ({torch.float32: "sink:window:key_list:sparse_attention:fp32",
+                        torch.bfloat16: "sink:window:key_list:sparse_attention:bf16"}, "sink_shared"),
+    v4_hca_window_3: ({torch.float32: "sink:window:tail_keys:key_list:sparse_attention:fp32"}, "sink_tail"),
+    v4_open_tail_window_3: ({torch.float32: "sink:window:tail_keys:key_list:sparse_attention:fp32"}, "sink_tail"),
     v4_csa_picks_per_head: ({torch.float32: "sink:window:tail_bias:bmm:broadcast:fp32"}, "sink_picks"),
     v4_csa_scatter_half: ({torch.float32: "sink:window:tail_bias:bmm:broadcast:fp32"}, "sink_picks"),
 }

@@ -66,6 +66,12 @@ when it is no ``arange`` window, as an additive tensor read by the kernel (CSA's
 ``tail_bias``).  At decode V4 pads the window's mask with zeros instead (``F.pad(mask, (0, n))``, every
 compressed key visible): a tail with neither.  A cat of more than two masks, or one whose first part is not the
 window, is left alone.
+
+**Key lists.**  When such a sink attention has one K = V head shared by the heads (V4's ``repeat_kv``) and a
+window of constant width (the config's ``sliding_window``), it becomes ``dsa_inductor::sparse_attention`` over
+each query's list of keys instead (the window's, then the tail's: every compressed key under its bounds, or a
+CSA layer's scattered picks): ``patterns/key_lists.py`` says when that is exact.  The heads then share each
+gathered key tile, and a CSA layer reads its K picks rather than all compressed keys.
 """
 
 from __future__ import annotations
@@ -80,7 +86,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from ..lowerings import windowed_attention as _op_module
 from ..lowerings import windowed_softmax as _ws_module  # noqa: F401  (defines the anchor op)
 from ..report import log, source_location, stats_for
-from . import csa_picks
+from . import key_lists
 from .common import Rule, graph_value_reason
 from .mask_topk import _bound_node, _mask_as_bounds, _new_node
 from .sparse_attention import Reject, _is, _val
@@ -182,15 +188,16 @@ def _scores_chain(ws, nodes, cur=None):
 
 def _right_padded(node, dim_from_end: int):
     """``constant_pad_nd(x, pad)`` with value 0 padding only dim ``-dim_from_end`` on its right: ``(x, amount)``,
-    else None."""
+    else None.  ``pad`` lists (left, right) pairs from the last dim on, and may go on with zero pairs for the
+    dims before (pad_mm on an H100 writes ``[0, p, 0, 0, 0, 0]`` for a 3-d operand)."""
     if not _is(node, aten.constant_pad_nd.default):
         return None
     pad = list(node.args[1])
     value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value", 0)
-    want = 2 * dim_from_end
-    if value != 0 or len(pad) != want or any(p != 0 for p in pad[:want - 1]):
+    at = 2 * dim_from_end - 1
+    if value != 0 or len(pad) % 2 or len(pad) <= at or any(p != 0 for i, p in enumerate(pad) if i != at):
         return None
-    return node.args[0], pad[-1]
+    return node.args[0], pad[at]
 
 
 def _probs_chain(ws, nodes):
@@ -600,41 +607,41 @@ def _match_sink(graph, cat) -> str:
             (found, tail_of) = found
             starts, ends = _bounds(graph, found)
             tag += "window:"
+            n_head = key_tail = None
             if tail_of is not None:
                 head, tail_found, tail_bias = tail_of
                 n_head = _val(head).shape[-1]
                 if not isinstance(n_head, int):  # a symbolic key count: a node that computes it
                     n_head = _new_node(graph, aten.sym_size.int, (head, -1))
-                if tail_bias is not None:
-                    variant = _csa_picks(graph, mm1, mm2, v, rows[:-1], found, ends, n_head, tail_bias, sinks, scale)
-                    if variant:
-                        return variant
                 tail_starts, tail_ends = _bounds(graph, tail_found) if tail_found is not None else (None, None)
                 tail = (n_head, tail_starts, tail_ends, tail_bias)
+                key_tail = ("picks", tail_bias) if tail_bias is not None else ("bounds", tail_starts, tail_ends)
                 tag += ("tail_window:" if tail_found is not None else "tail_bias:" if tail_bias is not None
                         else "tail_open:")
+            variant = _key_lists(graph, mm1, mm2, v, rows[:-1], found, ends, n_head, key_tail, sinks, scale)
+            if variant:
+                return variant
         sinks = _new_node(graph, aten.squeeze.dim, (sinks, -1))
     return _build(graph, mm1, mm2, v, rows[:-1], starts, ends, scale, scores_dtype, sinks, tag, tail)
 
 
-def _csa_picks(graph, mm1, mm2, v, rows_batch, found, ends, n_head, tail_bias, sinks, scale) -> Optional[str]:
-    """DeepSeek-V4's CSA layer (a window, then the indexer's picks scattered into the tail's bias) as
-    ``sparse_attention`` over each query's key list (``patterns/csa_picks.py``): its variant name, or None
-    (logged) when that does not apply and the dense ``tail_bias`` stays."""
-    index = csa_picks.scattered_picks(tail_bias)
-    width = csa_picks.window_width(found)
+def _key_lists(graph, mm1, mm2, v, rows_batch, found, ends, n_head, tail, sinks, scale) -> Optional[str]:
+    """A constant-width window over one K = V head shared by the heads (DeepSeek-V4), with its tail segment if
+    any, as ``sparse_attention`` over each query's key list (``patterns/key_lists.py``): the variant name, or None
+    (logged) when that does not apply and the windowed kernel stays."""
+    width = key_lists.window_width(found)
     ops = _broadcast_operands(mm1, mm2, v, rows_batch)
-    if index is None or width is None or ops is None:
-        why = ("the tail's bias is not scattered picks" if index is None else "the window's width is not constant"
-               if width is None else "q, k, v are not matmul-broadcast [B, H, ., .] operands")
-        log.info("rule windowed_attention: CSA picks not taken (%s): dense tail_bias", why)
+    picks_ok = tail is None or tail[0] != "picks" or key_lists.scattered_picks(tail[1]) is not None
+    if width is None or ops is None or not picks_ok:
+        why = ("the window's width is not constant" if width is None else "q, k, v are not matmul-broadcast "
+               "[B, H, ., .] operands" if ops is None else "the tail's bias is not scattered picks")
+        log.info("rule windowed_attention: no key lists (%s): the windowed kernel", why)
         return None
     q, kt, v, user = ops
     try:
-        return csa_picks.build(graph, q, _untransposed(graph, kt), v, user, ends, width, n_head, tail_bias, index,
-                               sinks, scale)
+        return key_lists.build(graph, q, _untransposed(graph, kt), v, user, ends, width, n_head, tail, sinks, scale)
     except Reject as r:
-        log.info("rule windowed_attention: CSA picks not taken (%s): dense tail_bias", r)
+        log.info("rule windowed_attention: no key lists (%s): the windowed kernel", r)
         return None
 
 
