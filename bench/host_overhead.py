@@ -69,10 +69,22 @@ def cases(dev="cuda"):
            lambda: ws.windowed_softmax_triton(scores, None, ke))
 
 
-def idiom(logits, ends):
-    n = logits.shape[-1]
-    keep = torch.arange(n, device=logits.device)[None, :] < ends[:, None]
-    return logits.masked_fill(~keep, float("-inf")).topk(256, dim=-1, sorted=False).indices
+def idiom(k: int, sorted: bool):
+    def fn(logits, ends):
+        keep = torch.arange(logits.shape[-1], device=logits.device)[None, :] < ends[:, None]
+        return logits.masked_fill(~keep, float("-inf")).topk(k, dim=-1, sorted=sorted).indices.to(torch.int32)
+    return fn
+
+
+def _profile(fn, top: int, calls: int = 200) -> None:
+    """Print the ``top`` entries (by own time) of a cProfile of ``calls`` calls of ``fn``."""
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(calls):
+        fn()
+    pr.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(pr).sort_stats("tottime").print_stats(top)
 
 
 def main():
@@ -86,22 +98,21 @@ def main():
         with torch.no_grad():
             print(f"{name:18s} {host_us(via_op):8.1f} {host_us(body):8.1f}", flush=True)
             if a.profile:
-                pr = cProfile.Profile()
-                pr.enable()
-                for _ in range(200):
-                    via_op()
-                pr.disable()
-                torch.cuda.synchronize()
-                pstats.Stats(pr).sort_stats("tottime").print_stats(14)
-    logits = torch.randn(64, 4096, device="cuda")
-    ends = torch.randint(1, 4096, (64,), device="cuda")
-    with torch.no_grad():
-        for label, reg in (("stock", False), ("ours", True)):
-            torch._dynamo.reset()
-            (dsa_inductor.register_dsa_passes if reg else dsa_inductor.unregister_dsa_passes)()
-            f = torch.compile(idiom)
-            f(logits, ends)
-            print(f"compiled mask-topk {label}: {host_us(lambda: f(logits, ends)):.1f} us/call host")
+                _profile(via_op, 14)
+    # compiled mask-then-topk: a small unsorted case, and issue 2's sorted decode shape (64 x 65536, k = 2048)
+    for n, k, sorted_ in ((4096, 256, False), (65536, 2048, True)):
+        logits = torch.randn(64, n, device="cuda")
+        ends = torch.randint(n // 2, n + 1, (64,), device="cuda")
+        with torch.no_grad():
+            for label, reg in (("stock", False), ("ours", True)):
+                torch._dynamo.reset()
+                (dsa_inductor.register_dsa_passes if reg else dsa_inductor.unregister_dsa_passes)()
+                f = torch.compile(idiom(k, sorted_), dynamic=False)
+                f(logits, ends)
+                print(f"compiled mask-topk 64 x {n}, k {k}, sorted {sorted_}, {label}: "
+                      f"{host_us(lambda: f(logits, ends)):.1f} us/call host", flush=True)
+                if a.profile and reg:
+                    _profile(lambda: f(logits, ends), 20)
     dsa_inductor.unregister_dsa_passes()
 
 

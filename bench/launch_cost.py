@@ -6,6 +6,8 @@ import triton
 import triton.language as tl
 from triton.runtime import driver
 
+from host_overhead import host_us as us  # (bench/ is the script's directory)
+
 
 @triton.jit
 def _k(a, b, c, d, e, f, g, h, n0, n1, n2, n3, n4, n5, n6, n7, s0, s1, s2, s3, s4, s5, s6, s7,
@@ -13,18 +15,6 @@ def _k(a, b, c, d, e, f, g, h, n0, n1, n2, n3, n4, n5, n6, n7, s0, s1, s2, s3, s
     i = tl.program_id(0) * B + tl.arange(0, B)
     x = tl.load(a + i, mask=i < n0, other=0.0)
     tl.store(b + i, x * 2, mask=i < n0)
-
-
-def us(fn, n=2000):
-    for _ in range(50):
-        fn()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(n):
-        fn()
-    t = (time.perf_counter() - t) / n * 1e6
-    torch.cuda.synchronize()
-    return t
 
 
 x = torch.randn(4096, device="cuda")
@@ -48,32 +38,3 @@ print("get stream", round(us(lambda: driver.active.get_current_stream(driver.act
 torch.cuda.synchronize()
 assert torch.equal(y, x * 2)
 
-# where the host time of a compiled call goes (decode-size mask-then-topk with the rules)
-import cProfile, pstats  # noqa: E402
-import dsa_inductor  # noqa: E402
-
-torch._inductor.config.force_disable_caches = True
-
-
-def idiom(logits, ends):
-    keep = torch.arange(logits.shape[-1], device=logits.device)[None, :] < ends[:, None]
-    return logits.masked_fill(~keep, float("-inf")).topk(2048, dim=-1).indices.to(torch.int32)
-
-
-lg = torch.randn(64, 65536, device="cuda")
-en = torch.randint(32768, 65537, (64,), device="cuda")
-with torch.no_grad():
-    for label, reg in (("stock", False), ("ours", True)):
-        torch._dynamo.reset()
-        (dsa_inductor.register_dsa_passes if reg else dsa_inductor.unregister_dsa_passes)()
-        f = torch.compile(idiom, dynamic=False)
-        f(lg, en)
-        print(f"compiled decode topk {label}: host {us(lambda: f(lg, en), 300):.1f} us/call")
-        if reg:
-            pr = cProfile.Profile()
-            pr.enable()
-            for _ in range(200):
-                f(lg, en)
-            pr.disable()
-            torch.cuda.synchronize()
-            pstats.Stats(pr).sort_stats("tottime").print_stats(25)

@@ -110,25 +110,24 @@ def v4_sink_window(q, kv, sinks, w):
     return torch.matmul(probs[..., :-1].to(kv.dtype), kv)
 
 
-def padded_bmm_ks_ke(q, k, v, ks, ke):
-    # what Inductor's pad_mm makes of probs @ v on CUDA when T is not aligned: both bmm operands padded with zeros
-    # along the keys (the reduction dim); written out here so that the CPU sees the same graph
+def _padded_bmm(q, k, v, ks, ke, probs_pad, v_pad):
     scores = torch.bmm(q, k.transpose(1, 2)) * 0.125
     pos = torch.arange(k.shape[1], device=q.device)
     keep = (pos >= ks.unsqueeze(-1)) & (pos < ke.unsqueeze(-1))
     probs = torch.softmax(scores.masked_fill(~keep, NEG_INF), dim=-1)
     pad = torch.nn.functional.pad
-    return torch.bmm(pad(probs, (0, 3)), pad(v, (0, 0, 0, 3)))
+    return torch.bmm(pad(probs, probs_pad), pad(v, v_pad))
+
+
+def padded_bmm_ks_ke(q, k, v, ks, ke):
+    # what Inductor's pad_mm makes of probs @ v on CUDA when T is not aligned: both bmm operands padded with zeros
+    # along the keys (the reduction dim); written out here so that the CPU sees the same graph
+    return _padded_bmm(q, k, v, ks, ke, (0, 3), (0, 0, 0, 3))
 
 
 def padded_bmm_all_dims(q, k, v, ks, ke):
     # pad_mm's form on an H100 (torch 2.11): the pad lists go on with zero pairs for every dim of the operands
-    scores = torch.bmm(q, k.transpose(1, 2)) * 0.125
-    pos = torch.arange(k.shape[1], device=q.device)
-    keep = (pos >= ks.unsqueeze(-1)) & (pos < ke.unsqueeze(-1))
-    probs = torch.softmax(scores.masked_fill(~keep, NEG_INF), dim=-1)
-    pad = torch.nn.functional.pad
-    return torch.bmm(pad(probs, (0, 3, 0, 0, 0, 0)), pad(v, (0, 0, 0, 3, 0, 0)))
+    return _padded_bmm(q, k, v, ks, ke, (0, 3, 0, 0, 0, 0), (0, 0, 0, 3, 0, 0))
 
 
 def _v4_compressed(q, kv, cmp, sinks, w, block_bias):
