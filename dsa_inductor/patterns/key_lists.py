@@ -48,12 +48,12 @@ import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..lowerings import sparse_attention as _sparse
-from .sparse_attention import Reject, _is, _val
+from .mask_topk import _new_node as _node
+from .sparse_attention import MASKED_FILLS, Reject, _is, _val
 
 aten = torch.ops.aten
 prims = torch.ops.prims
 SPARSE = torch.ops.dsa_inductor.sparse_attention.default
-_LOWS = (float("-inf"), *(torch.finfo(d).min for d in (torch.float32, torch.float16, torch.bfloat16)))
 
 
 def _one(d) -> bool:
@@ -62,15 +62,6 @@ def _one(d) -> bool:
 
 def _eq(a, b) -> bool:
     return statically_known_true(a == b)
-
-
-def _node(graph, target, args, kwargs=None):
-    """A new node with its fake value (the caller holds the fake mode and the insertion point)."""
-    kwargs = kwargs or {}
-    vals = torch.fx.node.map_arg((args, kwargs), lambda a: a.meta["val"])
-    new = graph.call_function(target, args, kwargs)
-    new.meta["val"] = target(*vals[0], **vals[1])
-    return new
 
 
 def _affine(node):
@@ -130,7 +121,7 @@ def scattered_picks(bias) -> Optional[torch.fx.Node]:
     base, dim, index, value = cur.args
     bv, iv = _val(base), _val(index)
     if (dim % bv.dim() != bv.dim() - 1 or value != 0 or not _is(base, aten.full.default)
-            or base.args[1] not in _LOWS or iv.dim() != bv.dim()):
+            or base.args[1] not in MASKED_FILLS or iv.dim() != bv.dim()):
         return None
     return index
 
@@ -228,7 +219,7 @@ def build(graph, q, k, v, user, ends, width, n_head, tail, sinks, scale) -> str:
     """Replace ``user`` (the ``[B, H, S, Dv]`` attention output) by ``sparse_attention`` over each query's key
     list; ``q``/``k``/``v`` the matmuls' unexpanded ``[B, H, ., .]`` operands, ``ends`` the window's row ends
     (``width`` keys each), ``n_head`` the window part's key count (all keys without a tail), ``tail`` None,
-    ``("picks", bias)`` (``scattered_picks(bias)`` not None) or ``("bounds", tail_starts, tail_ends)``, ``sinks``
+    ``("picks", bias, scattered_picks(bias))`` (not None) or ``("bounds", tail_starts, tail_ends)``, ``sinks``
     the per-row sink source.  Returns the variant name; raises Reject (nothing inserted stays used) when it does
     not apply."""
     qv = _val(q)
@@ -241,7 +232,7 @@ def build(graph, q, k, v, user, ends, width, n_head, tail, sinks, scale) -> str:
     if n_head is None:  # no tail: the window spans all keys
         n_head = _size(graph, kb, 2)
     if tail is not None and tail[0] == "picks":
-        index = scattered_picks(tail[1])
+        index = tail[2]
         iv = _val(index)
         if iv.dim() != 4 or not _one(iv.shape[1]):
             raise Reject("the picks vary along the heads")
@@ -250,10 +241,12 @@ def build(graph, q, k, v, user, ends, width, n_head, tail, sinks, scale) -> str:
             raise Reject("the picks' rows are not known to be the queries'")
         n_tail = _size(graph, tail[1], -1)
         tail = ("picks", index)
-    else:
+    elif tail is not None:  # the keys after the window's: T - n_head
         n_tail = _val(kb).shape[2] - (_val(n_head) if isinstance(n_head, torch.fx.Node) else n_head)
         if not isinstance(n_tail, int):
             n_tail = _node(graph, operator.sub, (_size(graph, kb, 2), n_head))
+    else:
+        n_tail = None
     q4 = _node(graph, aten.permute.default, (q, [0, 2, 1, 3]))
     k4 = _node(graph, aten.permute.default, (kb, [0, 2, 1, 3]))
     v4 = None if vb is kb else _node(graph, aten.permute.default, (vb, [0, 2, 1, 3]))

@@ -527,10 +527,12 @@ def _bound_node(graph, row, peels, terms, rank):
     return cur
 
 
-def _new_node(graph, target, args):
-    vals = torch.fx.node.map_arg(args, lambda a: a.meta["val"])
-    new = graph.call_function(target, args)
-    new.meta["val"] = target(*vals)
+def _new_node(graph, target, args, kwargs=None):
+    """A new ``call_function`` node with its fake value (the caller holds the fake mode and insertion point)."""
+    kwargs = kwargs or {}
+    vals, kvals = torch.fx.node.map_arg((args, kwargs), lambda a: a.meta["val"])
+    new = graph.call_function(target, args, kwargs)
+    new.meta["val"] = target(*vals, **kvals)
     return new
 
 

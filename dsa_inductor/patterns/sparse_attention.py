@@ -91,6 +91,7 @@ SCALE_MAGIC = 0.4321
 DV_MAGIC = 37
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _MINS = {torch.finfo(d).min for d in _FLOATS}
+MASKED_FILLS = {NEG_INF, *_MINS}  # the conventional "masked" constants of additive masks: -inf or a finfo.min
 OP = torch.ops.dsa_inductor.sparse_attention.default
 
 

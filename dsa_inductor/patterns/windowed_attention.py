@@ -89,7 +89,7 @@ from ..report import log, source_location, stats_for
 from . import key_lists
 from .common import Rule, graph_value_reason
 from .mask_topk import _bound_node, _mask_as_bounds, _new_node
-from .sparse_attention import Reject, _is, _val
+from .sparse_attention import MASKED_FILLS, Reject, _is, _val
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -512,10 +512,9 @@ def _additive_window(bias, row_len, above=()):
     if not _is(cur, aten.where.self):
         raise Reject("the additive mask is not where(keep, 0, -inf or finfo.min) (a cat of masks, or a tensor)")
     cond, a, b = cur.args[:3]
-    lows = (float("-inf"), *(torch.finfo(d).min for d in _FLOATS))  # the conventional "masked" constants
-    if _constant(a) == 0 and _constant(b) in lows:
+    if _constant(a) == 0 and _constant(b) in MASKED_FILLS:
         drop = False
-    elif _constant(b) == 0 and _constant(a) in lows:
+    elif _constant(b) == 0 and _constant(a) in MASKED_FILLS:
         drop = True
     else:
         raise Reject("the additive mask is not where(keep, 0, -inf or finfo.min): kept scores change, or "
@@ -631,7 +630,9 @@ def _key_lists(graph, mm1, mm2, v, rows_batch, found, ends, n_head, tail, sinks,
     (logged) when that does not apply and the windowed kernel stays."""
     width = key_lists.window_width(found)
     ops = _broadcast_operands(mm1, mm2, v, rows_batch)
-    picks_ok = tail is None or tail[0] != "picks" or key_lists.scattered_picks(tail[1]) is not None
+    if tail is not None and tail[0] == "picks":  # ("picks", bias) -> ("picks", bias, the scatter's index)
+        tail = (*tail, key_lists.scattered_picks(tail[1]))
+    picks_ok = tail is None or tail[0] != "picks" or tail[2] is not None
     if width is None or ops is None or not picks_ok:
         why = ("the window's width is not constant" if width is None else "q, k, v are not matmul-broadcast "
                "[B, H, ., .] operands" if ops is None else "the tail's bias is not scattered picks")
