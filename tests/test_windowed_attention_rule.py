@@ -110,8 +110,11 @@ def v4_sink_window(q, kv, sinks, w):
     return torch.matmul(probs[..., :-1].to(kv.dtype), kv)
 
 
-def _padded_bmm(q, k, v, ks, ke, probs_pad, v_pad):
-    scores = torch.bmm(q, k.transpose(1, 2)) * 0.125
+def _padded_bmm(q, k, v, ks, ke, probs_pad, v_pad, kt_pad=None):
+    if kt_pad is None:
+        scores = torch.bmm(q, k.transpose(1, 2)) * 0.125
+    else:  # pad_mm's q @ k^T: zero key columns added, their scores sliced off
+        scores = torch.bmm(q, torch.nn.functional.pad(k.transpose(1, 2), kt_pad))[:, :, :k.shape[1]] * 0.125
     pos = torch.arange(k.shape[1], device=q.device)
     keep = (pos >= ks.unsqueeze(-1)) & (pos < ke.unsqueeze(-1))
     probs = torch.softmax(scores.masked_fill(~keep, NEG_INF), dim=-1)
@@ -128,6 +131,12 @@ def padded_bmm_ks_ke(q, k, v, ks, ke):
 def padded_bmm_all_dims(q, k, v, ks, ke):
     # pad_mm's form on an H100 (torch 2.11): the pad lists go on with zero pairs for every dim of the operands
     return _padded_bmm(q, k, v, ks, ke, (0, 3, 0, 0, 0, 0), (0, 0, 0, 3, 0, 0))
+
+
+def padded_scores_bmm(q, k, v, ks, ke):
+    # pad_mm on the H100 padded the keys of q @ k^T too (DeepSeek-V4's HCA layer, 51 keys): k^T gets zero columns
+    # (a pad pair per dim), the product's extra columns are sliced off; then probs @ v padded as above
+    return _padded_bmm(q, k, v, ks, ke, (0, 3, 0, 0, 0, 0), (0, 0, 0, 3, 0, 0), kt_pad=(0, 3, 0, 0, 0, 0))
 
 
 def _v4_compressed(q, kv, cmp, sinks, w, block_bias):
@@ -257,6 +266,7 @@ CASES = {
     sink_no_mask: ({torch.float32: "sink:bmm:broadcast:fp32"}, "sink_heads"),
     padded_bmm_ks_ke: ({torch.float32: "bmm:flat:fp32"}, "batch_rows"),
     padded_bmm_all_dims: ({torch.float32: "bmm:flat:fp32"}, "batch_rows"),
+    padded_scores_bmm: ({torch.float32: "bmm:flat:fp32"}, "batch_rows"),
     v4_hca: ({torch.float32: "sink:window:tail_window:bmm:broadcast:fp32",
               torch.bfloat16: "sink:window:tail_window:bmm:broadcast:bf16"}, "sink_tail"),
     v4_open_tail: ({torch.float32: "sink:window:tail_open:bmm:broadcast:fp32"}, "sink_tail"),
@@ -503,6 +513,15 @@ def nm_probs_padded_with_ones(q, k, v):
     return pad(_masked_scores(q, k).softmax(-1), (0, 2), value=1.0) @ pad(v, (0, 0, 0, 2), value=1.0)
 
 
+def nm_scores_pad_column_kept(q, k, v):
+    # pad_mm's padded q @ k^T, but the slice keeps one of the zero columns: a key of score 0 that counts
+    q, k, v = (x.flatten(0, 1) for x in (q, k, v))
+    pad = torch.nn.functional.pad
+    k1 = pad(k, (0, 0, 0, 1))
+    scores = torch.bmm(q, pad(k.transpose(1, 2), (0, 3)))[:, :, :k1.shape[1]] * SCALE
+    return torch.bmm(scores.masked_fill(~_window(q, k1), NEG_INF).softmax(-1), pad(v, (0, 0, 0, 1)))
+
+
 NEAR_MISSES = {  # fn -> (the reason report() gives, or None when the rule sees no candidate; input dtype)
     nm_probs_reused: ("attention weights have another consumer", torch.float32),
     nm_scores_reused: ("scores have another consumer", torch.float32),
@@ -519,6 +538,7 @@ NEAR_MISSES = {  # fn -> (the reason report() gives, or None when the rule sees 
     nm_sink_keep_plus_one: ("not where(keep, 0, -inf or finfo.min)", torch.float32),
     nm_tail_three_masks: ("not [window mask, tail mask]", torch.float32),
     nm_probs_padded_with_ones: ("constant_pad_nd", torch.float32),
+    nm_scores_pad_column_kept: ("not a q @ k^T matmul", torch.float32),
     nm_tail_bias_first: ("not where(keep, 0, -inf or finfo.min)", torch.float32),
 }
 

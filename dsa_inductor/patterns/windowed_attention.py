@@ -155,6 +155,45 @@ def _scale_of(node, have_scale: bool):
     return x, factor
 
 
+def _full_slice(node) -> bool:
+    """``slice(x, dim, 0, end)`` that keeps all of ``x`` (a no-op slice)."""
+    if not _is(node, aten.slice.Tensor):
+        return False
+    args = list(node.args) + [None] * (5 - len(node.args))
+    return (args[2] in (0, None) and args[4] in (1, None)
+            and _same(_val(node).shape, _val(node.args[0]).shape))
+
+
+def _unpadded_product(node):
+    """Inductor's ``pad_mm`` (CUDA) pads the keys of ``q @ k^T`` when their count is not aligned and slices the
+    extra columns off: ``slice(mm(q, pad(kt, [0, p])), -1, 0, T)`` (no-op slices of other dims around it).
+    Those columns are products with zeros, dropped, so the same scores are ``mm(q, kt)``: that product is put
+    in the slice's place (it is what eager computes; a later rejection leaves it, the same values) and
+    returned.  None for any other node."""
+    while _full_slice(node) and len(node.users) == 1:
+        node = node.args[0]
+    if not _is(node, aten.slice.Tensor) or len(node.users) != 1:
+        return None
+    args = list(node.args) + [None] * (5 - len(node.args))
+    x, dim, start, end, step = args
+    while _full_slice(x) and len(x.users) == 1:
+        x = x.args[0]
+    if not _is(x, *_MATMULS) or len(x.users) != 1 or start not in (0, None) or step not in (1, None):
+        return None
+    if dim not in (-1, _val(x).dim() - 1):
+        return None
+    padded = _right_padded(x.args[1], 1)
+    if isinstance(end, torch.fx.Node):  # a symbolic key count: the node computing it
+        end = _val(end)
+    if padded is None or end is None or not statically_known_true(end == _val(padded[0]).shape[-1]):
+        return None
+    graph = node.graph
+    with graph.inserting_before(node), _val(x).fake_mode:
+        mm = _new_node(graph, x.target, (x.args[0], padded[0]))
+    node.replace_all_uses_with(mm)
+    return mm
+
+
 def _scores_chain(ws, nodes, cur=None):
     """Walk up from the softmax input (``ws.args[0]``, or ``cur``) to the ``q @ k^T`` matmul:
     ``(mm, scale, scores_dtype)``."""
@@ -164,6 +203,12 @@ def _scores_chain(ws, nodes, cur=None):
     while not _is(cur, *_MATMULS):
         if len(cur.users) != 1:
             raise Reject("the scores have another consumer: they must be materialized")
+        unpadded = _unpadded_product(cur)
+        if unpadded is not None:
+            if top is cur:
+                top = unpadded
+            cur = unpadded
+            continue
         nodes.append(cur)
         if _is(cur, prims.convert_element_type.default):
             src, dst = _val(cur.args[0]).dtype, cur.args[1]
