@@ -2,7 +2,10 @@
 
 * decode context read: 4,194,304 slots of a ``[N, 128]`` uint8 cache + ``[N]`` fp32 scales (DeepSeek-V3.2
   reference layout), padding slots -1, fp32 out.  Minimum traffic: 128 + 4 bytes read and 512 bytes written
-  per slot, plus the 8-byte slot index.
+  per slot, plus the 8-byte slot index.  Two slot orders:
+  - a random permutation of the cache (the worst case: every row and every scale a random 128 / 4-byte read);
+  - pages of 64 slots in random page order, as a paged cache's decode context read gathers them (vLLM's
+    ``cp_gather_indexer_k_quant_cache``: ``slot = block_table[req, t // 64] * 64 + t % 64``).
 * paged prefill read: 8192 tokens of one sequence from the vLLM inline layout (pages of 64 tokens: 64 x 128
   FP8 bytes, then 64 fp32 scales), addressed through a block table.
 
@@ -52,12 +55,16 @@ def _check_paged(args, eager, ours):
 def cases(device="cuda"):
     n = 4_194_304
 
-    def decode_inputs():
+    def decode_inputs(paged=False):
         g = torch.Generator(device=device).manual_seed(0)
         k_cache = torch.randint(0, 256, (n, D), dtype=torch.uint8, device=device, generator=g)
         k_cache[(k_cache & 0x7F) == 0x7F] = 0  # no NaN bytes: the check compares with torch.equal
         k_scale = torch.rand(n, device=device, generator=g)
-        slots = torch.randperm(n, device=device, generator=g)
+        if paged:
+            pages = torch.randperm(n // BLOCK, device=device, generator=g)
+            slots = (pages[:, None] * BLOCK + torch.arange(BLOCK, device=device)).reshape(-1)
+        else:
+            slots = torch.randperm(n, device=device, generator=g)
         slots[torch.rand(n, device=device, generator=g) < 0.01] = -1
         return k_cache, k_scale, slots
 
@@ -74,6 +81,8 @@ def cases(device="cuda"):
     return [
         Case("gather_dequant (FP8 + fp32 scale, decode read)", f"{n} slots, D={D}, fp32 out", decode_read,
              decode_inputs, min_bytes=n * per_slot, check=_check_decode),
+        Case("gather_dequant (FP8 + fp32 scale, decode read, pages of 64)", f"{n} slots, D={D}, fp32 out",
+             decode_read, lambda: decode_inputs(paged=True), min_bytes=n * per_slot, check=_check_decode),
         Case("gather_dequant (vLLM inline paged, block table)", f"8192 tokens, pages of {BLOCK}, D={D}",
              paged_read, paged_inputs, min_bytes=8192 * (D + 4 + D * 4 + 8), check=_check_paged),
     ]

@@ -3,10 +3,17 @@
     python bench/tune_gather_dequant.py            # decode sweep (fp32 and bf16 out), then the paged diagnosis
     python bench/tune_gather_dequant.py --paged    # the paged diagnosis only (a few seconds)
     python bench/tune_gather_dequant.py --quick    # a smaller decode sweep
+    python bench/tune_gather_dequant.py --ceiling  # what bounds the decode case (slot orders, write-only kernels)
 
 Decode sweep: block_rows x num_warps x tiles (tiles of block_rows rows per program) x store_cs (streaming
 stores); prints the median time and the fraction of HBM bandwidth (datasheet) of each, the best, and the
 default's, so ``default_config`` in ``dsa_inductor/lowerings/gather_dequant.py`` can be set from it.
+
+Ceiling (``--ceiling``): the op's kernel on three slot orders of the same 4,194,304 slots (a random permutation,
+pages of 64 slots in random page order, sequential), and two store-only Triton kernels that write the same
+2 GiB fp32 output: one with no loads, one that also reads an 8-byte index per 512-byte output row (the stores
+do not depend on it), beside torch's fill and copy.  Session 19 on an H100: fill 98%, the store-only kernel 98%,
+with the index read 86-88%, copy 90%: any read mixed into the write stream costs ~10% of HBM bandwidth.
 
 Paged diagnosis (bench case "vLLM inline paged, block table", 8192 tokens, pages of 64): the direct kernel
 call, the eager / stock / dsa_inductor compiled function, host time per call (wall clock, synchronized), and
@@ -18,6 +25,8 @@ import sys
 import time
 
 import torch
+import triton
+import triton.language as tl
 import triton.testing
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -54,6 +63,55 @@ def copy_ceiling() -> float:
           f"{src.numel() * 4 / (fill_us * 1e-6) / 1e12:.3f} TB/s", flush=True)
     del src, dst
     return copy_bw
+
+
+@triton.jit
+def _store_rows(out_ptr, idx_ptr, n, READ_INDEX: tl.constexpr, R: tl.constexpr, D: tl.constexpr):
+    """Write rows ``[pid * R, +R)`` of an fp32 ``[n, D]`` output (values from the row number); READ_INDEX: also
+    read one int64 per row that no store depends on (a store that never happens keeps the load)."""
+    rows = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
+    cols = tl.arange(0, D)
+    live = rows < n
+    if READ_INDEX:
+        raw = tl.load(idx_ptr + rows, mask=live, other=0)
+        tl.store(idx_ptr + rows, raw, mask=live & (raw == -12345))
+    x = rows.to(tl.float32)[:, None] + cols[None, :].to(tl.float32)
+    tl.store(out_ptr + rows[:, None] * D + cols[None, :], x, mask=live[:, None])
+
+
+def slot_orders(n, block=64):
+    """The decode case's slot orders, each with every 97th slot -1 (padding): a random permutation, pages of
+    ``block`` slots in random page order (a paged cache's context read), sequential."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    pages = torch.randperm(n // block, device="cuda", generator=g)
+    orders = {"random permutation": torch.randperm(n, device="cuda", generator=g),
+              f"pages of {block}": (pages[:, None] * block + torch.arange(block, device="cuda")).reshape(-1),
+              "sequential": torch.arange(n, device="cuda")}
+    for slots in orders.values():
+        slots[::97] = -1
+    return orders
+
+
+def ceiling(bw):
+    copy_ceiling()
+    n, d = 4_194_304, 128
+    k = torch.randint(0, 120, (n, d), dtype=torch.uint8, device="cuda")
+    s = torch.rand(n, 1, device="cuda")
+    moved = n * (d + 4 + 8 + d * 4)
+    for name, slots in slot_orders(n).items():
+        us = _bench(lambda: gather_dequant_triton(k, s, slots, zero_negative=True))
+        print(f"gather_dequant, {name:18s}: {us:7.1f} us  {moved / (us * 1e-6) / bw:6.1%} of HBM", flush=True)
+    out = torch.empty(n, d, device="cuda")
+    idx = torch.arange(n, device="cuda")
+    fill_us = _bench(lambda: out.fill_(1.0))
+    print(f"torch fill of the [{n}, {d}] fp32 output: {fill_us:7.1f} us  {out.numel() * 4 / (fill_us * 1e-6) / bw:6.1%}")
+    for rows, warps in ((32, 4), (64, 8)):
+        for read in (False, True):
+            us = _bench(lambda: _store_rows[(triton.cdiv(n, rows),)](out, idx, n, READ_INDEX=read, R=rows, D=d,
+                                                                     num_warps=warps))
+            nbytes = n * (d * 4 + (8 if read else 0))
+            print(f"store-only kernel, {rows} rows / {warps} warps, {'an index read per row' if read else 'no loads':21s}: "
+                  f"{us:7.1f} us  {nbytes / (us * 1e-6) / bw:6.1%} of HBM", flush=True)
 
 
 def decode_sweep(bw, quick):
@@ -166,6 +224,9 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
     bw = next((v for key, v in HBM.items() if key in torch.cuda.get_device_name()), 3.35e12)
+    if "--ceiling" in sys.argv:
+        ceiling(bw)
+        return
     if "--paged" not in sys.argv:
         decode_sweep(bw, "--quick" in sys.argv)
     paged_diagnosis(bw)
