@@ -155,29 +155,14 @@ def _scale_of(node, have_scale: bool):
     return x, factor
 
 
-def _full_slice(node) -> bool:
-    """``slice(x, dim, 0, end)`` that keeps all of ``x`` (a no-op slice)."""
-    if not _is(node, aten.slice.Tensor):
-        return False
-    args = list(node.args) + [None] * (5 - len(node.args))
-    return (args[2] in (0, None) and args[4] in (1, None)
-            and _same(_val(node).shape, _val(node.args[0]).shape))
-
-
 def _unpadded_product(node):
     """Inductor's ``pad_mm`` (CUDA) pads the keys of ``q @ k^T`` when their count is not aligned and slices the
-    extra columns off: ``slice(mm(q, pad(kt, [0, p])), -1, 0, T)`` (no-op slices of other dims around it).
-    Those columns are products with zeros, dropped, so the same scores are ``mm(q, kt)``: that product is put
-    in the slice's place (it is what eager computes; a later rejection leaves it, the same values) and
-    returned.  None for any other node."""
-    while _full_slice(node) and len(node.users) == 1:
-        node = node.args[0]
-    if not _is(node, aten.slice.Tensor) or len(node.users) != 1:
+    extra columns off: ``slice(mm(q, pad(kt, [0, p])), -1, 0, T)``.  Those columns are products with zeros,
+    dropped, so the same scores are ``mm(q, kt)``: that product is put in the slice's place (it is what eager
+    computes; a later rejection leaves it, the same values) and returned.  None for any other node."""
+    if not _is(node, aten.slice.Tensor):
         return None
-    args = list(node.args) + [None] * (5 - len(node.args))
-    x, dim, start, end, step = args
-    while _full_slice(x) and len(x.users) == 1:
-        x = x.args[0]
+    x, dim, start, end, step = list(node.args) + [None] * (5 - len(node.args))
     if not _is(x, *_MATMULS) or len(x.users) != 1 or start not in (0, None) or step not in (1, None):
         return None
     if dim not in (-1, _val(x).dim() - 1):
@@ -203,10 +188,8 @@ def _scores_chain(ws, nodes, cur=None):
     while not _is(cur, *_MATMULS):
         if len(cur.users) != 1:
             raise Reject("the scores have another consumer: they must be materialized")
-        unpadded = _unpadded_product(cur)
+        unpadded = _unpadded_product(cur)  # (the slice it replaces keeps its value for the shape check below)
         if unpadded is not None:
-            if top is cur:
-                top = unpadded
             cur = unpadded
             continue
         nodes.append(cur)
