@@ -39,6 +39,13 @@ def paged_read(kv_cache, block_table, positions):
     return values.view(FP8)[page, pos].float() * scales[page, pos].unsqueeze(-1)
 
 
+def paged_slots(n, generator, device, block=BLOCK):
+    """``n`` slots in pages of ``block`` consecutive slots, the pages in random order: a paged cache's decode
+    context read (``slot = block_table[req, t // block] * block + t % block``)."""
+    pages = torch.randperm(n // block, device=device, generator=generator)
+    return (pages[:, None] * block + torch.arange(block, device=device)).reshape(-1)
+
+
 def _check_decode(args, eager, ours):
     k_cache, k_scale, slots = args
     ref = gather_dequant_reference(k_cache, k_scale.unsqueeze(-1), slots, zero_negative=True)
@@ -60,11 +67,7 @@ def cases(device="cuda"):
         k_cache = torch.randint(0, 256, (n, D), dtype=torch.uint8, device=device, generator=g)
         k_cache[(k_cache & 0x7F) == 0x7F] = 0  # no NaN bytes: the check compares with torch.equal
         k_scale = torch.rand(n, device=device, generator=g)
-        if paged:
-            pages = torch.randperm(n // BLOCK, device=device, generator=g)
-            slots = (pages[:, None] * BLOCK + torch.arange(BLOCK, device=device)).reshape(-1)
-        else:
-            slots = torch.randperm(n, device=device, generator=g)
+        slots = paged_slots(n, g, device) if paged else torch.randperm(n, device=device, generator=g)
         slots[torch.rand(n, device=device, generator=g) < 0.01] = -1
         return k_cache, k_scale, slots
 

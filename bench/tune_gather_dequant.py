@@ -31,6 +31,7 @@ import triton.testing
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import bench_gather_dequant as bg  # noqa: E402
 from dsa_inductor.lowerings.gather_dequant import default_config, gather_dequant_reference, gather_dequant_triton  # noqa: E402
 
 HBM = {"H100": 3.35e12, "H200": 4.8e12}
@@ -79,13 +80,17 @@ def _store_rows(out_ptr, idx_ptr, n, READ_INDEX: tl.constexpr, R: tl.constexpr, 
     tl.store(out_ptr + rows[:, None] * D + cols[None, :], x, mask=live[:, None])
 
 
-def slot_orders(n, block=64):
-    """The decode case's slot orders, each with every 97th slot -1 (padding): a random permutation, pages of
-    ``block`` slots in random page order (a paged cache's context read), sequential."""
+def _decode_cache(n, d):
+    """The decode sweep's FP8 cache bytes (no NaN codes) ``[n, d]`` and fp32 scales ``[n, 1]``."""
+    return torch.randint(0, 120, (n, d), dtype=torch.uint8, device="cuda"), torch.rand(n, 1, device="cuda")
+
+
+def slot_orders(n):
+    """The decode case's slot orders, each with every 97th slot -1 (padding): a random permutation, pages of 64
+    slots in random page order (a paged cache's context read, ``bench_gather_dequant.paged_slots``), sequential."""
     g = torch.Generator(device="cuda").manual_seed(0)
-    pages = torch.randperm(n // block, device="cuda", generator=g)
     orders = {"random permutation": torch.randperm(n, device="cuda", generator=g),
-              f"pages of {block}": (pages[:, None] * block + torch.arange(block, device="cuda")).reshape(-1),
+              "pages of 64": bg.paged_slots(n, g, "cuda", 64),
               "sequential": torch.arange(n, device="cuda")}
     for slots in orders.values():
         slots[::97] = -1
@@ -95,8 +100,7 @@ def slot_orders(n, block=64):
 def ceiling(bw):
     copy_ceiling()
     n, d = 4_194_304, 128
-    k = torch.randint(0, 120, (n, d), dtype=torch.uint8, device="cuda")
-    s = torch.rand(n, 1, device="cuda")
+    k, s = _decode_cache(n, d)
     moved = n * (d + 4 + 8 + d * 4)
     for name, slots in slot_orders(n).items():
         us = _bench(lambda: gather_dequant_triton(k, s, slots, zero_negative=True))
@@ -117,8 +121,7 @@ def ceiling(bw):
 def decode_sweep(bw, quick):
     ceiling = copy_ceiling()
     n, d = 4_194_304, 128
-    k = torch.randint(0, 120, (n, d), dtype=torch.uint8, device="cuda")
-    s = torch.rand(n, 1, device="cuda")
+    k, s = _decode_cache(n, d)
     slots = torch.randperm(n, device="cuda")
     slots[::97] = -1
     grid = [(br, w, t, cs) for br in ((16, 32, 64) if quick else (8, 16, 32, 64, 128)) for w in (2, 4, 8)
@@ -157,7 +160,6 @@ def decode_sweep(bw, quick):
 
 
 def paged_diagnosis(bw):
-    import bench_gather_dequant as bg
     import dsa_inductor
     from dsa_inductor.lowerings import gather_dequant as gd
 
