@@ -3,8 +3,9 @@
 Usage (GPU): ``python bench/tune_mask_topk.py [causal|decode|sort] [--variants]`` prints one line per
 configuration with the do_bench median, registers/spills of each launch and a correctness check against eager.
 With ``--gpu-time``: each variant's host-free cost, the figure a decode or CUDA-graph caller sees:
-CUDA-graph replay of one call, and the profiler's per-kernel device time (``--variants`` measures with
-``do_bench`` over direct calls, which for the launch-heavy split designs is host launch time).
+CUDA-graph replay of one call, and the profiler's per-kernel device time; beside them ``direct``, the do_bench
+median of direct calls (for the launch-heavy split designs, host launch time).  The decode table has v4, v5's
+split rows and v6's knobs (``chunk``, ``num_warps``, ``cap``, ``rank_sort``).
 Without ``--variants``: the v4 sweep (band size, chunk/merge, warps).  With ``--variants``: v4's default
 against the v5 designs and knobs (``impl``, ``bits``, ``phases``, ``tile``, ``num_warps``, ``maxnreg``;
 ``chunk`` for split decode rows), the rows bench/NOTES.md's v5 table asks for.
@@ -103,11 +104,11 @@ def kernel_times(fn) -> str:
     return f"device {total:7.1f}us = " + ", ".join(f"{name[:40]} {us:.1f}" for name, us in ev[:6])
 
 
-GPU_TIME_VARIANTS = [("v4 default", dict(impl="v4"))] + [
-    (f"v5 split chunk {chunk} tile {tile} warps {warps}", dict(impl="v5", chunk=chunk, tile=tile, num_warps=warps))
-    for chunk, tile, warps in ((4096, 1024, 4), (4096, 2048, 4), (8192, 2048, 4), (8192, 4096, 8),
-                               (16384, 4096, 8), (2048, 1024, 4))
-]
+GPU_TIME_VARIANTS = [("v4 default", dict(impl="v4")), ("v5 split default", dict(impl="v5"))] + [
+    (f"v6 chunk {chunk} warps {warps} cap {cap}", dict(impl="v6", chunk=chunk, num_warps=warps, cap=cap))
+    for chunk, warps, cap in ((4096, 8, 4096), (4096, 4, 4096), (2048, 4, 4096), (8192, 8, 4096),
+                              (16384, 8, 4096), (4096, 8, 8192))
+] + [("v6 default, torch.sort", dict(impl="v6", rank_sort=False))]
 
 
 def gpu_time(which, t, k):
@@ -117,6 +118,9 @@ def gpu_time(which, t, k):
         dx = torch.randn(64, 65536, device="cuda", generator=g)
         ends = torch.randint(32768, 65537, (64,), device="cuda", dtype=torch.int32, generator=g)
         cases += [("decode", dx, ends, GPU_TIME_VARIANTS), ("decode bf16", dx.bfloat16(), ends, GPU_TIME_VARIANTS)]
+        wide = torch.randn(256, 131072, device="cuda", generator=g)  # a larger decode batch, longer context
+        cases += [("decode 256 x 131072", wide, torch.randint(65536, 131073, (256,), device="cuda", dtype=torch.int32,
+                                                             generator=g), GPU_TIME_VARIANTS[:3])]
     if "causal" in which:
         x = torch.randn(t, t, device="cuda")
         ends = torch.arange(1, t + 1, device="cuda", dtype=torch.int32)
@@ -129,7 +133,9 @@ def gpu_time(which, t, k):
                                                 index_dtype=torch.int32, sorted=srt, **kw)
                 try:
                     bad = topk_mismatch(masked, k, None, fn()[1], srt, False)
-                    r = f"graph {graph_us(fn):7.1f}us  {kernel_times(fn)}{' BAD ' + bad if bad else ''}"
+                    direct = triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e3
+                    r = (f"graph {graph_us(fn):7.1f}us  direct {direct:7.1f}us  {kernel_times(fn)}"
+                         f"{' BAD ' + bad if bad else ''}")
                 except Exception as e:
                     r = f"FAILED {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
                 print(f"{case} {'sorted' if srt else 'unsorted'} {name:38s}: {r}", flush=True)
