@@ -1117,11 +1117,13 @@ def _default_warps(grid, block):
 
 
 def _auto_impl(n: int, k: int, block_max: int) -> str:
-    """v5 for rows that fit one program, v4 for longer rows it can hold, measured on an H100 with Triton
-    3.6 (bench/NOTES.md, v5 section): causal 8192 x 8192, k 2048: v5 (2 bits, tiles of 1024, 4 warps)
-    296 us, v4 470-484 us; decode 64 x 65536: v4's chunk + merge stages 129 us, v5's split row 176-180 us.
-    v4 falls back to torch past ``2 k > block_max`` for long rows, v5's split path does not."""
-    return "v5" if n <= block_max or 2 * k > block_max else "v4"
+    """v5's row program for rows that fit one program, v6 for longer rows (decode) when k <= 16384 (what its
+    resolve holds), else v5's split rows.  Measured on an H100 with Triton 3.6 (bench/NOTES.md): causal 8192 x
+    8192, k 2048: v5 (2 bits, tiles of 1024, 4 warps) 296 us, v4 470-484 us; decode 64 x 65536: see the v6
+    section."""
+    if n <= block_max:
+        return "v5"
+    return "v6" if k <= 16384 else "v5"
 
 
 def masked_topk_triton(logits, k, row_starts=None, row_ends=None, mask=None, mask_keeps=True, bias=None,
