@@ -73,7 +73,7 @@ from typing import Optional
 
 import torch
 
-from .host import broadcast_shapes
+from .host import broadcast_shapes, cdiv, next_pow2
 from .registry import fused_op
 
 try:  # triton is optional on CPU-only installs; the CPU path never needs it.
@@ -445,7 +445,7 @@ def default_config(d: int, out_dtype: torch.dtype, fmt: str):
     """(BLOCK_R, num_warps): about 16 KB of output per program, 4 warps (enough bytes in flight per SM to
     stream HBM at D = 128; see bench/tune_gather_dequant.py)."""
     out_bytes = d * out_dtype.itemsize
-    block_r = max(1, min(128, triton.next_power_of_2(max(1, 16384 // out_bytes))))
+    block_r = max(1, min(128, next_pow2(max(1, 16384 // out_bytes))))
     return block_r, 4
 
 
@@ -502,14 +502,14 @@ def gather_dequant_triton(values, scales, index0, index1=None, block_size=0, dro
     sp, sb = s3.shape[0], s3.shape[1]
     block_r, warps = default_config(d, out_dtype, fmt)
     block_r = block_rows or block_r
-    block_d = max(16, triton.next_power_of_2(d))
+    block_d = max(16, next_pow2(d))
     vs = v3.stride()
     # unit inner stride: contiguous row bytes; the row offsets' largest power-of-two divisor (<= 16) lets the
     # loads be 16-byte vectors without relying on argument specialization (under Inductor too)
     vec_v = _vec_hint((vs[0], vs[1]), 16) if _static_multiple(vs[2], 1) and vs[2] == 1 else 0
     vec_o = _vec_hint((d,), 16)
     tiles = max(1, int(tiles))
-    grid = (triton.cdiv(n_rows, block_r * tiles),)
+    grid = (cdiv(n_rows, block_r * tiles),)
     _gather_dequant_kernel[grid](
         v3, *vs, s3, *s3.stride(), i0, i1, dr, out,
         n_rows, r, p, b, sp, sb, d, d // g,

@@ -12,6 +12,17 @@ from __future__ import annotations
 import torch
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for ints: ``triton.cdiv`` in plain Python (Triton 3.9 wraps it as a constexpr function,
+    a few us of host time per call, several calls per op launch)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The least power of two >= ``n`` (1 for n <= 1): ``triton.next_power_of_2`` in plain Python."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
 def broadcast_shapes(*shapes) -> tuple:
     """``torch.broadcast_shapes`` for shapes of plain ints (the real call); symbolic shapes (fake
     tensors while tracing) go to torch.  Raises RuntimeError, as torch does, when they do not broadcast."""

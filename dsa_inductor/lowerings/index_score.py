@@ -89,6 +89,7 @@ from typing import Optional
 
 import torch
 
+from .host import cdiv, next_pow2
 from .registry import fused_op
 
 from ..testing import index_score_tolerance, score_mismatch  # noqa: F401  (the contract; re-exported)
@@ -556,7 +557,7 @@ def _use_heads(s, h, layout):
     if layout not in (None, "rows", "heads"):
         raise ValueError(f"index_score: `layout` must be None, 'rows' or 'heads', got {layout!r}")
     if layout is None:
-        return s <= HEADS_MAX_S and triton.next_power_of_2(h) <= HEADS_MAX_H
+        return s <= HEADS_MAX_S and next_pow2(h) <= HEADS_MAX_H
     return layout == "heads"
 
 
@@ -569,9 +570,9 @@ def _default_config(q, t, fp32_dot=False, split3=False, heads=False):
     BLOCK_S query rows x BLOCK_H heads (at least 16 dot rows, at most 64 unless the heads alone are more) in
     one dot per key tile; the key tiles stream from HBM, so the tile is sized for bytes in flight."""
     if heads:
-        bh = triton.next_power_of_2(q.shape[2])
-        bs = max(1, min(triton.next_power_of_2(q.shape[1]), 64 // bh)) if bh < 64 else 1
-        bs = max(bs, triton.cdiv(16, bh))
+        bh = next_pow2(q.shape[2])
+        bs = max(1, min(next_pow2(q.shape[1]), 64 // bh)) if bh < 64 else 1
+        bs = max(bs, cdiv(16, bh))
         if q.dtype == torch.float32 or fp32_dot:
             return bs, 32, 4, 2
         return bs, 128, 4, 3
@@ -588,7 +589,7 @@ def q_row_min(q):
     b, s, h, d = q.shape
     qmin = torch.empty(b, s, dtype=torch.float32, device=q.device)
     _q_stats_kernel[(s, b)](q, *q.stride(), qmin, *qmin.stride(), s, h, d, FP8=q.dtype == torch.float8_e4m3fn,
-                            BLOCK=min(2048, triton.next_power_of_2(h * d)), num_warps=4)
+                            BLOCK=min(2048, next_pow2(h * d)), num_warps=4)
     return qmin
 
 
@@ -626,8 +627,8 @@ def index_score_triton(q, k, weights, scale=1.0, scale_after_relu=False, row_end
     ds, dt, dw, dst = _default_config(q, t, fp32_dot=q_to_fp32 and not split3, split3=split3, heads=heads)
     block_s, block_t = block_s or ds, block_t or dt
     if heads:  # BLOCK_S x BLOCK_H (query row, head) pairs: at most 64 (or the heads alone), at least 16 (tl.dot)
-        bh = triton.next_power_of_2(h)
-        block_s = max(min(block_s, max(1, 64 // bh)), triton.cdiv(16, bh))
+        bh = next_pow2(h)
+        block_s = max(min(block_s, max(1, 64 // bh)), cdiv(16, bh))
     if gather:  # the cache as uint8 [P, B, D] (B = 1 for a [P, D] cache), its scales [P, B]
         page = k_block_size if k.dim() == 3 else 1
         n_slots = k.shape[0] * page
@@ -650,10 +651,10 @@ def index_score_triton(q, k, weights, scale=1.0, scale_after_relu=False, row_end
     fp8 = q.dtype == torch.float8_e4m3fn
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     upcast = q.dtype in (torch.bfloat16, torch.float8_e4m3fn) and interpret
-    n_s, n_t = triton.cdiv(s, block_s), triton.cdiv(t, block_t)
+    n_s, n_t = cdiv(s, block_s), cdiv(t, block_t)
     grid = (n_s * n_t, b)
-    block_d = max(32 if fp8 else 16, triton.next_power_of_2(d))  # FP8 tl.dot: K >= 32
-    block_h = triton.next_power_of_2(h) if heads else 1
+    block_d = max(32 if fp8 else 16, next_pow2(d))  # FP8 tl.dot: K >= 32
+    block_h = next_pow2(h) if heads else 1
     if split3:  # the split's flags: per tile of keys, and q's rows (see _split_exact)
         kf = torch.empty(b, n_s, n_t, dtype=torch.float32, device=q.device)
         qmin = q_row_min(q)
@@ -677,7 +678,7 @@ def index_score_triton(q, k, weights, scale=1.0, scale_after_relu=False, row_end
         # flagged): FIX_G key tiles a program, so the launch that fixes nothing is short
         fs, ft = (block_s, min(ft, block_t)) if heads else (min(fs, block_s), min(ft, block_t))
         fg = 16 if heads else 2
-        _index_score_fixup_kernel[(triton.cdiv(s, fs) * triton.cdiv(triton.cdiv(t, ft), fg), b)](
+        _index_score_fixup_kernel[(cdiv(s, fs) * cdiv(cdiv(t, ft), fg), b)](
             *args, **consts, FIX_S=fs, FIX_T=ft, FIX_G=fg, num_warps=fw, num_stages=fst)
     return out
 

@@ -49,7 +49,7 @@ from typing import Optional
 
 import torch
 
-from .host import broadcast_shapes
+from .host import broadcast_shapes, cdiv, next_pow2
 from .registry import fused_op
 
 from ..testing import topk_mismatch  # noqa: F401  (the equivalence contract; re-exported)
@@ -1210,8 +1210,8 @@ def masked_topk_triton(logits, k, row_starts=None, row_ends=None, mask=None, mas
         LOW_BIT={torch.bfloat16: 16, torch.float16: 13, torch.float32: 0}[out_dtype],
         SMALL=small, OUT_DTYPE=_TL_DTYPES[out_dtype],
     )
-    n_chunks = triton.cdiv(n, chunk) if n > block_max else 1
-    scratch = torch.empty(2, rows * max(n_chunks, triton.cdiv(n_chunks * k, block_max)) * small,
+    n_chunks = cdiv(n, chunk) if n > block_max else 1
+    scratch = torch.empty(2, rows * max(n_chunks, cdiv(n_chunks * k, block_max)) * small,
                           dtype=torch.int32, device=logits.device)
 
     def launch_stage(grid, cand_in, cand_out, width, per_program, final, block):
@@ -1231,18 +1231,18 @@ def masked_topk_triton(logits, k, row_starts=None, row_ends=None, mask=None, mas
                 torch.empty(rows, width, dtype=torch.int32, device=logits.device))
 
     if n <= block_max:
-        launch_stage((rows, 1), None, None, 0, n, True, max(16, triton.next_power_of_2(n)))
+        launch_stage((rows, 1), None, None, 0, n, True, max(16, next_pow2(n)))
     else:
         cand = candidates(n_chunks * k)
-        launch_stage((rows, n_chunks), None, cand, 0, chunk, False, triton.next_power_of_2(chunk))
+        launch_stage((rows, n_chunks), None, cand, 0, chunk, False, next_pow2(chunk))
         width = n_chunks * k
         while width > block_max:  # merge groups of candidates until one program can take a row
             per_program = (min(merge or block_max, block_max) // k) * k
-            groups = triton.cdiv(width, per_program)
+            groups = cdiv(width, per_program)
             nxt = candidates(groups * k)
             launch_stage((rows, groups), cand, nxt, width, per_program, False, block_max)
             cand, width = nxt, groups * k
-        launch_stage((rows, 1), cand, None, width, width, True, max(16, triton.next_power_of_2(width)))
+        launch_stage((rows, 1), cand, None, width, width, True, max(16, next_pow2(width)))
     if sorted:
         # Ordering the winners with tl.sort in-kernel measured slower than torch.sort on H100 (2048
         # winners: ~1.4 ms per 8192 rows) and was wrong on one bf16 case under Triton 3.6: torch.sort it is.
@@ -1308,8 +1308,8 @@ def _masked_topk_v5(logits, k, row_starts, row_ends, mask, mask_keeps, bias, fil
     if split is None:
         split = n > block_max
     if not split:
-        block = max(16, triton.next_power_of_2(n))
-        til = min(triton.next_power_of_2(tile or V5_TILE), block)
+        block = max(16, next_pow2(n))
+        til = min(next_pow2(tile or V5_TILE), block)
         warps = num_warps or _default_warps((rows, 1), block)
         thr = torch.empty(rows, 4, dtype=torch.int32, device=logits.device) if phases == "two" else x3
         for phase in ((0,) if phases == "fused" else (1, 2)):
@@ -1318,9 +1318,9 @@ def _masked_topk_v5(logits, k, row_starts, row_ends, mask, mask_keeps, bias, fil
                 BITS=bits, PHASE=phase, num_warps=warps, **common))
     else:
         chunk = chunk or V5_CHUNK
-        til = min(triton.next_power_of_2(tile or V5_TILE), max(16, triton.next_power_of_2(chunk)), 1 << 15)
-        n_chunks = triton.cdiv(n, chunk)
-        npass = triton.cdiv(32 - low_bit, V5_DIGIT)
+        til = min(next_pow2(tile or V5_TILE), max(16, next_pow2(chunk)), 1 << 15)
+        n_chunks = cdiv(n, chunk)
+        npass = cdiv(32 - low_bit, V5_DIGIT)
         hw = npass << V5_DIGIT  # histogram words per row
         buf = torch.zeros(rows * (hw // 2 + 1), dtype=torch.int64, device=logits.device)  # one memset
         hist = buf[: rows * hw // 2].view(torch.int32)
@@ -1355,10 +1355,10 @@ def _masked_topk_v6(logits, k, row_starts, row_ends, mask, mask_keeps, bias, fil
     bits = bits or V5_BITS
     if bits not in (1, 2):
         raise ValueError(f"masked_topk: `bits` must be 1 or 2, got {bits!r}")
-    cap = max(triton.next_power_of_2(cap or V6_CAP), triton.next_power_of_2(max(k, 1)))
+    cap = max(next_pow2(cap or V6_CAP), next_pow2(max(k, 1)))
     if cap > 16384:
         raise ValueError(f"masked_topk: impl 'v6' holds at most 16384 candidates, `k` ({k}) is larger")
-    chunk = min(triton.next_power_of_2(chunk or V6_CHUNK), 16384)
+    chunk = min(next_pow2(chunk or V6_CHUNK), 16384)
     out_dtype = _result_dtype(logits, bias)
     batch = _batch_shape(logits, row_starts, row_ends, mask, bias)
     rows = math.prod(batch)
@@ -1388,11 +1388,11 @@ def _masked_topk_v6(logits, k, row_starts, row_ends, mask, mask_keeps, bias, fil
     args = (*src, *bounds, m3, *m3.stride(), b3, *b3.stride())
     s_dim = batch[-1] if len(batch) else 1
     warps = num_warps or V6_WARPS
-    npass = triton.cdiv(32 - low_bit, V6_DIGIT)
+    npass = cdiv(32 - low_bit, V6_DIGIT)
     buf = torch.zeros(rows * (8 + (1 << V6_DIGIT)), dtype=torch.int32, device=logits.device)
     cand = torch.empty(2, rows * cap, dtype=torch.int32, device=logits.device)
     scratch = torch.empty(2, rows * k if rank_sort else 1, dtype=torch.int32, device=logits.device)
-    grid = (rows, triton.cdiv(n, chunk))
+    grid = (rows, cdiv(n, chunk))
     for p in range(npass):
         LAST_LAUNCHES.append(_v6_hist_kernel[grid](
             *args, buf, s_dim, n, k, cap, fill, CHUNK=chunk, PASS=p, NPASS=npass, DIGIT=V6_DIGIT,
@@ -1404,10 +1404,10 @@ def _masked_topk_v6(logits, k, row_starts, row_ends, mask, mask_keeps, bias, fil
     LAST_LAUNCHES.append(_v6_resolve_kernel[(rows,)](
         *src, *bounds, buf, cand[0], cand[1], *out, s_dim, n, k, fill, RANK_SORT=rank_sort,
         WRITE_VALUES=write_values, CAP=cap, DIGIT=V6_DIGIT, BITS=bits,
-        TILE=min(triton.next_power_of_2(tile or V5_TILE), cap), num_warps=warps, **flags))
+        TILE=min(next_pow2(tile or V5_TILE), cap), num_warps=warps, **flags))
     if rank_sort:
         sb, tb = V6_SORT_BLOCK
-        LAST_LAUNCHES.append(_v6_rank_sort_kernel[(rows, triton.cdiv(k, sb))](
+        LAST_LAUNCHES.append(_v6_rank_sort_kernel[(rows, cdiv(k, sb))](
             scratch[0], scratch[1], values, indices, k, WRITE_VALUES=need_values, LOW_BIT=low_bit,
             OUT_DTYPE=flags["OUT_DTYPE"], SB=sb, TB=tb, num_warps=4))
     elif sorted:

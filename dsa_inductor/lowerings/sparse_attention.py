@@ -67,7 +67,7 @@ from typing import Optional
 import torch
 
 from ..testing import attention_mismatch  # noqa: F401  (the equivalence contract; re-exported)
-from .host import broadcast_shapes, refuse_miscompiled_tile
+from .host import broadcast_shapes, cdiv, next_pow2, refuse_miscompiled_tile
 from .registry import fused_op
 
 try:  # triton is optional on CPU-only installs; the CPU path never needs it.
@@ -241,8 +241,8 @@ def _dims(d, dv):
     """Kernel tile widths: Dqk = DA + DB (DA a power of two, DB the padded rest), Dv padded."""
     da = max(16, _pow2_floor(d))
     rest = d - da
-    db = 0 if rest <= 0 else max(16, triton.next_power_of_2(rest))
-    return da, db, max(16, triton.next_power_of_2(dv))
+    db = 0 if rest <= 0 else max(16, next_pow2(rest))
+    return da, db, max(16, next_pow2(dv))
 
 
 if triton is not None:
@@ -602,15 +602,15 @@ def _select_keys(idx, row_ends, keep_mask, t, dedup, packed, counts, seen):
     """``_compact_kernel`` over each row of ``idx`` [B, S, K]: pack (``packed`` not None) and/or set ``seen``."""
     b, s, kk = idx.shape
     _compact_kernel[(b * s,)](*_index_args(idx, row_ends, keep_mask, t), packed if packed is not None else seen,
-                              counts if counts is not None else seen, seen, triton.cdiv(t, 32), s, t, kk,
+                              counts if counts is not None else seen, seen, cdiv(t, 32), s, t, kk,
                               HAS_ENDS=row_ends is not None, HAS_MASK=keep_mask is not None, DEDUP=dedup,
-                              PACK=packed is not None, BLOCK=min(max(16, triton.next_power_of_2(kk)), 4096),
+                              PACK=packed is not None, BLOCK=min(max(16, next_pow2(kk)), 4096),
                               num_warps=4)
 
 
 def _bitmap(b, s, t, device):
     """Zeroed ``[B * S, ceil(T / 32)]`` int32 words, flat (at least one, so that the pointer is never null)."""
-    return torch.zeros(max(b * s * triton.cdiv(t, 32), 1), dtype=torch.int32, device=device)
+    return torch.zeros(max(b * s * cdiv(t, 32), 1), dtype=torch.int32, device=device)
 
 
 def selection_tiles(topk_indices, t, row_ends=None, keep_mask=None, block_m=FLASH_BLOCK_M, block_n=FLASH_BLOCK_N):
@@ -633,12 +633,12 @@ def selection_tiles(topk_indices, t, row_ends=None, keep_mask=None, block_m=FLAS
     dev = topk_indices.device
     bits = _bitmap(b, s, t, dev)
     _select_keys(topk_indices, row_ends, keep_mask, t, True, None, None, bits)
-    nblk, nt = triton.cdiv(s, bm), triton.cdiv(t, bn)
+    nblk, nt = cdiv(s, bm), cdiv(t, bn)
     tiles = torch.empty(max(b * nblk * nt, 1), dtype=torch.int32, device=dev)
     counts = torch.empty(b * nblk, dtype=torch.int32, device=dev)
     if counts.numel():
-        _tile_list_kernel[(b * nblk,)](bits, triton.cdiv(t, 32), s, nt, tiles, counts, BLOCK_M=bm, NW=bn // 32,
-                                       CHUNK=max(1, min(triton.next_power_of_2(max(nt, 1)), 4096 * 32 // (bm * bn))),
+        _tile_list_kernel[(b * nblk,)](bits, cdiv(t, 32), s, nt, tiles, counts, BLOCK_M=bm, NW=bn // 32,
+                                       CHUNK=max(1, min(next_pow2(max(nt, 1)), 4096 * 32 // (bm * bn))),
                                        num_warps=4)
     return bits, tiles, counts
 
@@ -694,7 +694,7 @@ def sparse_attention_triton(q, k, v, topk_indices, row_ends=None, keep_mask=None
     common = dict(HAS_SINK=attn_sink is not None, EMPTY_ROW=int(empty_row), D=d, DV=dv, DA=da, DB=db, DVP=dvp)
     if hk == 1:
         bh = block_h or BLOCK_H
-        bh = max(16, min(bh, triton.next_power_of_2(h)))
+        bh = max(16, min(bh, next_pow2(h)))
         if compact:
             packed = torch.empty(b * s, kk, dtype=torch.int32, device=q.device)
             counts = torch.empty(b * s, dtype=torch.int32, device=q.device)
@@ -703,7 +703,7 @@ def sparse_attention_triton(q, k, v, topk_indices, row_ends=None, keep_mask=None
                          _bitmap(b, s, t, q.device) if dedup else counts)
         else:
             packed = counts = idx
-        _sparse_mla_kernel[(b * s, triton.cdiv(h, bh))](
+        _sparse_mla_kernel[(b * s, cdiv(h, bh))](
             q, q.stride(0), q.stride(1), q.stride(2), k, k.stride(0), k.stride(1), vt, vt.stride(0), vt.stride(1),
             *idx_args, *tail_args, s, t, kk, h, scale_log2, packed, counts, V_IS_KA=v is None and dv == da,
             PREC=prec, UPCAST=upcast, BLOCK_H=bh, BLOCK_K=block_k or BLOCK_K, COMPACT=compact,
@@ -716,15 +716,15 @@ def sparse_attention_triton(q, k, v, topk_indices, row_ends=None, keep_mask=None
             dn = FLASH_BLOCK_N_WIDE
         bm, bn = block_m or dm, block_n or dn
         if bm > 0 and not bm & (bm - 1):  # (else selection_tiles raises)
-            bm = max(16, min(bm, triton.next_power_of_2(s)))  # no taller than the queries (a tl.dot needs 16)
+            bm = max(16, min(bm, next_pow2(s)))  # no taller than the queries (a tl.dot needs 16)
         warps = num_warps or dwarps
         if os.environ.get("TRITON_INTERPRET") != "1":
             refuse_miscompiled_tile("sparse_attention", bm, bn, warps)
         bits, tiles, counts = selection_tiles(idx, t, row_ends, keep_mask, bm, bn)
-        nt = triton.cdiv(t, bn)
-        _masked_flash_kernel[(b * h * triton.cdiv(s, bm),)](
+        nt = cdiv(t, bn)
+        _masked_flash_kernel[(b * h * cdiv(s, bm),)](
             q, q.stride(0), q.stride(1), q.stride(2), k, k.stride(0), k.stride(1), k.stride(2),
-            vt, vt.stride(0), vt.stride(1), vt.stride(2), bits, triton.cdiv(t, 32), tiles, counts, nt, *tail_args,
+            vt, vt.stride(0), vt.stride(1), vt.stride(2), bits, cdiv(t, 32), tiles, counts, nt, *tail_args,
             s, t, h, h // hk, scale_log2, V_IS_KA=v is None and dv == da, PREC=prec, UPCAST=upcast,
             BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=num_stages or dstages,
             **common)

@@ -57,7 +57,7 @@ from typing import Optional
 import torch
 
 from ..testing import windowed_attention_mismatch
-from .host import broadcast_shapes, refuse_miscompiled_tile
+from .host import broadcast_shapes, cdiv, refuse_miscompiled_tile
 from .registry import fused_op
 from .windowed_softmax import window_keep
 
@@ -390,7 +390,7 @@ def windowed_attention_triton(q, k, v, row_starts=None, row_ends=None, scale=1.0
     def prec(dtype):
         return fp32 if dtype == torch.float32 or upcast else "tf32"
 
-    grid = (triton.cdiv(s, cfg["block_m"]) * z * h,)
+    grid = (cdiv(s, cfg["block_m"]) * z * h,)
     da, db, dvp = _dims(d, dvn)
     _windowed_attention_kernel[grid](
         q_, *qs[:-1], k_, *ks[:-1], v_, *vs, st_, *sts, en_, *ens, sk_, *sks, ts_, *tss, te_, *tes, tb_, *tbs,
