@@ -1133,7 +1133,8 @@ def masked_topk_triton(logits, k, row_starts=None, row_ends=None, mask=None, mas
     """Run the Triton kernels (the op's CUDA path; tests and tuning call it directly).
 
     ``impl`` picks the design (default ``IMPL``, else ``_auto_impl``): ``"v5"`` (threshold then streaming compaction; rows
-    longer than ``block_max`` split over programs with global radix histograms) or ``"v4"`` (row in
+    longer than ``block_max`` split over programs with global radix histograms), ``"v6"`` (long rows: an 11-bit
+    radix pass, a filter and a per-row resolve of the k-th key's bin; a rank sort) or ``"v4"`` (row in
     registers, chunk + merge stages).  Knobs of both: ``block_max`` (most positions one row program
     holds in registers), ``chunk`` (positions per program of a split row), ``num_warps``.
 
@@ -1146,7 +1147,10 @@ def masked_topk_triton(logits, k, row_starts=None, row_ends=None, mask=None, mas
     kernel), ``split`` (None: rows longer than ``block_max``; True: every row, for tests and tuning),
     ``maxnreg`` (register cap per thread passed to Triton, None: ptxas decides).
 
-    Tests shrink ``block_max``, ``small``, ``chunk`` and ``tile`` to run every path at small sizes under
+    v6: ``chunk`` (positions per pass program), ``cap`` (candidates the resolve holds; a bin with more takes
+    another pass), ``rank_sort`` (None: when ``rows * k * k`` is small), ``bits``, ``tile``, ``num_warps``.
+
+    Tests shrink ``block_max``, ``small``, ``chunk``, ``cap`` and ``tile`` to run every path at small sizes under
     ``TRITON_INTERPRET=1``.
     """
     if triton is None:
