@@ -4,8 +4,8 @@ Usage (GPU): ``python bench/tune_mask_topk.py [causal|decode|sort] [--variants]`
 configuration with the do_bench median, registers/spills of each launch and a correctness check against eager.
 With ``--gpu-time``: each variant's host-free cost, the figure a decode or CUDA-graph caller sees:
 CUDA-graph replay of one call, and the profiler's per-kernel device time; beside them ``direct``, the do_bench
-median of direct calls (for the launch-heavy split designs, host launch time).  The decode table has v4, v5's
-split rows and v6's knobs (``chunk``, ``num_warps``, ``cap``, ``rank_sort``).
+median of direct calls (for the launch-heavy split designs, host launch time).  The decode cases: 64 x 65536
+fp32 and bf16, and a larger batch, 256 x 131072 (v4 against v5's split rows, which ``_auto_impl`` picks there).
 Without ``--variants``: the v4 sweep (band size, chunk/merge, warps).  With ``--variants``: v4's default
 against the v5 designs and knobs (``impl``, ``bits``, ``phases``, ``tile``, ``num_warps``, ``maxnreg``;
 ``chunk`` for split decode rows), the rows bench/NOTES.md's v5 table asks for.
@@ -104,10 +104,11 @@ def kernel_times(fn) -> str:
     return f"device {total:7.1f}us = " + ", ".join(f"{name[:40]} {us:.1f}" for name, us in ev[:6])
 
 
-GPU_TIME_VARIANTS = [("v4 default", dict(impl="v4")), ("v5 split default", dict(impl="v5"))] + [
-    (f"v6 chunk {chunk} warps {warps} cap {cap}", dict(impl="v6", chunk=chunk, num_warps=warps, cap=cap))
-    for chunk, warps, cap in ((4096, 8, 4096), (4096, 4, 4096), (2048, 4, 4096), (8192, 8, 4096))
-] + [("v6 default, torch.sort", dict(impl="v6", rank_sort=False))]
+GPU_TIME_VARIANTS = [("v4 default", dict(impl="v4"))] + [
+    (f"v5 split chunk {chunk} tile {tile} warps {warps}", dict(impl="v5", chunk=chunk, tile=tile, num_warps=warps))
+    for chunk, tile, warps in ((4096, 1024, 4), (4096, 2048, 4), (8192, 2048, 4), (8192, 4096, 8),
+                               (16384, 4096, 8), (2048, 1024, 4))
+]
 
 
 def gpu_time(which, t, k):
@@ -116,10 +117,10 @@ def gpu_time(which, t, k):
         g = torch.Generator(device="cuda").manual_seed(1)
         dx = torch.randn(64, 65536, device="cuda", generator=g)
         ends = torch.randint(32768, 65537, (64,), device="cuda", dtype=torch.int32, generator=g)
-        cases += [("decode", dx, ends, GPU_TIME_VARIANTS), ("decode bf16", dx.bfloat16(), ends, GPU_TIME_VARIANTS[:3])]
+        cases += [("decode", dx, ends, GPU_TIME_VARIANTS), ("decode bf16", dx.bfloat16(), ends, GPU_TIME_VARIANTS[:2])]
         wide = torch.randn(256, 131072, device="cuda", generator=g)  # a larger decode batch, longer context
         cases += [("decode 256 x 131072", wide, torch.randint(65536, 131073, (256,), device="cuda", dtype=torch.int32,
-                                                             generator=g), GPU_TIME_VARIANTS[:3])]
+                                                             generator=g), GPU_TIME_VARIANTS[:2])]
     if "causal" in which:
         x = torch.randn(t, t, device="cuda")
         ends = torch.arange(1, t + 1, device="cuda", dtype=torch.int32)

@@ -544,15 +544,9 @@ if triton is not None:
         key = _keys_at(cols, a, s, lo, hi, fill_key, x_ptr, xs0, xs1, xs2, m_ptr, ms0, ms1, ms2,
                        b_ptr, bs0, bs1, bs2, MASK_MODE, HAS_BIAS, OUT_DTYPE, LOW_BIT)
         key = tl.where(exist, key, 0)  # 0: no element (every real key is >= 1)
-        return _threshold_of(key, K, LOW_BIT, BLOCK, BITS)
-
-    @triton.jit
-    def _threshold_of(key, K, LOW_BIT: tl.constexpr, BLOCK: tl.constexpr, BITS: tl.constexpr):
-        """The K-th largest of the BLOCK keys ``key`` (0 marks no element; at least K are real): see
-        ``_row_threshold``, which this bisection serves, as does v6's resolve of a row's candidates."""
         # Invariant: c_lo = #(key >= t), c_hi = #(key >= t + 2**(bit + 1)), c_hi < K <= c_lo.
+        t = fill_key * 0
         K = K.to(tl.int32)
-        t = (K * 0).to(tl.uint32)
         c_lo = K * 0 + BLOCK
         c_hi = K * 0
         bit = K * 0 + 31
@@ -838,254 +832,6 @@ if triton is not None:
                         if WRITE_VALUES:
                             tl.store(val_ptr + out + pos, _key_to_value(key, LOW_BIT).to(OUT_DTYPE), mask=take)
 
-    # ------------------------------------------------------------------------------------------------
-    # v6: rows longer than one program holds (decode).  An 11-bit radix pass over the row's chunks
-    # decides the K-th key's bin; the last program of the row to finish the pass (a per-row ticket)
-    # takes the decision and writes it to the row's state, so later launches read it in one load.  If
-    # that bin holds more than CAP keys, the next 11 bits are counted among them (at most three
-    # passes decide all 32 bits).  A filter pass writes every key above the bin straight to the output
-    # and appends the bin's keys (the candidates, typically ~2% of the row) to a per-row list, which
-    # one program per row resolves in registers.  The sorted result is ordered by a rank sort: each
-    # winner's rank is the number of winners before it in (key desc, slot) order.  See bench/NOTES.md
-    # ("v6").  Row state (int32 words): P (decided key bits), k_rem (keys still to take from the bin),
-    # m (keys in the bin), flags (level | done << 4 | final << 5), ticket, winners, candidates, 0; then
-    # the pass's histogram (2**DIGIT words, zeroed again by the pass's last program).
-
-    @triton.jit
-    def _v6_span(row, S, N, K, st_ptr, sts0, sts1, en_ptr, ens0, ens1,
-                 HAS_STARTS: tl.constexpr, HAS_ENDS: tl.constexpr, RANGE_ONLY: tl.constexpr):
-        """Row bounds and the positions its lanes cover: [lo, hi) for range-only rows (``short`` when at
-        most K are in range: every one is selected), else [0, N)."""
-        a, s, lo, hi = _row_bounds(row, S, N, st_ptr, sts0, sts1, en_ptr, ens0, ens1, HAS_STARTS, HAS_ENDS)
-        if RANGE_ONLY:
-            base = lo
-            end = hi
-            short = (hi - lo) <= K
-        else:
-            base = lo * 0
-            end = N.to(tl.int64)
-            short = (hi - lo) < 0
-        return a, s, lo, hi, base, end, short
-
-    @triton.jit
-    def _v6_level_mask(level, DIGIT: tl.constexpr):
-        """The key bits decided after ``level`` (>= 1) passes of DIGIT bits, as a uint32 mask."""
-        sh = tl.maximum(32 - DIGIT * level, 0).to(tl.uint32)
-        return (tl.full([], 0xFFFFFFFF, tl.uint32) >> sh) << sh
-
-    @triton.jit
-    def _v6_emit(slot, take, key, cols, val_ptr, idx_ptr, sk_ptr, si_ptr,
-                 RANK_SORT: tl.constexpr, WRITE_VALUES: tl.constexpr, LOW_BIT: tl.constexpr,
-                 OUT_DTYPE: tl.constexpr):
-        """Store winners at output offsets ``slot``: (key, position) to the rank sort's scratch, or the
-        outputs themselves."""
-        if RANK_SORT:
-            tl.store(sk_ptr + slot, key.to(tl.int32, bitcast=True), mask=take)
-            tl.store(si_ptr + slot, cols.to(tl.int32), mask=take)
-        else:
-            tl.store(idx_ptr + slot, cols, mask=take)
-            if WRITE_VALUES:
-                tl.store(val_ptr + slot, _key_to_value(key, LOW_BIT).to(OUT_DTYPE), mask=take)
-
-    @triton.jit(do_not_specialize=["S", "N", "K", "CAP"])
-    def _v6_hist_kernel(
-        x_ptr, xs0, xs1, xs2,
-        st_ptr, sts0, sts1, en_ptr, ens0, ens1,
-        m_ptr, ms0, ms1, ms2,
-        b_ptr, bs0, bs1, bs2,
-        buf_ptr,
-        S, N, K, CAP, fill,
-        HAS_STARTS: tl.constexpr, HAS_ENDS: tl.constexpr, MASK_MODE: tl.constexpr,
-        HAS_BIAS: tl.constexpr, RANGE_ONLY: tl.constexpr, LOW_BIT: tl.constexpr, OUT_DTYPE: tl.constexpr,
-        CHUNK: tl.constexpr, PASS: tl.constexpr, NPASS: tl.constexpr, DIGIT: tl.constexpr, SHIFT: tl.constexpr,
-    ):
-        """Radix pass PASS over one chunk of a row (grid: rows x chunks): count the DIGIT key bits at
-        SHIFT of the keys that share the decided prefix, add them to the row's histogram, and, as the
-        row's last program, decide the pass (the bin holding the k_rem-th key) into the row's state."""
-        BINS: tl.constexpr = 1 << DIGIT
-        row = tl.program_id(0).to(tl.int64)
-        chunk = tl.program_id(1).to(tl.int64)
-        a, s, lo, hi, base, end, short = _v6_span(row, S, N, K, st_ptr, sts0, sts1, en_ptr, ens0, ens1,
-                                                  HAS_STARTS, HAS_ENDS, RANGE_ONLY)
-        state = buf_ptr + row * (8 + BINS)
-        hist = state + 8
-        c0 = base + chunk * CHUNK
-        go = (c0 < end) & (short == 0)
-        if PASS > 0:
-            go = go & ((tl.load(state + 3) & 32) == 0)  # an earlier pass was final
-        if go:
-            prefix = (K * 0).to(tl.uint32)
-            k_rem = K.to(tl.int32)
-            if PASS > 0:
-                prefix = tl.load(state).to(tl.uint32, bitcast=True)
-                k_rem = tl.load(state + 1)
-            lane = tl.arange(0, CHUNK)
-            cols = c0 + lane.to(tl.int64)
-            exist = cols < end
-            key = _keys_at(cols, a, s, lo, hi, _fill_key(fill, LOW_BIT), x_ptr, xs0, xs1, xs2,
-                           m_ptr, ms0, ms1, ms2, b_ptr, bs0, bs1, bs2, MASK_MODE, HAS_BIAS, OUT_DTYPE, LOW_BIT)
-            if PASS > 0:
-                match = exist & ((key & _v6_level_mask(PASS, DIGIT)) == prefix)
-            else:
-                match = exist
-            bins = tl.arange(0, BINS)
-            h = tl.histogram(tl.where(match, (key >> SHIFT) & (BINS - 1), 0).to(tl.int32), BINS)
-            h = h - tl.where(bins == 0, tl.sum((~match).to(tl.int32), 0), 0)  # the others counted in bin 0
-            tl.atomic_add(hist + bins, h, mask=h > 0, sem="relaxed")
-            tl.debug_barrier()  # every thread's counts precede the ticket's release
-            n_prog = (end - base + CHUNK - 1) // CHUNK
-            if tl.atomic_add(state + 4, 1, sem="acq_rel") == n_prog - 1:
-                tl.debug_barrier()
-                h = tl.load(hist + bins, cache_modifier=".cg")  # all programs' counts, from L2
-                ge = tl.sum(h, 0) - tl.cumsum(h, 0) + h  # keys whose digit is >= the bin's
-                b = tl.max(tl.where(ge >= k_rem, bins, 0), 0)
-                ge_b = tl.sum(tl.where(bins == b, ge, 0), 0)
-                h_b = tl.sum(tl.where(bins == b, h, 0), 0)
-                k_new = k_rem - (ge_b - h_b)
-                done = h_b == k_new  # the whole bin is taken
-                final = done | (h_b <= CAP) | (PASS == NPASS - 1)
-                tl.store(state, (prefix | (b.to(tl.uint32) << SHIFT)).to(tl.int32, bitcast=True))
-                tl.store(state + 1, k_new)
-                tl.store(state + 2, h_b)
-                tl.store(state + 3, (PASS + 1) + done.to(tl.int32) * 16 + final.to(tl.int32) * 32)
-                tl.store(state + 4, 0)
-                tl.store(hist + bins, tl.zeros_like(h))  # for the next pass
-
-    @triton.jit(do_not_specialize=["S", "N", "K", "CAP"])
-    def _v6_filter_kernel(
-        x_ptr, xs0, xs1, xs2,
-        st_ptr, sts0, sts1, en_ptr, ens0, ens1,
-        m_ptr, ms0, ms1, ms2,
-        b_ptr, bs0, bs1, bs2,
-        buf_ptr, ck_ptr, ci_ptr, val_ptr, idx_ptr, sk_ptr, si_ptr,
-        S, N, K, CAP, fill,
-        HAS_STARTS: tl.constexpr, HAS_ENDS: tl.constexpr, MASK_MODE: tl.constexpr,
-        HAS_BIAS: tl.constexpr, RANGE_ONLY: tl.constexpr, LOW_BIT: tl.constexpr, OUT_DTYPE: tl.constexpr,
-        RANK_SORT: tl.constexpr, WRITE_VALUES: tl.constexpr, CHUNK: tl.constexpr, DIGIT: tl.constexpr,
-    ):
-        """One chunk of a row after the radix passes (grid: rows x chunks): keys above the decided bin
-        (and the bin's own when the whole bin is taken) go to the row's next output slots, the bin's keys
-        to the row's candidate list (its first CAP).  One atomic per chunk reserves each run of slots."""
-        BINS: tl.constexpr = 1 << DIGIT
-        row = tl.program_id(0).to(tl.int64)
-        chunk = tl.program_id(1).to(tl.int64)
-        a, s, lo, hi, base, end, short = _v6_span(row, S, N, K, st_ptr, sts0, sts1, en_ptr, ens0, ens1,
-                                                  HAS_STARTS, HAS_ENDS, RANGE_ONLY)
-        c0 = base + chunk * CHUNK
-        if (c0 < end) & (short == 0):
-            state = buf_ptr + row * (8 + BINS)
-            prefix = tl.load(state).to(tl.uint32, bitcast=True)
-            flags = tl.load(state + 3)
-            lim = tl.where((flags & 16) != 0, prefix, prefix + 1)  # the whole bin taken: from the prefix on
-            lane = tl.arange(0, CHUNK)
-            cols = c0 + lane.to(tl.int64)
-            exist = cols < end
-            key = _keys_at(cols, a, s, lo, hi, _fill_key(fill, LOW_BIT), x_ptr, xs0, xs1, xs2,
-                           m_ptr, ms0, ms1, ms2, b_ptr, bs0, bs1, bs2, MASK_MODE, HAS_BIAS, OUT_DTYPE, LOW_BIT)
-            pk = key & _v6_level_mask(flags & 15, DIGIT)
-            win = exist & (pk >= lim)
-            cand = exist & (pk == prefix) & (pk < lim)
-            packed = win.to(tl.int32) + (cand.to(tl.int32) << 16)
-            tot = tl.sum(packed, 0)
-            ranks = tl.cumsum(packed, 0) - packed
-            if (tot & 0xFFFF) != 0:
-                first = tl.atomic_add(state + 5, tot & 0xFFFF, sem="relaxed")
-                _v6_emit(row * K + first + (ranks & 0xFFFF), win, key, cols, val_ptr, idx_ptr, sk_ptr, si_ptr,
-                         RANK_SORT, WRITE_VALUES, LOW_BIT, OUT_DTYPE)
-            if (tot >> 16) != 0:
-                slot = tl.atomic_add(state + 6, tot >> 16, sem="relaxed") + (ranks >> 16)
-                keep = cand & (slot < CAP)
-                tl.store(ck_ptr + row * CAP + slot, key.to(tl.int32, bitcast=True), mask=keep)
-                tl.store(ci_ptr + row * CAP + slot, cols.to(tl.int32), mask=keep)
-
-    @triton.jit
-    def _v6_short_keys(row, a, s, lo, hi, K, fill_key, x_ptr, xs0, xs1, xs2, sk_ptr, si_ptr,
-                       LOW_BIT: tl.constexpr, OUT_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-        """``_short_row`` for the rank sort: (key, position) of every in-range position, then the first
-        masked positions with the fill key."""
-        lane = tl.arange(0, BLOCK)
-        out = row * K
-        n_keep = hi - lo
-        for start in range(lo, hi, BLOCK):
-            cols = start + lane
-            ok = cols < hi
-            key = _keys_at(cols, a, s, lo, hi, fill_key, x_ptr, xs0, xs1, xs2, x_ptr, 0, 0, 0, x_ptr, 0, 0, 0,
-                           0, False, OUT_DTYPE, LOW_BIT)
-            _v6_emit(out + (cols - lo), ok, key, cols, x_ptr, x_ptr, sk_ptr, si_ptr, True, False, LOW_BIT, OUT_DTYPE)
-        for start in range(0, K - n_keep, BLOCK):
-            j = start + lane
-            ok = j < K - n_keep
-            _v6_emit(out + n_keep + j, ok, tl.zeros_like(j).to(tl.uint32) + fill_key, tl.where(j < lo, j, j + n_keep),
-                     x_ptr, x_ptr, sk_ptr, si_ptr, True, False, LOW_BIT, OUT_DTYPE)
-
-    @triton.jit(do_not_specialize=["S", "N", "K"])
-    def _v6_resolve_kernel(
-        x_ptr, xs0, xs1, xs2,
-        st_ptr, sts0, sts1, en_ptr, ens0, ens1,
-        buf_ptr, ck_ptr, ci_ptr, val_ptr, idx_ptr, sk_ptr, si_ptr,
-        S, N, K, fill,
-        HAS_STARTS: tl.constexpr, HAS_ENDS: tl.constexpr, RANGE_ONLY: tl.constexpr, LOW_BIT: tl.constexpr,
-        OUT_DTYPE: tl.constexpr, RANK_SORT: tl.constexpr, WRITE_VALUES: tl.constexpr, CAP: tl.constexpr,
-        DIGIT: tl.constexpr, BITS: tl.constexpr, TILE: tl.constexpr,
-    ):
-        """One program per row: a short row's selection (every in-range position, then padding), or the
-        k_rem winners among the row's candidates, written after the filter's slots.  More than CAP
-        candidates happen only once every key bit is decided: they are equal keys, the first k_rem go."""
-        BINS: tl.constexpr = 1 << DIGIT
-        row = tl.program_id(0).to(tl.int64)
-        a, s, lo, hi, base, end, short = _v6_span(row, S, N, K, st_ptr, sts0, sts1, en_ptr, ens0, ens1,
-                                                  HAS_STARTS, HAS_ENDS, RANGE_ONLY)
-        if short:
-            if RANK_SORT:
-                _v6_short_keys(row, a, s, lo, hi, K, _fill_key(fill, LOW_BIT), x_ptr, xs0, xs1, xs2, sk_ptr, si_ptr,
-                               LOW_BIT, OUT_DTYPE, TILE)
-            else:
-                _short_row(row, a, s, lo, hi, K, fill, x_ptr, xs0, xs1, xs2, val_ptr, idx_ptr,
-                           WRITE_VALUES, OUT_DTYPE, TILE)
-        else:
-            state = buf_ptr + row * (8 + BINS)
-            if (tl.load(state + 3) & 16) == 0:  # (done: the filter wrote every winner)
-                k_rem = tl.load(state + 1)
-                m = tl.load(state + 2)
-                lane = tl.arange(0, CAP)
-                have = lane < tl.minimum(m, CAP)
-                key = tl.load(ck_ptr + row * CAP + lane, mask=have, other=0).to(tl.uint32, bitcast=True)
-                t_ge = tl.full([], 0xFFFFFFFF, tl.uint32)  # no key reaches it: ties only
-                t_eq = tl.load(state).to(tl.uint32, bitcast=True)
-                ties = k_rem
-                if m <= CAP:
-                    t_ge, t_eq, ties = _threshold_of(key, k_rem, LOW_BIT, CAP, BITS)
-                above = have & (key >= t_ge)
-                equal = have & (key == t_eq)
-                packed = above.to(tl.int32) + (equal.to(tl.int32) << 16)
-                ranks = tl.cumsum(packed, 0) - packed
-                e_rank = ranks >> 16
-                take = above | (equal & (e_rank < ties))
-                slot = (K - k_rem) + tl.where(above, ranks & 0xFFFF, k_rem - ties + e_rank)
-                cols = tl.load(ci_ptr + row * CAP + lane, mask=take, other=0)
-                _v6_emit(row * K + slot, take, key, cols, val_ptr, idx_ptr, sk_ptr, si_ptr,
-                         RANK_SORT, WRITE_VALUES, LOW_BIT, OUT_DTYPE)
-
-    @triton.jit(do_not_specialize=["K"])
-    def _v6_rank_sort_kernel(sk_ptr, si_ptr, val_ptr, idx_ptr, K,
-                             WRITE_VALUES: tl.constexpr, LOW_BIT: tl.constexpr, OUT_DTYPE: tl.constexpr,
-                             SB: tl.constexpr, TB: tl.constexpr):
-        """Order a row's K winners by key, descending (grid: rows x cdiv(K, SB)): winner i goes to slot
-        #{j: key_j > key_i, or key_j == key_i and j < i}, a permutation of [0, K).  O(K**2) compares per
-        row, for few rows (decode)."""
-        row = tl.program_id(0).to(tl.int64)
-        i = tl.program_id(1) * SB + tl.arange(0, SB)
-        vi = i < K
-        ki = tl.load(sk_ptr + row * K + i, mask=vi, other=0).to(tl.uint32, bitcast=True)
-        rank = tl.zeros([SB], dtype=tl.int32)
-        for j0 in range(0, K, TB):
-            j = j0 + tl.arange(0, TB)
-            kj = tl.load(sk_ptr + row * K + j, mask=j < K, other=0).to(tl.uint32, bitcast=True)
-            before = (kj[None, :] > ki[:, None]) | ((kj[None, :] == ki[:, None]) & (j[None, :] < i[:, None]))
-            rank += tl.sum((before & (j < K)[None, :]).to(tl.int32), 1)
-        tl.store(idx_ptr + row * K + rank, tl.load(si_ptr + row * K + i, mask=vi, other=0), mask=vi)
-        if WRITE_VALUES:
-            tl.store(val_ptr + row * K + rank, _key_to_value(ki, LOW_BIT).to(OUT_DTYPE), mask=vi)
 
 
 _TL_DTYPES = {}
@@ -1099,12 +845,6 @@ V5_BITS = 2  # bisection bits per block reduction in the v5 row program (1 or 2)
 V5_PHASES = "fused"  # "fused": threshold + compaction in one row kernel; "two": two kernels
 V5_CHUNK = 4096  # positions per program of a split (long) row
 V5_DIGIT = 8  # radix bits per histogram pass of a split row (256 bins)
-V6_CHUNK = 4096  # positions per program of a v6 histogram / filter pass
-V6_DIGIT = 11  # radix bits per v6 pass (2048 bins): three passes decide all 32 key bits
-V6_CAP = 4096  # candidates one v6 resolve program holds (raised to k); a larger bin takes another pass
-V6_WARPS = 8
-V6_RANK_SORT_MAX = 1 << 29  # rows * k * k up to which v6 orders its winners with the rank sort, else torch.sort
-V6_SORT_BLOCK = (64, 128)  # rank sort: winners ranked per program, winners compared per step
 LAST_LAUNCHES: list = []  # what the last direct call launched (compiled kernels: n_regs, n_spills; for tuning)
 
 
@@ -1116,25 +856,34 @@ def _default_warps(grid, block):
     return 4 if programs >= 1024 else 8
 
 
-def _auto_impl(n: int, k: int, block_max: int) -> str:
-    """v5's row program for rows that fit one program, v6 for longer rows (decode) when k <= 16384 (what its
-    resolve holds), else v5's split rows.  Measured on an H100 with Triton 3.6 (bench/NOTES.md): causal 8192 x
-    8192, k 2048: v5 (2 bits, tiles of 1024, 4 warps) 296 us, v4 470-484 us; decode 64 x 65536: see the v6
-    section."""
-    if n <= block_max:
+SPLIT_MIN_ELEMENTS = 1 << 24  # rows * N from which long rows take v5's split path over v4 (see _auto_impl)
+
+
+def _auto_impl(n: int, k: int, block_max: int, rows: int = 1, dtype: torch.dtype = torch.float32) -> str:
+    """The design measured faster for the shape, on an H100 with Triton 3.6 (bench/NOTES.md, v5 and session-20
+    sections; GPU time of the kernels, k = 2048):
+
+    * rows that fit one program: v5's row program (causal 8192 x 8192: 296 us, v4 470-484 us);
+    * longer rows (decode): v4's chunk + merge stages at 64 x 65536 fp32 (87 us, v5's split rows 109 us), but v5's
+      split rows for bf16 (16-bit keys, two radix passes: 71 us, v4 86 us) and for larger batches
+      (256 x 131072 fp32: 590 us, v4 983 us, stock torch.compile 698 us).  ``SPLIT_MIN_ELEMENTS`` (rows * N) sits
+      between the two fp32 shapes measured;
+    * v4 falls back to torch past ``2 k > block_max`` for long rows, v5's split path does not."""
+    if n <= block_max or 2 * k > block_max:
         return "v5"
-    return "v6" if k <= 16384 else "v5"
+    if dtype == torch.bfloat16 or rows * n >= SPLIT_MIN_ELEMENTS:
+        return "v5"
+    return "v4"
 
 
 def masked_topk_triton(logits, k, row_starts=None, row_ends=None, mask=None, mask_keeps=True, bias=None,
                        fill=float("-inf"), sorted=True, index_dtype=torch.int64, need_values=True,
                        block_max=BLOCK_MAX, num_warps=None, chunk=None, small=None, merge=None, impl=None,
-                       tile=None, bits=None, phases=None, split=None, maxnreg=None, cap=None, rank_sort=None):
+                       tile=None, bits=None, phases=None, split=None, maxnreg=None):
     """Run the Triton kernels (the op's CUDA path; tests and tuning call it directly).
 
     ``impl`` picks the design (default ``IMPL``, else ``_auto_impl``): ``"v5"`` (threshold then streaming compaction; rows
-    longer than ``block_max`` split over programs with global radix histograms), ``"v6"`` (long rows: an 11-bit
-    radix pass, a filter and a per-row resolve of the k-th key's bin; a rank sort) or ``"v4"`` (row in
+    longer than ``block_max`` split over programs with global radix histograms) or ``"v4"`` (row in
     registers, chunk + merge stages).  Knobs of both: ``block_max`` (most positions one row program
     holds in registers), ``chunk`` (positions per program of a split row), ``num_warps``.
 
@@ -1147,24 +896,19 @@ def masked_topk_triton(logits, k, row_starts=None, row_ends=None, mask=None, mas
     kernel), ``split`` (None: rows longer than ``block_max``; True: every row, for tests and tuning),
     ``maxnreg`` (register cap per thread passed to Triton, None: ptxas decides).
 
-    v6: ``chunk`` (positions per pass program), ``cap`` (candidates the resolve holds; a bin with more takes
-    another pass), ``rank_sort`` (None: when ``rows * k * k`` is small), ``bits``, ``tile``, ``num_warps``.
-
-    Tests shrink ``block_max``, ``small``, ``chunk``, ``cap`` and ``tile`` to run every path at small sizes under
+    Tests shrink ``block_max``, ``small``, ``chunk`` and ``tile`` to run every path at small sizes under
     ``TRITON_INTERPRET=1``.
     """
     if triton is None:
         raise RuntimeError("masked_topk: triton is not installed")
     _check_args(logits, k, row_starts, row_ends, mask, bias, index_dtype)
-    impl = impl or IMPL or _auto_impl(logits.shape[-1], k, block_max)
+    impl = impl or IMPL or _auto_impl(logits.shape[-1], k, block_max, logits.numel() // max(logits.shape[-1], 1),
+                                      _result_dtype(logits, bias))
     if impl == "v5":
         return _masked_topk_v5(logits, k, row_starts, row_ends, mask, mask_keeps, bias, fill, sorted, index_dtype,
                                need_values, block_max, num_warps, chunk, tile, bits, phases, split, maxnreg)
-    if impl == "v6":
-        return _masked_topk_v6(logits, k, row_starts, row_ends, mask, mask_keeps, bias, fill, sorted, index_dtype,
-                               need_values, num_warps, chunk, tile, bits, cap, rank_sort)
     if impl != "v4":
-        raise ValueError(f"masked_topk: `impl` must be 'v6', 'v5' or 'v4', got {impl!r}")
+        raise ValueError(f"masked_topk: `impl` must be 'v5' or 'v4', got {impl!r}")
     n = logits.shape[-1]
     if n >= 2**31 - 1:
         raise ValueError(f"masked_topk: the last dim of `logits` ({n}) must be < 2**31 - 1")
@@ -1338,83 +1082,6 @@ def _masked_topk_v5(logits, k, row_starts, row_ends, mask, mask_keeps, bias, fil
             *args, hist, ctr, vbuf, indices, s_dim, n, k, chunk, fill, WRITE_VALUES=write_values, TILE=til,
             NPASS=npass, DIGIT=V5_DIGIT, num_warps=warps, **common))
     if sorted:
-        vbuf, order = _sort_descending(vbuf)
-        indices = indices.gather(-1, order)
-        if need_values:
-            values = vbuf
-    return values, indices
-
-
-def _masked_topk_v6(logits, k, row_starts, row_ends, mask, mask_keeps, bias, fill, sorted, index_dtype,
-                    need_values, num_warps, chunk, tile, bits, cap, rank_sort):
-    """v6 launches (see the v6 kernels' comment): up to three radix passes (a pass that an earlier one
-    made unnecessary exits at once), the filter, the per-row resolve, and the rank sort when sorted
-    (``rank_sort`` None: when ``rows * k * k <= V6_RANK_SORT_MAX``, else torch.sort of the values).
-    Knobs: ``chunk`` (positions per pass program), ``cap`` (candidates the resolve holds, at least k),
-    ``tile`` (short rows' lanes), ``bits`` (the resolve's bisection), ``num_warps``.  No host sync and
-    fixed launches (CUDA-graph safe)."""
-    n = logits.shape[-1]
-    if n >= 2**31 - 1:
-        raise ValueError(f"masked_topk: the last dim of `logits` ({n}) must be < 2**31 - 1")
-    bits = bits or V5_BITS
-    if bits not in (1, 2):
-        raise ValueError(f"masked_topk: `bits` must be 1 or 2, got {bits!r}")
-    cap = max(next_pow2(cap or V6_CAP), next_pow2(max(k, 1)))
-    if cap > 16384:
-        raise ValueError(f"masked_topk: impl 'v6' holds at most 16384 candidates, `k` ({k}) is larger")
-    chunk = min(next_pow2(chunk or V6_CHUNK), 16384)
-    out_dtype = _result_dtype(logits, bias)
-    batch = _batch_shape(logits, row_starts, row_ends, mask, bias)
-    rows = math.prod(batch)
-    values = logits.new_empty(*batch, k if need_values else 0, dtype=out_dtype)
-    indices = logits.new_empty(*batch, k, dtype=index_dtype)
-    LAST_LAUNCHES.clear()
-    if rows == 0 or k == 0:
-        return values, indices
-    if rank_sort is None:
-        rank_sort = rows * k * k <= V6_RANK_SORT_MAX
-    rank_sort = bool(sorted and rank_sort)
-    write_values = need_values or (sorted and not rank_sort)  # torch.sort orders by the values
-    x3 = _rows3(logits, batch, n)
-    vbuf = values if need_values else logits.new_empty(*batch, k, dtype=out_dtype) if write_values else x3
-    st3 = _rows3(row_starts.unsqueeze(-1), batch, 1) if row_starts is not None else x3
-    en3 = _rows3(row_ends.unsqueeze(-1), batch, 1) if row_ends is not None else x3
-    m3 = _rows3(mask, batch, n) if mask is not None else x3
-    b3 = _rows3(bias, batch, n) if bias is not None else x3
-    fill = _round_to(float(fill), out_dtype)
-    low_bit = {torch.bfloat16: 16, torch.float16: 13, torch.float32: 0}[out_dtype]
-    flags = dict(HAS_STARTS=row_starts is not None, HAS_ENDS=row_ends is not None,
-                 RANGE_ONLY=(mask is None and bias is None and fill == float("-inf")), LOW_BIT=low_bit,
-                 OUT_DTYPE=_TL_DTYPES[out_dtype])
-    keys = dict(MASK_MODE=0 if mask is None else (1 if mask_keeps else 2), HAS_BIAS=bias is not None, **flags)
-    src = (x3, *x3.stride())
-    bounds = (st3, *st3.stride()[:2], en3, *en3.stride()[:2])
-    args = (*src, *bounds, m3, *m3.stride(), b3, *b3.stride())
-    s_dim = batch[-1] if len(batch) else 1
-    warps = num_warps or V6_WARPS
-    npass = cdiv(32 - low_bit, V6_DIGIT)
-    buf = torch.zeros(rows * (8 + (1 << V6_DIGIT)), dtype=torch.int32, device=logits.device)
-    cand = torch.empty(2, rows * cap, dtype=torch.int32, device=logits.device)
-    scratch = torch.empty(2, rows * k if rank_sort else 1, dtype=torch.int32, device=logits.device)
-    grid = (rows, cdiv(n, chunk))
-    for p in range(npass):
-        LAST_LAUNCHES.append(_v6_hist_kernel[grid](
-            *args, buf, s_dim, n, k, cap, fill, CHUNK=chunk, PASS=p, NPASS=npass, DIGIT=V6_DIGIT,
-            SHIFT=max(32 - V6_DIGIT * (p + 1), 0), num_warps=warps, **keys))
-    out = (vbuf, indices, scratch[0], scratch[1])
-    LAST_LAUNCHES.append(_v6_filter_kernel[grid](
-        *args, buf, cand[0], cand[1], *out, s_dim, n, k, cap, fill, RANK_SORT=rank_sort,
-        WRITE_VALUES=write_values, CHUNK=chunk, DIGIT=V6_DIGIT, num_warps=warps, **keys))
-    LAST_LAUNCHES.append(_v6_resolve_kernel[(rows,)](
-        *src, *bounds, buf, cand[0], cand[1], *out, s_dim, n, k, fill, RANK_SORT=rank_sort,
-        WRITE_VALUES=write_values, CAP=cap, DIGIT=V6_DIGIT, BITS=bits,
-        TILE=min(next_pow2(tile or V5_TILE), cap), num_warps=warps, **flags))
-    if rank_sort:
-        sb, tb = V6_SORT_BLOCK
-        LAST_LAUNCHES.append(_v6_rank_sort_kernel[(rows, cdiv(k, sb))](
-            scratch[0], scratch[1], values, indices, k, WRITE_VALUES=need_values, LOW_BIT=low_bit,
-            OUT_DTYPE=flags["OUT_DTYPE"], SB=sb, TB=tb, num_warps=4))
-    elif sorted:
         vbuf, order = _sort_descending(vbuf)
         indices = indices.gather(-1, order)
         if need_values:
