@@ -19,8 +19,8 @@ def cdiv(a: int, b: int) -> int:
 
 
 def next_pow2(n: int) -> int:
-    """The least power of two >= ``n`` (1 for n <= 1): ``triton.next_power_of_2`` in plain Python."""
-    return 1 << (n - 1).bit_length() if n > 1 else 1
+    """The least power of two >= ``n`` for n >= 1, and 0 for 0: ``triton.next_power_of_2`` in plain Python."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
 def broadcast_shapes(*shapes) -> tuple:
