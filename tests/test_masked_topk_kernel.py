@@ -132,6 +132,7 @@ def test_auto_impl_follows_the_measurements():
     assert _auto_impl(65536, 2048, 16384, 64, torch.bfloat16) == "v5"  # 16-bit keys: split rows, two passes
     assert _auto_impl(131072, 2048, 16384, 256) == "v5"  # a larger decode batch: split rows
     assert _auto_impl(65536, 16384, 16384, 4) == "v5"  # 2 k > block_max: v4 would fall back to torch
+    assert _auto_impl(32768, 2048, 16384, 32768) == "v4"  # long prefill rows: v4, as before (not measured)
 
 
 def test_impl_knobs_are_checked():

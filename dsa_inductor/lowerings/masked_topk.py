@@ -856,7 +856,8 @@ def _default_warps(grid, block):
     return 4 if programs >= 1024 else 8
 
 
-SPLIT_MIN_ELEMENTS = 1 << 24  # rows * N from which long rows take v5's split path over v4 (see _auto_impl)
+SPLIT_MIN_ELEMENTS = 1 << 24  # rows * N from which long decode rows take v5's split path over v4 (see _auto_impl)
+SPLIT_MAX_ROWS = 1024  # ... for decode batches only: many long rows (prefill past 16384 keys) were not measured
 
 
 def _auto_impl(n: int, k: int, block_max: int, rows: int = 1, dtype: torch.dtype = torch.float32) -> str:
@@ -867,11 +868,12 @@ def _auto_impl(n: int, k: int, block_max: int, rows: int = 1, dtype: torch.dtype
     * longer rows (decode): v4's chunk + merge stages at 64 x 65536 fp32 (87 us, v5's split rows 109 us), but v5's
       split rows for bf16 (16-bit keys, two radix passes: 71 us, v4 86 us) and for larger batches
       (256 x 131072 fp32: 590 us, v4 983 us, stock torch.compile 698 us).  ``SPLIT_MIN_ELEMENTS`` (rows * N) sits
-      between the two fp32 shapes measured;
+      between the two fp32 shapes measured; ``SPLIT_MAX_ROWS`` keeps the choice to decode-sized batches (prefill
+      rows past ``block_max`` keys, thousands of them, stay on v4 as before: not measured);
     * v4 falls back to torch past ``2 k > block_max`` for long rows, v5's split path does not."""
     if n <= block_max or 2 * k > block_max:
         return "v5"
-    if dtype == torch.bfloat16 or rows * n >= SPLIT_MIN_ELEMENTS:
+    if rows <= SPLIT_MAX_ROWS and (dtype == torch.bfloat16 or rows * n >= SPLIT_MIN_ELEMENTS):
         return "v5"
     return "v4"
 
