@@ -8,6 +8,12 @@ With ``cudagraphs=True`` the stock and dsa_inductor compiles also run as ``mode=
 (CUDA graphs, inputs marked static so replays copy nothing): those columns have no host overhead, and the
 CUDA-graph output of ours goes through the case's check too (issue 6: every example runs under CUDA graphs
 and matches eager).
+
+GPU times (``device_times``, torch.profiler) come last, after every wall-clock timing of the run (bench/run.py
+times all cases first): a profiler run leaves CUPTI attached to the process (pytorch#144455: Kineto does not
+call ``cuptiFinalize`` by default), which adds host time to every later launch.  Before session 20 the stock
+GPU time was taken between the stock and the dsa_inductor timings, so in a run's first case ours was timed
+with CUPTI attached and stock without: its host-bound "dsa-inductor" figure read high.
 """
 
 from __future__ import annotations
@@ -113,7 +119,6 @@ def run_case(case: Case, cudagraphs: bool = False) -> Result:
         stock = torch.compile(case.fn, dynamic=False)
         stock(*args)
         stock_us = _median_us(stock, args)
-        stock_dev = device_us(stock, args)
 
         torch._dynamo.reset()
         dsa_inductor.reset_report()
@@ -121,7 +126,9 @@ def run_case(case: Case, cudagraphs: bool = False) -> Result:
         ours = torch.compile(case.fn, dynamic=False)
         our_out = ours(*args)
         ours_us = _median_us(ours, args)
-        ours_dev = device_us(ours, args)
+        from dsa_inductor.report import match_count
+
+        matches = match_count()  # this compile's matches (the CUDA-graph compile below would count them again)
         graph_us = {}
         if cudagraphs:
             for rules in (False, True):
@@ -132,9 +139,6 @@ def run_case(case: Case, cudagraphs: bool = False) -> Result:
         dsa_inductor.unregister_dsa_passes()
         torch._dynamo.reset()
 
-    from dsa_inductor.report import match_count
-
-    matches = match_count()
     problem = case.check(args, eager_out, our_out) if case.check else None
     if cudagraphs and case.check and problem is None:
         problem = case.check(args, eager_out, graph_out)
@@ -142,7 +146,30 @@ def run_case(case: Case, cudagraphs: bool = False) -> Result:
     gpu = _gpu_name()
     roof = max(case.min_bytes / HBM_BYTES_PER_S.get(gpu, 3.35e12), case.flops / BF16_FLOPS.get(gpu, 989e12)) * 1e6
     return Result(case, eager_us, stock_us, ours_us, roof, matches, problem,
-                  graph_us.get(False, float("nan")), graph_us.get(True, float("nan")), stock_dev, ours_dev)
+                  graph_us.get(False, float("nan")), graph_us.get(True, float("nan")))
+
+
+def compiled_device_us(fn, args, rules: bool) -> float:
+    """GPU time of one call of ``fn`` compiled afresh, without or with our rules (``device_us``)."""
+    torch._dynamo.reset()
+    (dsa_inductor.register_dsa_passes if rules else dsa_inductor.unregister_dsa_passes)()
+    compiled = torch.compile(fn, dynamic=False)
+    compiled(*args)
+    us = device_us(compiled, args)
+    dsa_inductor.unregister_dsa_passes()
+    torch._dynamo.reset()
+    return us
+
+
+def device_times(case: Case, result: Result) -> Result:
+    """``result`` with the GPU times of stock and ours, each compiled afresh.  Run after every wall-clock timing
+    of the process (see the module docstring: the profiler leaves CUPTI attached)."""
+    torch._inductor.config.force_disable_caches = True
+    args = case.make_inputs()
+    with torch.no_grad():
+        stock_dev = compiled_device_us(case.fn, args, rules=False)
+        ours_dev = compiled_device_us(case.fn, args, rules=True)
+    return dataclasses.replace(result, stock_device_us=stock_dev, ours_device_us=ours_dev)
 
 
 def markdown(results: list[Result]) -> str:
