@@ -140,9 +140,9 @@ def gpu_time(which, t, k):
         v = torch.randn(x.shape[0], k, device="cuda")
         calls.append((f"{case} torch.sort [{x.shape[0]}, {k}]{'':27s}", lambda v=v: v.sort(dim=-1, descending=True),
                       None, True))
-    # Direct calls first, before any torch.profiler run (kernel_times): session 20's run measured them after the
-    # previous variants' profiler runs, and its sorted direct calls took ~500 us more host time than the unsorted
-    # ones for a torch.sort and a gather; whether the profiler left that overhead was not established.
+    # Direct calls first, before any torch.profiler run (kernel_times): a profiler run leaves CUPTI attached to the
+    # process (pytorch#144455), adding host time to later launches.  Session 20's run timed them after the previous
+    # variants' profiler runs, and its sorted direct calls took ~500 us more than the unsorted ones.
     direct = {}
     for label, fn, _, _ in calls:
         try:
