@@ -16,7 +16,6 @@ No Dynamo config is set: the offsets loop's data-dependent output length is an u
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import sys
@@ -26,7 +25,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import dsa_inductor  # noqa: E402
-from harness import Case, Result, _gpu_name, _median_us, compiled_device_us, HBM_BYTES_PER_S  # noqa: E402
+from harness import Case, Result, _gpu_name, _median_us, HBM_BYTES_PER_S  # noqa: E402
+from harness import device_times as harness_device_times  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 import serving_loops  # noqa: E402  (the loops, shared with tests/test_loops_lifting.py)
@@ -110,12 +110,9 @@ def run_case(case: Case) -> Result:
 
 
 def device_times(case: Case, result: Result) -> Result:
-    """``result`` with the GPU time of the lifted loop's compiled kernels, compiled afresh: run after the run's
-    wall-clock timings (harness.device_times says why)."""
-    torch._inductor.config.force_disable_caches = True
-    args = case.make_inputs()
-    with torch.no_grad():
-        return dataclasses.replace(result, ours_device_us=compiled_device_us(case.fn, args, rules=True))
+    """``result`` with the GPU time of the lifted loop's compiled kernels (ours only, as before), taken after the
+    run's wall-clock timings (harness.device_times says why)."""
+    return harness_device_times(case, result, stock=False)
 
 
 if __name__ == "__main__":
