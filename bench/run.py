@@ -50,6 +50,8 @@ def main() -> None:
             own = getattr(mod, "run_case", None)  # a module may time its cases its own way
             r = own(case) if own else run_case(case, cudagraphs=a.cudagraphs)
             timed.append((mod, case, r))
+            print(f"timed {case.idiom}: eager {r.eager_us:.1f} stock {r.stock_us:.1f} ours {r.ours_us:.1f} graphs "
+                  f"{r.stock_graph_us:.1f}/{r.ours_graph_us:.1f} matches {r.matches}", flush=True)  # survives a cut run
     # GPU times after every wall-clock timing: a torch.profiler run leaves CUPTI attached to the process, which
     # adds host time to every later launch (harness module docstring).
     results = []
