@@ -55,7 +55,7 @@ def problems(draw):
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     b, s, t = draw(st.integers(1, 2)), draw(st.integers(1, 5)), draw(st.integers(1, 20))
     h = draw(st.sampled_from([1, 3, 4, 16] if not CUDA else [1, 4, 16, 128]))
-    kk = draw(st.integers(1, 12))
+    kk = draw(st.integers(1, 40))  # up to 3 key tiles of 16 (repeats count without dedup)
     shared = draw(st.booleans())
     d = draw(st.sampled_from([16, 24, 40, 72]))
     hk = 1 if shared else draw(st.sampled_from([h, h // 2] if h % 2 == 0 else [h]))  # per head or GQA
@@ -151,6 +151,26 @@ def test_selection_tiles_list_exactly_the_tiles_with_a_selected_key():
             assert tiles[bi, blk, :counts[bi, blk]].tolist() == want, (bi, blk)
             skipped += nt - len(want)
     assert skipped > 0  # (the construction leaves tiles out; else this test would not test skipping)
+
+
+@pytest.mark.parametrize("dedup", [False, True])
+def test_shared_latent_key_loop_over_several_tiles(dedup):
+    """The packed key loop of the shared-latent kernel over 3-5 tiles of 16 keys a row (the drawn problems
+    above rarely pass one tile): rows with -1 padding, out-of-range indices, repeats and ``row_ends`` cut
+    their packed lists at different lengths, one row packs none."""
+    g = torch.Generator().manual_seed(3)
+    b, s, t, h, d, kk = 1, 4, 96, 16, 32, 72
+    q = torch.randn(b, s, h, d, generator=g)
+    k = torch.randn(b, t, 1, d, generator=g)
+    idx = torch.randint(-1, t + 3, (b, s, kk), generator=g)
+    idx[0, 1, 20:] = torch.arange(t - 52, t)  # 52 distinct keys past a ragged start
+    idx[0, 3] = -1
+    ends = torch.tensor([[t, t, 50, t]])
+    args = (q, k, None, idx, ends, None, None, d ** -0.5, 16, 0, dedup, q.dtype)
+    out = sparse_attention_triton(*[a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args],
+                                  block_k=16, block_h=16, num_warps=4, compact=True)
+    why = attention_mismatch(sparse_attention_reference(*args), out.cpu())
+    assert why is None, why
 
 
 @pytest.mark.skipif(not CUDA, reason="transformers' expanded-MLA shape needs a GPU")
