@@ -155,6 +155,45 @@ def test_kernel_batch_dims_and_broadcast_mask(batch):
     assert topk_mismatch(masked_logits(x, mask=mask), k, values, indices) is None
 
 
+@st.composite
+def row_layouts(draw):
+    """A tensor and the ``(*batch, last)`` it broadcasts to: batch dims of size 1 or more, some absent or of size 1
+    in the tensor (broadcast), the tensor's dims permuted (strides that do not nest), sliced, or expanded."""
+    nb = draw(st.integers(0, 4))
+    batch = tuple(draw(st.lists(st.integers(1, 4), min_size=nb, max_size=nb)))
+    last = draw(st.integers(1, 5))
+    keep = draw(st.integers(0, nb))  # the tensor has the last ``keep`` batch dims (the rest broadcast)
+    shape = [b if draw(st.booleans()) else 1 for b in batch[nb - keep:]] + [draw(st.sampled_from([last, 1]))]
+    order = draw(st.permutations(range(len(shape))))
+    base = torch.arange(1, 1 + 2 * max(1, torch.Size(shape).numel()), dtype=torch.float32)
+    t = base[:: 2 if draw(st.booleans()) else 1][: torch.Size(shape).numel()]
+    t = t.reshape([shape[i] for i in order]).permute([order.index(i) for i in range(len(shape))])
+    return t, batch, last
+
+
+@settings(max_examples=300, deadline=None)
+@given(row_layouts())
+def test_rows3_strides_walk_the_broadcast_rows(layout):
+    """``_rows3``'s strides read exactly ``t.expand(*batch, last)`` viewed as [A, S, last], with no view made
+    unless the batch dims cannot be walked by one stride (then the copy ``reshape`` makes)."""
+    from dsa_inductor.lowerings.masked_topk import _rows3
+    t, batch, last = layout
+    want = t.expand(*batch, last).reshape(-1, batch[-1] if batch else 1, last)
+    got, strides = _rows3(t, batch, last)
+    seen = torch.as_strided(got, want.shape, strides, got.storage_offset())
+    assert torch.equal(seen, want)
+
+
+def test_kernel_permuted_batch_and_broadcast_bounds():
+    """Batch dims whose strides do not nest (two leading dims swapped: the row array is copied), and bounds
+    broadcast from [S] over the other batch dims."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 2, 5, 40, generator=g).to(DEVICE).transpose(0, 1)  # [2, 3, 5, 40], strides 200, 400, 40, 1
+    ends = torch.tensor([0, 3, 17, 40, 29], device=DEVICE)  # [S], the same bound for every leading index
+    values, indices = masked_topk_triton(x, 6, row_ends=ends, block_max=BLOCK_MAX[-1])
+    assert topk_mismatch(masked_logits(x, row_ends=ends), 6, values, indices) is None
+
+
 def test_kernel_non_contiguous_logits():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(40, 6, generator=g).to(DEVICE).t()  # [6, 40], last-dim stride 6

@@ -121,6 +121,27 @@ def _check_rows_broadcast(op, base_name, rows, parts):
                              f"the rows {shape} of `{base_name}`") from None
 
 
+_CHECKED: dict = {}  # argument metadata -> batch shape, for the CUDA path's checks (see _checked_batch)
+
+
+def _checked_batch(logits, k, row_starts, row_ends, mask, bias, index_dtype) -> tuple:
+    """``_check_args`` then the batch shape, remembered per argument metadata: every check reads only types,
+    dtypes, devices, shapes, ``k`` and ``index_dtype``, all in the key, so a key seen before has passed them.  (On
+    the H100 host the checks cost more per decode call than a kernel launch.)"""
+    if not isinstance(logits, torch.Tensor):
+        _check_args(logits, k, row_starts, row_ends, mask, bias, index_dtype)  # raises
+    key = (logits.shape, logits.dtype, logits.device, k, index_dtype,
+           *(None if t is None else (t.shape, t.dtype, t.device) for t in (row_starts, row_ends, mask, bias)))
+    batch = _CHECKED.get(key)
+    if batch is None:
+        _check_args(logits, k, row_starts, row_ends, mask, bias, index_dtype)
+        batch = _batch_shape(logits, row_starts, row_ends, mask, bias)
+        if len(_CHECKED) >= 1024:
+            _CHECKED.clear()
+        _CHECKED[key] = batch
+    return batch
+
+
 def _result_dtype(logits, bias):
     return logits.dtype if bias is None else torch.promote_types(logits.dtype, bias.dtype)
 
@@ -172,16 +193,35 @@ def _round_to(fill: float, dtype: torch.dtype) -> float:
 
 
 def _rows3(t, batch, last):
-    """View ``t`` (broadcast to ``(*batch, last)``) as [A, S, last] without copying when possible."""
-    t = t.expand(*batch, last)
-    if len(batch) == 0:
-        return t.unsqueeze(0).unsqueeze(0)
-    if len(batch) == 1:
-        return t.unsqueeze(0)
-    try:
-        return t.view(-1, batch[-1], last)
-    except RuntimeError:
-        return t.reshape(-1, batch[-1], last)
+    """``t`` broadcast to ``(*batch, last)`` as an [A, S, last] row array: ``(tensor, (stride_a, stride_s,
+    stride_last))``.  The strides are computed from ``t``'s own (0 along broadcast dims; the batch dims before the
+    last merged into A) with no view made, which costs host time on every call; only batch dims that no single
+    stride can walk (a permuted batch) are copied, as ``reshape`` would.  The tensor's data pointer is ``t``'s."""
+    nb = len(batch)
+    full = [0] * (nb + 1)  # per dim of (*batch, last): t's stride, 0 where t broadcasts (or has size 1)
+    off = nb + 1 - t.dim()
+    for i, (size, stride) in enumerate(zip(t.shape, t.stride())):
+        if size != 1:
+            full[off + i] = stride
+    if nb <= 1:
+        return t, (0, full[0] if nb else 0, full[nb])
+    # A walks the batch dims before the last with one stride when they nest (broadcast ones included: stride 0)
+    dims = [(batch[i], full[i]) for i in range(nb - 1) if batch[i] != 1]
+    if all(dims[i][1] == dims[i + 1][1] * dims[i + 1][0] for i in range(len(dims) - 1)):
+        return t, (dims[-1][1] if dims else 0, full[nb - 1], full[nb])
+    t = t.expand(*batch, last).reshape(-1, batch[-1], last)
+    return t, tuple(t.stride())
+
+
+def _row_args(logits, row_starts, row_ends, mask, bias, batch, n):
+    """The kernels' leading arguments: logits, row_starts, row_ends, mask and bias as [A, S, .] row arrays with
+    their strides (an absent one: ``logits`` stands in, never read), and that stand-in pointer."""
+    x, xs = _rows3(logits, batch, n)
+    st, sts = _rows3(row_starts.unsqueeze(-1), batch, 1) if row_starts is not None else (x, xs)
+    en, ens = _rows3(row_ends.unsqueeze(-1), batch, 1) if row_ends is not None else (x, xs)
+    m, ms = _rows3(mask, batch, n) if mask is not None else (x, xs)
+    b, bs = _rows3(bias, batch, n) if bias is not None else (x, xs)
+    return (x, *xs, st, *sts[:2], en, *ens[:2], m, *ms, b, *bs), x
 
 
 if triton is not None:
@@ -903,19 +943,18 @@ def masked_topk_triton(logits, k, row_starts=None, row_ends=None, mask=None, mas
     """
     if triton is None:
         raise RuntimeError("masked_topk: triton is not installed")
-    _check_args(logits, k, row_starts, row_ends, mask, bias, index_dtype)
+    batch = _checked_batch(logits, k, row_starts, row_ends, mask, bias, index_dtype)
     impl = impl or IMPL or _auto_impl(logits.shape[-1], k, block_max, logits.numel() // max(logits.shape[-1], 1),
                                       _result_dtype(logits, bias))
     if impl == "v5":
         return _masked_topk_v5(logits, k, row_starts, row_ends, mask, mask_keeps, bias, fill, sorted, index_dtype,
-                               need_values, block_max, num_warps, chunk, tile, bits, phases, split, maxnreg)
+                               need_values, block_max, num_warps, chunk, tile, bits, phases, split, maxnreg, batch)
     if impl != "v4":
         raise ValueError(f"masked_topk: `impl` must be 'v5' or 'v4', got {impl!r}")
     n = logits.shape[-1]
     if n >= 2**31 - 1:
         raise ValueError(f"masked_topk: the last dim of `logits` ({n}) must be < 2**31 - 1")
     out_dtype = _result_dtype(logits, bias)
-    batch = _batch_shape(logits, row_starts, row_ends, mask, bias)
     rows = math.prod(batch)
     values = logits.new_empty(*batch, k if need_values else 0, dtype=out_dtype)
     indices = logits.new_empty(*batch, k, dtype=index_dtype)
@@ -943,13 +982,9 @@ def masked_topk_triton(logits, k, row_starts=None, row_ends=None, mask=None, mas
         return (v if need_values else values), i
     small = small or SMALL
     write_values = need_values or sorted  # sorted: the values order the winners (torch.sort below)
-    x3 = _rows3(logits, batch, n)
+    args, x3 = _row_args(logits, row_starts, row_ends, mask, bias, batch, n)
     # The value buffer exists only when the kernel writes values (x3 stands in as an unused pointer).
     vbuf = values if need_values else logits.new_empty(*batch, k, dtype=out_dtype) if sorted else x3
-    st3 = _rows3(row_starts.unsqueeze(-1), batch, 1) if row_starts is not None else x3
-    en3 = _rows3(row_ends.unsqueeze(-1), batch, 1) if row_ends is not None else x3
-    m3 = _rows3(mask, batch, n) if mask is not None else x3
-    b3 = _rows3(bias, batch, n) if bias is not None else x3
     fill = _round_to(float(fill), out_dtype)
     common = dict(
         HAS_STARTS=row_starts is not None, HAS_ENDS=row_ends is not None,
@@ -962,14 +997,14 @@ def masked_topk_triton(logits, k, row_starts=None, row_ends=None, mask=None, mas
     )
     n_chunks = cdiv(n, chunk) if n > block_max else 1
     scratch = torch.empty(2, rows * max(n_chunks, cdiv(n_chunks * k, block_max)) * small,
-                          dtype=torch.int32, device=logits.device)
+                          dtype=torch.int32, device=logits.device).unbind(0)  # (views made once, not per launch)
 
     def launch_stage(grid, cand_in, cand_out, width, per_program, final, block):
         ck, ci = cand_in if cand_in is not None else (x3, x3)
         ok_, oi_ = cand_out if cand_out is not None else (x3, x3)
         LAST_LAUNCHES.append(_masked_topk_kernel[grid](
-            x3, *x3.stride(), st3, *st3.stride()[:2], en3, *en3.stride()[:2], m3, *m3.stride(), b3, *b3.stride(),
-            ck, ci, ok_, oi_, vbuf, indices, scratch[0], scratch[1],
+            *args,
+            ck, ci, ok_, oi_, vbuf, indices, *scratch,
             batch[-1] if len(batch) else 1, n, k, width, per_program, fill,
             FROM_CANDIDATES=cand_in is not None, FINAL=final, BLOCK=block,
             num_warps=num_warps or _default_warps(grid, block), **common))
@@ -1014,7 +1049,7 @@ def _sort_descending(v: torch.Tensor):
 
 
 def _masked_topk_v5(logits, k, row_starts, row_ends, mask, mask_keeps, bias, fill, sorted, index_dtype,
-                    need_values, block_max, num_warps, chunk, tile, bits, phases, split, maxnreg):
+                    need_values, block_max, num_warps, chunk, tile, bits, phases, split, maxnreg, batch):
     """v5 launches (see masked_topk_triton): one row program when the row fits ``block_max``, else
     radix passes over chunks of ``chunk`` positions plus a chunked compaction.  No host sync and no
     data-dependent launch sizes (CUDA-graph safe)."""
@@ -1028,7 +1063,6 @@ def _masked_topk_v5(logits, k, row_starts, row_ends, mask, mask_keeps, bias, fil
     if bits not in (1, 2):
         raise ValueError(f"masked_topk: `bits` must be 1 or 2, got {bits!r}")
     out_dtype = _result_dtype(logits, bias)
-    batch = _batch_shape(logits, row_starts, row_ends, mask, bias)
     rows = math.prod(batch)
     values = logits.new_empty(*batch, k if need_values else 0, dtype=out_dtype)
     indices = logits.new_empty(*batch, k, dtype=index_dtype)
@@ -1036,12 +1070,8 @@ def _masked_topk_v5(logits, k, row_starts, row_ends, mask, mask_keeps, bias, fil
     if rows == 0 or k == 0:
         return values, indices
     write_values = need_values or sorted  # sorted: the values order the winners (torch.sort below)
-    x3 = _rows3(logits, batch, n)
+    args, x3 = _row_args(logits, row_starts, row_ends, mask, bias, batch, n)
     vbuf = values if need_values else logits.new_empty(*batch, k, dtype=out_dtype) if sorted else x3
-    st3 = _rows3(row_starts.unsqueeze(-1), batch, 1) if row_starts is not None else x3
-    en3 = _rows3(row_ends.unsqueeze(-1), batch, 1) if row_ends is not None else x3
-    m3 = _rows3(mask, batch, n) if mask is not None else x3
-    b3 = _rows3(bias, batch, n) if bias is not None else x3
     fill = _round_to(float(fill), out_dtype)
     low_bit = {torch.bfloat16: 16, torch.float16: 13, torch.float32: 0}[out_dtype]
     common = dict(
@@ -1050,7 +1080,6 @@ def _masked_topk_v5(logits, k, row_starts, row_ends, mask, mask_keeps, bias, fil
         RANGE_ONLY=(mask is None and bias is None and fill == float("-inf")),
         LOW_BIT=low_bit, OUT_DTYPE=_TL_DTYPES[out_dtype],
     )
-    args = (x3, *x3.stride(), st3, *st3.stride()[:2], en3, *en3.stride()[:2], m3, *m3.stride(), b3, *b3.stride())
     s_dim = batch[-1] if len(batch) else 1
     if maxnreg is not None:  # only when asked: a launch option Triton checks per backend
         common["maxnreg"] = maxnreg
