@@ -1,5 +1,6 @@
 """Host-side helpers of the ops' launch code (``dsa_inductor.lowerings.host``)."""
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -32,3 +33,32 @@ def test_cdiv_as_triton(a, b):
 def test_next_pow2_as_triton(n):
     triton = __import__("pytest").importorskip("triton")
     assert next_pow2(n) == triton.next_power_of_2(n)
+
+
+def test_by_metadata_remembers_per_argument_metadata():
+    from dsa_inductor.lowerings.host import by_metadata
+
+    calls = []
+
+    def check(x, k, flag=None):
+        calls.append(1)
+        if k < 0:
+            raise ValueError("`k` must be >= 0")
+        return (tuple(x.shape), k)
+
+    a = torch.zeros(3, 4)
+    assert by_metadata(check, a, 2) == ((3, 4), 2)
+    assert by_metadata(check, torch.ones(3, 4), 2) == ((3, 4), 2)  # other values, same metadata: remembered
+    assert len(calls) == 1
+    by_metadata(check, a.to(torch.float64), 2)  # dtype
+    by_metadata(check, torch.zeros(4, 3), 2)  # shape
+    by_metadata(check, a, 3)  # a plain argument's value
+    by_metadata(check, a, 2.0)  # ... and its type (2.0 == 2)
+    assert len(calls) == 5
+    for _ in range(2):  # a failing check is never remembered: it raises every time
+        with pytest.raises(ValueError, match="`k`"):
+            by_metadata(check, a, -1)
+    assert len(calls) == 7
+    by_metadata(check, a, 2, [1])  # unhashable: runs each time
+    by_metadata(check, a, 2, [1])
+    assert len(calls) == 9

@@ -41,6 +41,31 @@ def broadcast_shapes(*shapes) -> tuple:
     return tuple(out)
 
 
+_MISS = object()
+_BY_METADATA: dict = {}
+
+
+def by_metadata(fn, *args):
+    """``fn(*args)``, computed once per argument metadata and then remembered: the key holds, per argument, a
+    tensor's type, shape, dtype and device, and anything else's type and value.  For the argument checks and launch
+    arithmetic of an op's CUDA path, which read nothing else (never a tensor's values, strides or data pointer):
+    a key seen before has passed the checks, and the result is the same.  On the H100 host the checks of a decode
+    call cost more than a kernel launch.  An unhashable argument (a symbolic size while tracing) runs ``fn`` every
+    time; so does a NaN (never equal to itself).  ``fn`` raising leaves nothing remembered."""
+    try:
+        key = (fn, *[(type(a), a.shape, a.dtype, a.device) if isinstance(a, torch.Tensor) else (type(a), a)
+                     for a in args])
+        hit = _BY_METADATA.get(key, _MISS)
+    except TypeError:
+        return fn(*args)
+    if hit is _MISS:
+        hit = fn(*args)
+        if len(_BY_METADATA) >= 4096:
+            _BY_METADATA.clear()
+        _BY_METADATA[key] = hit
+    return hit
+
+
 def refuse_miscompiled_tile(op: str, block_m: int, block_n: int, num_warps: int) -> None:
     """Raise ValueError naming ``block_m`` / ``block_n`` / ``num_warps`` for a tile that Triton 3.6 miscompiles on
     Hopper: ``block_m`` >= 64 query rows x ``block_n`` >= 64 keys with 4 warps, in the flash-style kernels that

@@ -89,7 +89,7 @@ from typing import Optional
 
 import torch
 
-from .host import cdiv, next_pow2
+from .host import by_metadata, cdiv, next_pow2
 from .registry import fused_op
 
 from ..testing import index_score_tolerance, score_mismatch  # noqa: F401  (the contract; re-exported)
@@ -608,7 +608,7 @@ def index_score_triton(q, k, weights, scale=1.0, scale_after_relu=False, row_end
     what it fixes: the result may then differ from eager, see ``_split_exact``)."""
     if triton is None:
         raise RuntimeError("index_score: triton is not installed")
-    _check_args(q, k, weights, scale, row_ends, row_starts, short_k, outside_undefined, k_scale, k_slots,
+    by_metadata(_check_args, q, k, weights, scale, row_ends, row_starts, short_k, outside_undefined, k_scale, k_slots,
                 k_cache_scale, k_block_size)
     b, s, h, d = q.shape
     gather = k_slots is not None

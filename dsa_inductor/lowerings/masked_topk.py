@@ -49,7 +49,7 @@ from typing import Optional
 
 import torch
 
-from .host import broadcast_shapes, cdiv, next_pow2
+from .host import broadcast_shapes, by_metadata, cdiv, next_pow2
 from .registry import fused_op
 
 from ..testing import topk_mismatch  # noqa: F401  (the equivalence contract; re-exported)
@@ -121,25 +121,10 @@ def _check_rows_broadcast(op, base_name, rows, parts):
                              f"the rows {shape} of `{base_name}`") from None
 
 
-_CHECKED: dict = {}  # argument metadata -> batch shape, for the CUDA path's checks (see _checked_batch)
-
-
 def _checked_batch(logits, k, row_starts, row_ends, mask, bias, index_dtype) -> tuple:
-    """``_check_args`` then the batch shape, remembered per argument metadata: every check reads only types,
-    dtypes, devices, shapes, ``k`` and ``index_dtype``, all in the key, so a key seen before has passed them.  (On
-    the H100 host the checks cost more per decode call than a kernel launch.)"""
-    if not isinstance(logits, torch.Tensor):
-        _check_args(logits, k, row_starts, row_ends, mask, bias, index_dtype)  # raises
-    key = (logits.shape, logits.dtype, logits.device, k, index_dtype,
-           *(None if t is None else (t.shape, t.dtype, t.device) for t in (row_starts, row_ends, mask, bias)))
-    batch = _CHECKED.get(key)
-    if batch is None:
-        _check_args(logits, k, row_starts, row_ends, mask, bias, index_dtype)
-        batch = _batch_shape(logits, row_starts, row_ends, mask, bias)
-        if len(_CHECKED) >= 1024:
-            _CHECKED.clear()
-        _CHECKED[key] = batch
-    return batch
+    """``_check_args`` (raising on a bad argument), then the batch shape."""
+    _check_args(logits, k, row_starts, row_ends, mask, bias, index_dtype)
+    return _batch_shape(logits, row_starts, row_ends, mask, bias)
 
 
 def _result_dtype(logits, bias):
@@ -943,7 +928,7 @@ def masked_topk_triton(logits, k, row_starts=None, row_ends=None, mask=None, mas
     """
     if triton is None:
         raise RuntimeError("masked_topk: triton is not installed")
-    batch = _checked_batch(logits, k, row_starts, row_ends, mask, bias, index_dtype)
+    batch = by_metadata(_checked_batch, logits, k, row_starts, row_ends, mask, bias, index_dtype)
     impl = impl or IMPL or _auto_impl(logits.shape[-1], k, block_max, logits.numel() // max(logits.shape[-1], 1),
                                       _result_dtype(logits, bias))
     if impl == "v5":
