@@ -73,7 +73,7 @@ from typing import Optional
 
 import torch
 
-from .host import broadcast_shapes, cdiv, next_pow2
+from .host import broadcast_shapes, by_metadata, cdiv, next_pow2
 from .registry import fused_op
 
 try:  # triton is optional on CPU-only installs; the CPU path never needs it.
@@ -471,7 +471,7 @@ def gather_dequant_triton(values, scales, index0, index1=None, block_size=0, dro
     (streaming stores) are tuning knobs (bench/tune_gather_dequant.py); they never change the result."""
     if triton is None:
         raise RuntimeError("gather_dequant: triton is not installed")
-    _check_args(values, scales, index0, index1, block_size, drop, fmt, out_dtype)
+    by_metadata(_check_args, values, scales, index0, index1, block_size, drop, fmt, out_dtype)
     d = _elements(values, fmt)
     tok = _token_shape(values, index0, index1, drop)
     out = values.new_empty(_out_shape(values, index0, index1, block_size, drop, fmt), dtype=out_dtype)

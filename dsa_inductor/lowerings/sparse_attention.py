@@ -67,7 +67,7 @@ from typing import Optional
 import torch
 
 from ..testing import attention_mismatch  # noqa: F401  (the equivalence contract; re-exported)
-from .host import broadcast_shapes, cdiv, next_pow2, refuse_miscompiled_tile
+from .host import broadcast_shapes, by_metadata, cdiv, next_pow2, refuse_miscompiled_tile
 from .registry import fused_op
 
 try:  # triton is optional on CPU-only installs; the CPU path never needs it.
@@ -665,7 +665,7 @@ def sparse_attention_triton(q, k, v, topk_indices, row_ends=None, keep_mask=None
         raise RuntimeError("sparse_attention: triton is not installed")
     out_dtype = out_dtype or q.dtype
     dv = v.shape[-1] if v is not None else dv
-    _check_args(q, k, v, topk_indices, row_ends, keep_mask, attn_sink, scale, dv, empty_row, out_dtype)
+    by_metadata(_check_args, q, k, v, topk_indices, row_ends, keep_mask, attn_sink, scale, dv, empty_row, out_dtype)
     b, s, h, d = q.shape
     t, hk = k.shape[1], k.shape[2]
     kk = topk_indices.shape[-1]

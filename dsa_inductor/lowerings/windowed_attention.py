@@ -57,7 +57,7 @@ from typing import Optional
 import torch
 
 from ..testing import windowed_attention_mismatch
-from .host import broadcast_shapes, cdiv, refuse_miscompiled_tile
+from .host import broadcast_shapes, by_metadata, cdiv, refuse_miscompiled_tile
 from .registry import fused_op
 from .windowed_softmax import window_keep
 
@@ -354,8 +354,8 @@ def windowed_attention_triton(q, k, v, row_starts=None, row_ends=None, scale=1.0
     if triton is None:
         raise RuntimeError("windowed_attention: triton is not installed")
     scores_dtype = scores_dtype or q.dtype
-    shape = _check_args(q, k, v, row_starts, row_ends, scale, scores_dtype, sinks, tail, tail_starts, tail_ends,
-                        tail_bias)
+    shape = by_metadata(_check_args, q, k, v, row_starts, row_ends, scale, scores_dtype, sinks, tail, tail_starts,
+                        tail_ends, tail_bias)
     batch, s, t, d, dvn = shape[:-2], shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
     out = q.new_empty(shape, dtype=v.dtype)
     if out.numel() == 0:

@@ -41,7 +41,7 @@ from typing import Optional
 import torch
 
 from ..testing import softmax_mismatch  # noqa: F401  (the equivalence contract; re-exported)
-from .host import broadcast_shapes
+from .host import broadcast_shapes, by_metadata
 from .registry import fused_op
 
 try:  # triton is optional on CPU-only installs; the CPU path never needs it.
@@ -242,7 +242,7 @@ def windowed_softmax_triton(scores, row_starts=None, row_ends=None, mask=None, o
     if triton is None:
         raise RuntimeError("windowed_softmax: triton is not installed")
     out_dtype = out_dtype or scores.dtype
-    _check_args(scores, row_starts, row_ends, mask, out_dtype)
+    by_metadata(_check_args, scores, row_starts, row_ends, mask, out_dtype)
     n = scores.shape[-1]
     if n >= 2**31 - 1:
         raise ValueError(f"windowed_softmax: the last dim of `scores` ({n}) must be < 2**31 - 1")
