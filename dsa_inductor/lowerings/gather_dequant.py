@@ -462,6 +462,33 @@ def _vec_hint(strides, m_max: int) -> int:
     return m
 
 
+def _launch_plan(values, scales, index0, index1, block_size, drop, fmt, out_dtype, block_rows, tiles):
+    """What the arguments' metadata decides of a launch (the checks first): ``(tok, out_shape, mode, r, n_rows,
+    d, g, scale_kind, block_r, warps, block_d, vec_o, grid)``.  Computed once per metadata (``by_metadata``);
+    nothing here reads a stride, a data pointer or a value."""
+    _check_args(values, scales, index0, index1, block_size, drop, fmt, out_dtype)
+    d = _elements(values, fmt)
+    tok = _token_shape(values, index0, index1, drop)
+    b = values.shape[1] if values.dim() == 3 else 1
+    if index1 is not None:
+        mode, r = 1, 1
+    elif block_size > 0:
+        mode, r = 2, 1
+    else:
+        mode, r = 0, (b if values.dim() == 3 else 1)
+    n_rows = math.prod(tok) * r
+    if scales is not None:
+        g = scales.shape[-1]
+        scale_kind = 2 if scales.dtype in _UE8M0_SCALES else 1
+    else:
+        g, scale_kind = 1, 0
+    block_r, warps = default_config(d, out_dtype, fmt)
+    block_r = block_rows or block_r
+    tiles = max(1, int(tiles))
+    return (tok, _out_shape(values, index0, index1, block_size, drop, fmt), mode, r, n_rows, d, g, scale_kind,
+            block_r, warps, max(16, next_pow2(d)), _vec_hint((d,), 16), (cdiv(n_rows, block_r * tiles),), tiles)
+
+
 def gather_dequant_triton(values, scales, index0, index1=None, block_size=0, drop=None, zero_negative=False,
                           fmt="e4m3", out_dtype=torch.float32, block_rows=None, num_warps=None,
                           tiles=1, store_cs=False):
@@ -471,21 +498,14 @@ def gather_dequant_triton(values, scales, index0, index1=None, block_size=0, dro
     (streaming stores) are tuning knobs (bench/tune_gather_dequant.py); they never change the result."""
     if triton is None:
         raise RuntimeError("gather_dequant: triton is not installed")
-    by_metadata(_check_args, values, scales, index0, index1, block_size, drop, fmt, out_dtype)
-    d = _elements(values, fmt)
-    tok = _token_shape(values, index0, index1, drop)
-    out = values.new_empty(_out_shape(values, index0, index1, block_size, drop, fmt), dtype=out_dtype)
-    v3 = values if values.dim() == 3 else values.unsqueeze(1)
-    p, b = v3.shape[0], v3.shape[1]
-    if index1 is not None:
-        mode, r = 1, 1
-    elif block_size > 0:
-        mode, r = 2, 1
-    else:
-        mode, r = 0, (b if values.dim() == 3 else 1)
-    n_rows = math.prod(tok) * r
+    (tok, out_shape, mode, r, n_rows, d, g, scale_kind, block_r, warps, block_d, vec_o, grid,
+     tiles) = by_metadata(_launch_plan, values, scales, index0, index1, block_size, drop, fmt, out_dtype, block_rows,
+                          tiles)
+    out = values.new_empty(out_shape, dtype=out_dtype)
     if out.numel() == 0:
         return out
+    v3 = values if values.dim() == 3 else values.unsqueeze(1)
+    p, b = v3.shape[0], v3.shape[1]
     i0 = _flat(index0, tok)
     i1 = _flat(index1, tok) if index1 is not None else i0
     dr = _flat(drop, tok) if drop is not None else i0
@@ -495,21 +515,13 @@ def gather_dequant_triton(values, scales, index0, index1=None, block_size=0, dro
             s3 = s3.expand(s3.shape[0], b, s3.shape[-1])  # the page's middle dim broadcasts
         if _E8M0 is not None and s3.dtype == _E8M0:
             s3 = s3.view(torch.uint8)
-        g = s3.shape[-1]
-        scale_kind = 2 if s3.dtype == torch.uint8 else 1
     else:
-        s3, g, scale_kind = v3, 1, 0
+        s3 = v3
     sp, sb = s3.shape[0], s3.shape[1]
-    block_r, warps = default_config(d, out_dtype, fmt)
-    block_r = block_rows or block_r
-    block_d = max(16, next_pow2(d))
     vs = v3.stride()
     # unit inner stride: contiguous row bytes; the row offsets' largest power-of-two divisor (<= 16) lets the
     # loads be 16-byte vectors without relying on argument specialization (under Inductor too)
     vec_v = _vec_hint((vs[0], vs[1]), 16) if _static_multiple(vs[2], 1) and vs[2] == 1 else 0
-    vec_o = _vec_hint((d,), 16)
-    tiles = max(1, int(tiles))
-    grid = (cdiv(n_rows, block_r * tiles),)
     _gather_dequant_kernel[grid](
         v3, *vs, s3, *s3.stride(), i0, i1, dr, out,
         n_rows, r, p, b, sp, sb, d, d // g,
