@@ -464,8 +464,8 @@ def _vec_hint(strides, m_max: int) -> int:
 
 def _launch_plan(values, scales, index0, index1, block_size, drop, fmt, out_dtype, block_rows, tiles):
     """What the arguments' metadata decides of a launch (the checks first): ``(tok, out_shape, mode, r, n_rows,
-    d, g, scale_kind, block_r, warps, block_d, vec_o, grid)``.  Computed once per metadata (``by_metadata``);
-    nothing here reads a stride, a data pointer or a value."""
+    d, g, scale_kind, block_r, warps, block_d, vec_o, grid, tiles)``.  Computed once per metadata
+    (``host.by_metadata``); nothing here reads a stride, a data pointer or a value."""
     _check_args(values, scales, index0, index1, block_size, drop, fmt, out_dtype)
     d = _elements(values, fmt)
     tok = _token_shape(values, index0, index1, drop)
