@@ -5,7 +5,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dsa_inductor.lowerings.host import broadcast_shapes, cdiv, next_pow2
+from dsa_inductor.lowerings.host import broadcast_shapes, by_metadata, cdiv, next_pow2
 
 shape = st.lists(st.integers(0, 3), max_size=4).map(tuple)
 
@@ -25,19 +25,17 @@ def test_broadcast_shapes_as_torch(shapes):
 
 @given(st.integers(0, 2**40), st.integers(1, 2**20))
 def test_cdiv_as_triton(a, b):
-    triton = __import__("pytest").importorskip("triton")
+    triton = pytest.importorskip("triton")
     assert cdiv(a, b) == triton.cdiv(a, b)
 
 
 @given(st.integers(0, 2**40))
 def test_next_pow2_as_triton(n):
-    triton = __import__("pytest").importorskip("triton")
+    triton = pytest.importorskip("triton")
     assert next_pow2(n) == triton.next_power_of_2(n)
 
 
 def test_by_metadata_remembers_per_argument_metadata():
-    from dsa_inductor.lowerings.host import by_metadata
-
     calls = []
 
     def check(x, k, flag=None):
