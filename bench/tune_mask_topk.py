@@ -104,10 +104,17 @@ def kernel_times(fn) -> str:
     return f"device {total:7.1f}us = " + ", ".join(f"{name[:40]} {us:.1f}" for name, us in ev[:6])
 
 
-GPU_TIME_VARIANTS = [("v4 default", dict(impl="v4"))] + [
+GPU_TIME_VARIANTS = [("v4 default", dict(impl="v4")), ("v7 default", dict(impl="v7"))] + [
+    (f"v7 {name}", dict(impl="v7", **kw)) for name, kw in (
+        ("oversample 1.25", dict(v7=dict(oversample=1.25))), ("oversample 1.5", dict(v7=dict(oversample=1.5))),
+        ("oversample 3", dict(v7=dict(oversample=3.0))), ("no staircase", dict(v7=dict(staircase=False))),
+        ("oversample 1", dict(v7=dict(oversample=1.0))), ("stop bit 0", dict(v7=dict(stop_bit=0))),
+        ("stop bit 8", dict(v7=dict(stop_bit=8))), ("stop bit 20", dict(v7=dict(stop_bit=20))),
+        ("chunk 2048", dict(chunk=2048)), ("chunk 8192", dict(chunk=8192)), ("warps 8", dict(num_warps=8)),
+        ("bits 1", dict(bits=1)), ("tile 2048", dict(tile=2048)), ("cap 8192", dict(v7=dict(cap=8192))))
+] + [
     (f"v5 split chunk {chunk} tile {tile} warps {warps}", dict(impl="v5", chunk=chunk, tile=tile, num_warps=warps))
-    for chunk, tile, warps in ((4096, 1024, 4), (4096, 2048, 4), (8192, 2048, 4), (8192, 4096, 8),
-                               (16384, 4096, 8), (2048, 1024, 4))
+    for chunk, tile, warps in ((4096, 1024, 4), (8192, 4096, 8))
 ]
 
 
@@ -117,10 +124,18 @@ def gpu_time(which, t, k):
         g = torch.Generator(device="cuda").manual_seed(1)
         dx = torch.randn(64, 65536, device="cuda", generator=g)
         ends = torch.randint(32768, 65537, (64,), device="cuda", dtype=torch.int32, generator=g)
-        cases += [("decode", dx, ends, GPU_TIME_VARIANTS), ("decode bf16", dx.bfloat16(), ends, GPU_TIME_VARIANTS[:2])]
+        three = GPU_TIME_VARIANTS[:2] + [GPU_TIME_VARIANTS[5], GPU_TIME_VARIANTS[-2]]  # v4, v7, v7 flat, v5 split
+        cases += [("decode", dx, ends, GPU_TIME_VARIANTS), ("decode bf16", dx.bfloat16(), ends, three)]
+        # Rows whose scores rise with the position: chunks' bounds differ most (v7's candidates overflow its list).
+        rising = dx + torch.arange(65536, device="cuda") / 256.0
+        cases += [("decode rising", rising, ends, three)]
         wide = torch.randn(256, 131072, device="cuda", generator=g)  # a larger decode batch, longer context
         cases += [("decode 256 x 131072", wide, torch.randint(65536, 131073, (256,), device="cuda", dtype=torch.int32,
-                                                             generator=g), GPU_TIME_VARIANTS[:2])]
+                                                             generator=g), three)]
+        # Prefill at long context: thousands of causal rows longer than one program holds.
+        tall = torch.randn(2048, 32768, device="cuda", generator=g)
+        cases += [("prefill 2048 x 32768", tall, torch.arange(32768 - 2048 + 1, 32769, device="cuda",
+                                                               dtype=torch.int32), three)]
     if "causal" in which:
         x = torch.randn(t, t, device="cuda")
         ends = torch.arange(1, t + 1, device="cuda", dtype=torch.int32)

@@ -11,7 +11,8 @@ from conftest import examples, sanitizer_rows
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsa_inductor.lowerings.masked_topk import masked_logits, masked_topk_triton
+from dsa_inductor.lowerings.host import next_pow2
+from dsa_inductor.lowerings.masked_topk import V7_MAX_CHUNKS, masked_logits, masked_topk_triton
 from dsa_inductor.testing import topk_mismatch
 
 CUDA = torch.cuda.is_available()
@@ -21,7 +22,8 @@ BLOCK_MAX = [16384, 2048] if CUDA else [16, 32, 64, 256]
 SMALL = [256, 16] if CUDA else [2, 4, 16]
 FLOATS = [torch.float32, torch.float16, torch.bfloat16]
 TILES = [2048, 256] if CUDA else [16, 64]
-IMPLS = ["v5", "v5", "v4"]  # v5 (the default) drawn twice as often as v4 (kept for A/B runs)
+V7_CHUNKS = [4096, 512] if CUDA else [16, 32, 64]
+IMPLS = ["v5", "v5", "v7", "v4"]  # v5 (the default) drawn twice as often as v7 and v4
 
 
 @st.composite
@@ -61,6 +63,15 @@ def problems(draw, max_n=MAX_N):
         # Phase-2 band size (ties and wide bands take the other path when it is small) and chunk size.
         opts["small"] = draw(st.sampled_from(SMALL))
         opts["chunk"] = draw(st.sampled_from([None, opts["block_max"] // 2]))
+    elif impl == "v7":
+        # Chunks small enough that rows take several (at most V7_MAX_CHUNKS); candidate lists from a few keys
+        # (most rows overflow to the streaming path) to more than a row holds; coarse and exact chunk bounds.
+        opts["chunk"] = max(draw(st.sampled_from(V7_CHUNKS)), next_pow2(-(-n // V7_MAX_CHUNKS)))
+        opts["tile"] = draw(st.sampled_from(TILES))
+        opts["bits"] = draw(st.sampled_from([1, 2]))
+        opts["v7"] = dict(oversample=draw(st.sampled_from([1.0, 1.5, 2.0, 4.0])),
+                          stop_bit=draw(st.sampled_from([0, 8, 16, 24, 31])),
+                          cap=draw(st.sampled_from([16, 64, opts["block_max"]])), staircase=draw(st.booleans()))
     else:
         # Row program (fused or two kernels, 1 or 2 bits per reduction) or split rows (radix histograms
         # over chunks, forced at any length); tiles small enough that rows take several.
@@ -203,11 +214,13 @@ def test_kernel_non_contiguous_logits():
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA (the interpreter is too slow at these sizes)")
-@pytest.mark.parametrize("impl", ["v5", "v4"])
+@pytest.mark.parametrize("impl", ["v5", "v7", "v4"])
 @pytest.mark.parametrize("rows,n,k", [(8192, 8192, 2048), (64, 65536, 2048), (4, 200000, 2048), (16, 8192, 8192)])
 def test_kernel_deepseek_shapes(rows, n, k, impl):
     rows = sanitizer_rows(rows)
     x = torch.randn(rows, n, device="cuda")
+    if impl == "v7" and rows > 2:
+        x[rows // 2:] += torch.arange(n, device="cuda") / 64.0  # rising rows: candidates past v7's list
     ends = torch.randint(0, n + 1, (rows,), device="cuda")
     for sorted_ in (True, False):
         values, indices = masked_topk_triton(x, k, row_ends=ends, sorted=sorted_, impl=impl)

@@ -552,31 +552,38 @@ if triton is not None:
         return a0 + a1, b0 + b1
 
     @triton.jit
-    def _row_threshold(a, s, lo, hi, base, end, K, fill_key,
-                       x_ptr, xs0, xs1, xs2, m_ptr, ms0, ms1, ms2, b_ptr, bs0, bs1, bs2,
-                       MASK_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_DTYPE: tl.constexpr,
-                       LOW_BIT: tl.constexpr, BLOCK: tl.constexpr, BITS: tl.constexpr):
-        """The K-th largest key of positions [base, end) (at most BLOCK of them, at least K).
+    def _bisect_step(t, sh, two, n1, n2, n3, K, c_lo, c_hi):
+        """One round of the 2-bit bisection: counts ``n1..n3`` of keys >= t | j << sh (j = 1..3; n2 = n3 = 0
+        when only one bit, ``sh``, is left) decide the bits; returns the new ``(t, c_lo, c_hi)``."""
+        n2 = tl.where(two, n2, 0)
+        n3 = tl.where(two, n3, 0)
+        j = tl.where(n3 >= K, 3, tl.where(n2 >= K, 2, tl.where(n1 >= K, 1, 0)))
+        n_j = tl.where(j == 3, n3, tl.where(j == 2, n2, n1))
+        n_next = tl.where(j == 0, n1, tl.where(j == 1, n2, n3))
+        top = tl.where(two, 3, 1)
+        t = t | (j.to(tl.uint32) << sh.to(tl.uint32))
+        c_lo = tl.where(j > 0, n_j, c_lo)
+        c_hi = tl.where(j == top, c_hi, n_next)
+        return t, c_lo, c_hi
 
-        Only the keys (one uint32 per lane) and scalars are live.  Bitwise bisection from the top bit,
-        BITS (1 or 2) bits per block reduction: BITS=2 counts three candidates in one two-operand
-        reduction (two counts packed in 16-bit halves, so BLOCK <= 32768).  Stops as soon as exactly K
-        keys reach the decided prefix.  Returns ``(t_ge, t_eq, ties)``: take every key >= t_ge, plus
-        ``ties`` keys equal to t_eq (ties == 0 when the prefix split exactly)."""
-        lane = tl.arange(0, BLOCK)
-        cols = base + lane.to(tl.int64)
-        exist = cols < end
-        key = _keys_at(cols, a, s, lo, hi, fill_key, x_ptr, xs0, xs1, xs2, m_ptr, ms0, ms1, ms2,
-                       b_ptr, bs0, bs1, bs2, MASK_MODE, HAS_BIAS, OUT_DTYPE, LOW_BIT)
-        key = tl.where(exist, key, 0)  # 0: no element (every real key is >= 1)
-        # Invariant: c_lo = #(key >= t), c_hi = #(key >= t + 2**(bit + 1)), c_hi < K <= c_lo.
-        t = fill_key * 0
+    @triton.jit
+    def _bisect_keys(key, K, c_lo, STOP: tl.constexpr, BITS: tl.constexpr, rec_ptr=None, REC: tl.constexpr = 0):
+        """Bitwise bisection from bit 31 down to bit STOP for the K-th largest of ``key`` (0 marks no
+        element), BITS (1 or 2) bits per block reduction: BITS=2 counts three candidates in one two-operand
+        reduction (two counts packed in 16-bit halves, so at most 65535 lanes).  ``c_lo`` is the number of
+        elements (at least K).  Stops as soon as exactly K keys reach the decided prefix.
+
+        Returns ``(t, c_lo, c_hi)`` with c_lo = #(key >= t) >= K and c_hi = #(key >= t + 2**(bit + 1)) < K for
+        the last bit decided (with every bit down to the keys' lowest decided, that is #(key > t)).
+        With REC > 0, ``rec_ptr[r] = (t, c_lo)`` after each round r < REC (the rest: the last pair): a staircase
+        of exact counts, t rising and c_lo falling."""
+        t = (K * 0).to(tl.uint32)
         K = K.to(tl.int32)
-        c_lo = K * 0 + BLOCK
         c_hi = K * 0
         bit = K * 0 + 31
+        r = K * 0
         if BITS == 1:
-            while (bit >= LOW_BIT) & (c_lo != K):
+            while (bit >= STOP) & (c_lo != K):
                 cand = t | (t * 0 + 1) << bit.to(tl.uint32)
                 c = tl.sum((key >= cand).to(tl.int32), 0)
                 accept = c >= K
@@ -584,32 +591,75 @@ if triton is not None:
                 c_lo = tl.where(accept, c, c_lo)
                 c_hi = tl.where(accept, c_hi, c)
                 bit -= 1
+                if REC > 0:
+                    _record(rec_ptr, r, t, c_lo, REC)
+                    r += 1
         else:
-            while (bit >= LOW_BIT) & (c_lo != K):
-                sh = tl.maximum(bit - 1, LOW_BIT)
-                two = sh < bit  # two bits (bit, bit - 1) decided this round, else only bit
+            while (bit >= STOP) & (c_lo != K):
+                sh = tl.maximum(bit - 1, STOP)
                 one = (t * 0 + 1) << sh.to(tl.uint32)
-                c1 = t | one
-                c2 = t | (one * 2)
-                c3 = t | (one * 3)
-                p = (key >= c1).to(tl.int32) + ((key >= c3).to(tl.int32) << 16)
-                q = (key >= c2).to(tl.int32)
+                p = (key >= (t | one)).to(tl.int32) + ((key >= (t | (one * 3))).to(tl.int32) << 16)
+                q = (key >= (t | (one * 2))).to(tl.int32)
                 sp, sq = tl.reduce((p, q), 0, _add2)
-                n1 = sp & 0xFFFF
-                n2 = tl.where(two, sq, 0)
-                n3 = tl.where(two, sp >> 16, 0)
-                j = tl.where(n3 >= K, 3, tl.where(n2 >= K, 2, tl.where(n1 >= K, 1, 0)))
-                n_j = tl.where(j == 3, n3, tl.where(j == 2, n2, n1))
-                n_next = tl.where(j == 0, n1, tl.where(j == 1, n2, n3))
-                top = tl.where(two, 3, 1)
-                t = t | (j.to(tl.uint32) << sh.to(tl.uint32))
-                c_lo = tl.where(j > 0, n_j, c_lo)
-                c_hi = tl.where(j == top, c_hi, n_next)
+                t, c_lo, c_hi = _bisect_step(t, sh, sh < bit, sp & 0xFFFF, sq, sp >> 16, K, c_lo, c_hi)
                 bit = sh - 1
+                if REC > 0:
+                    _record(rec_ptr, r, t, c_lo, REC)
+                    r += 1
+        if REC > 0:
+            while r < REC:
+                _record(rec_ptr, r, t, c_lo, REC)
+                r += 1
+        return t, c_lo, c_hi
+
+    @triton.jit
+    def _record(rec_ptr, r, t, c, REC: tl.constexpr):
+        if r < REC:
+            tl.store(rec_ptr + r * 2, t.to(tl.int32, bitcast=True))
+            tl.store(rec_ptr + r * 2 + 1, c)
+
+    @triton.jit
+    def _split_at(t, c_lo, c_hi, K):
+        """``(t_ge, t_eq, ties)`` from a finished bisection: take every key >= t_ge, plus ``ties`` keys equal
+        to t_eq (ties == 0 when the prefix split exactly)."""
         exact = c_lo == K
         t_ge = tl.where(exact, t, t + 1)  # keys are integers: key >= t + 1 <=> key > t
         ties = tl.where(exact, 0, K - c_hi)  # c_hi = #(key > t) once every bit is decided
         return t_ge, t, ties
+
+    @triton.jit
+    def _row_threshold(a, s, lo, hi, base, end, K, fill_key,
+                       x_ptr, xs0, xs1, xs2, m_ptr, ms0, ms1, ms2, b_ptr, bs0, bs1, bs2,
+                       MASK_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_DTYPE: tl.constexpr,
+                       LOW_BIT: tl.constexpr, BLOCK: tl.constexpr, BITS: tl.constexpr):
+        """The K-th largest key of positions [base, end) (at most BLOCK of them, at least K), held in registers:
+        only the keys (one uint32 per lane) and scalars are live.  Returns ``_split_at``'s triple."""
+        lane = tl.arange(0, BLOCK)
+        cols = base + lane.to(tl.int64)
+        exist = cols < end
+        key = _keys_at(cols, a, s, lo, hi, fill_key, x_ptr, xs0, xs1, xs2, m_ptr, ms0, ms1, ms2,
+                       b_ptr, bs0, bs1, bs2, MASK_MODE, HAS_BIAS, OUT_DTYPE, LOW_BIT)
+        key = tl.where(exist, key, 0)  # 0: no element (every real key is >= 1)
+        t, c_lo, c_hi = _bisect_keys(key, K, K.to(tl.int32) * 0 + BLOCK, LOW_BIT, BITS)
+        return _split_at(t, c_lo, c_hi, K.to(tl.int32))
+
+    @triton.jit
+    def _place(key, cols, exist, t_ge, t_eq, ties, n_above, off_a, off_e, out, val_ptr, idx_ptr,
+               LOW_BIT: tl.constexpr, WRITE_VALUES: tl.constexpr, OUT_DTYPE: tl.constexpr):
+        """Write one tile's winners (keys >= t_ge at slots off_a.., keys equal to t_eq at n_above + off_e.., the
+        first ``ties`` of those) by one packed scan; returns the advanced ``(off_a, off_e)``."""
+        above = exist & (key >= t_ge)
+        equal = exist & (key == t_eq)
+        packed = above.to(tl.int32) + (equal.to(tl.int32) << 16)
+        ranks = tl.cumsum(packed, 0) - packed
+        e_rank = off_e + (ranks >> 16)
+        take = above | (equal & (e_rank < ties))
+        pos = tl.where(above, off_a + (ranks & 0xFFFF), n_above + e_rank)
+        tl.store(idx_ptr + out + pos, cols, mask=take)
+        if WRITE_VALUES:
+            tl.store(val_ptr + out + pos, _key_to_value(key, LOW_BIT).to(OUT_DTYPE), mask=take)
+        tot = tl.sum(packed, 0)
+        return off_a + (tot & 0xFFFF), off_e + (tot >> 16)
 
     @triton.jit
     def _compact_tiles(a, s, lo, hi, base, end, K, out, t_ge, t_eq, ties, fill_key,
@@ -629,19 +679,8 @@ if triton is not None:
             exist = cols < end
             key = _keys_at(cols, a, s, lo, hi, fill_key, x_ptr, xs0, xs1, xs2, m_ptr, ms0, ms1, ms2,
                            b_ptr, bs0, bs1, bs2, MASK_MODE, HAS_BIAS, OUT_DTYPE, LOW_BIT)
-            above = exist & (key >= t_ge)
-            equal = exist & (key == t_eq)
-            packed = above.to(tl.int32) + (equal.to(tl.int32) << 16)
-            ranks = tl.cumsum(packed, 0) - packed
-            e_rank = off_e + (ranks >> 16)
-            take = above | (equal & (e_rank < ties))
-            pos = tl.where(above, off_a + (ranks & 0xFFFF), n_above + e_rank)
-            tl.store(idx_ptr + out + pos, cols, mask=take)
-            if WRITE_VALUES:
-                tl.store(val_ptr + out + pos, _key_to_value(key, LOW_BIT).to(OUT_DTYPE), mask=take)
-            tot = tl.sum(packed, 0)
-            off_a += tot & 0xFFFF
-            off_e += tot >> 16
+            off_a, off_e = _place(key, cols, exist, t_ge, t_eq, ties, n_above, off_a, off_e, out, val_ptr, idx_ptr,
+                                  LOW_BIT, WRITE_VALUES, OUT_DTYPE)
             start += TILE
 
     @triton.jit(do_not_specialize=["S", "N", "K"])
@@ -859,6 +898,221 @@ if triton is not None:
 
 
 
+    # ---- v7: bound, filter, resolve (rows longer than one program holds: decode) --------------------------
+    # K1 (rows x chunks): each chunk's KC-th largest key t_c (a prefix bisection, stopped at STOP_BIT) and
+    # g_c = #(chunk keys >= t_c) >= KC.  K2 (rows x chunks): T = the largest t_c whose chunks with t >= t_c
+    # hold g >= K keys together -- a lower bound of the row's K-th key, so the keys >= T hold the top K --
+    # and the chunk's keys >= T appended to the row's candidate list (one atomic per tile).  K3 (rows): the
+    # exact top K of the candidates in registers, or, when they overflow the list's CAP, of the row itself
+    # by a streaming bisection.  See bench/NOTES.md (session 22).
+
+    @triton.jit
+    def _row_span(lo, hi, N, K, RANGE_ONLY: tl.constexpr):
+        """Positions ``[base, end)`` a row's lanes cover, and whether the row is short (its kept positions, at
+        most K, are the answer): RANGE_ONLY rows cover [lo, hi), others every position (masked ones hold
+        ``fill``)."""
+        if RANGE_ONLY:
+            base = lo
+            end = hi
+            short = (hi - lo) <= K
+        else:
+            base = lo * 0
+            end = N.to(tl.int64)
+            short = (hi - lo) < 0
+        return base, end, short
+
+    @triton.jit(do_not_specialize=["S", "N", "K", "CHUNK", "KC_NUM"])
+    def _v7_bound_kernel(
+        x_ptr, xs0, xs1, xs2,
+        st_ptr, sts0, sts1, en_ptr, ens0, ens1,
+        m_ptr, ms0, ms1, ms2,
+        b_ptr, bs0, bs1, bs2,
+        bnd_ptr, ctr_ptr,
+        S, N, K, CHUNK, KC_NUM, fill,
+        HAS_STARTS: tl.constexpr, HAS_ENDS: tl.constexpr, MASK_MODE: tl.constexpr,
+        HAS_BIAS: tl.constexpr, RANGE_ONLY: tl.constexpr, LOW_BIT: tl.constexpr, OUT_DTYPE: tl.constexpr,
+        BLOCK: tl.constexpr, MAXC: tl.constexpr, REC: tl.constexpr, STOP_BIT: tl.constexpr, BITS: tl.constexpr,
+    ):
+        """K1: ``bnd_ptr[row, chunk, r] = (t, g)``, REC pairs of one chunk of CHUNK (<= BLOCK) positions: the
+        staircase of its bisection for the KC-th largest key, KC = cdiv(KC_NUM, chunks of the row), every pair a
+        threshold and the exact number of the chunk's keys at or above it (``_bisect_keys``); (0, 0) past the
+        row's end.  Zeroes the row's candidate counter (chunk 0)."""
+        row = tl.program_id(0).to(tl.int64)
+        chunk = tl.program_id(1).to(tl.int64)
+        a, s, lo, hi = _row_bounds(row, S, N, st_ptr, sts0, sts1, en_ptr, ens0, ens1, HAS_STARTS, HAS_ENDS)
+        base, end, short = _row_span(lo, hi, N, K, RANGE_ONLY)
+        c0 = base + chunk * CHUNK
+        c1 = tl.minimum(c0 + CHUNK, end)
+        n_c = tl.maximum(c1 - c0, 0).to(tl.int32)
+        rec = bnd_ptr + (row * MAXC + chunk) * (2 * REC)
+        t = (n_c * 0).to(tl.uint32)  # (0, 0): no key (past the row's end, or a short row)
+        chunks = tl.maximum((end - base + CHUNK - 1) // CHUNK, 1)  # of this row
+        kc = ((KC_NUM + chunks - 1) // chunks).to(tl.int32)
+        if (n_c > kc) & (short == 0):
+            cols = c0 + tl.arange(0, BLOCK).to(tl.int64)
+            key = _keys_at(cols, a, s, lo, hi, _fill_key(fill, LOW_BIT), x_ptr, xs0, xs1, xs2, m_ptr, ms0, ms1,
+                           ms2, b_ptr, bs0, bs1, bs2, MASK_MODE, HAS_BIAS, OUT_DTYPE, LOW_BIT)
+            key = tl.where(cols < c1, key, 0)
+            # Pairs (0, n_c) before the first accepted round are true (every key is >= 0), and useless.
+            _bisect_keys(key, kc, n_c, STOP_BIT, BITS, rec, REC)
+        else:  # the whole chunk (every real key is >= 1), or nothing
+            g = tl.where(short == 0, n_c, 0)
+            for r in tl.static_range(REC):
+                _record(rec, r, tl.where(g > 0, t + 1, t), g, REC)
+        if chunk == 0:
+            tl.store(ctr_ptr + row, 0)
+
+    @triton.jit
+    def _row_bound(bnd_ptr, row, K, NCH, MAXC: tl.constexpr, REC: tl.constexpr):
+        """The row's lower bound T of its K-th key from K1's staircases: the largest recorded threshold τ at
+        which the chunks guarantee K keys, Σ_chunks (count of the chunk's lowest pair with t >= τ) >= K; 1 (every
+        real key) when none does.  A chunk's pairs rise in t and fall in count, so that count is the sum of
+        the count drops d_r = g_r - g_(r+1) over its pairs with t >= τ: one [pairs, pairs] compare."""
+        p = tl.arange(0, MAXC * REC)
+        ok = (p // REC) < NCH
+        base = bnd_ptr + row * (MAXC * REC * 2)
+        t = tl.load(base + p * 2, mask=ok, other=0).to(tl.uint32, bitcast=True)
+        g = tl.load(base + p * 2 + 1, mask=ok, other=0)
+        g_next = tl.load(base + p * 2 + 3, mask=ok & ((p % REC) < REC - 1), other=0)
+        d = g - g_next
+        held = tl.sum(tl.where(t[None, :] >= t[:, None], d[None, :], 0), 1)
+        return tl.maximum(tl.max(tl.where(held >= K, t, 0), 0), 1)
+
+    @triton.jit(do_not_specialize=["S", "N", "K", "CHUNK", "NCH", "CAP"])
+    def _v7_filter_kernel(
+        x_ptr, xs0, xs1, xs2,
+        st_ptr, sts0, sts1, en_ptr, ens0, ens1,
+        m_ptr, ms0, ms1, ms2,
+        b_ptr, bs0, bs1, bs2,
+        bnd_ptr, ctr_ptr, ck_ptr, cp_ptr,
+        S, N, K, CHUNK, NCH, CAP, fill,
+        HAS_STARTS: tl.constexpr, HAS_ENDS: tl.constexpr, MASK_MODE: tl.constexpr,
+        HAS_BIAS: tl.constexpr, RANGE_ONLY: tl.constexpr, LOW_BIT: tl.constexpr, OUT_DTYPE: tl.constexpr,
+        TILE: tl.constexpr, MAXC: tl.constexpr, REC: tl.constexpr,
+    ):
+        """K2: append the chunk's keys >= the row's bound (``_row_bound``) to the row's candidate list
+        (``ck_ptr`` keys, ``cp_ptr`` positions, [rows, CAP]); ``ctr_ptr[row]`` counts them all, also past CAP
+        (those are not written)."""
+        row = tl.program_id(0).to(tl.int64)
+        chunk = tl.program_id(1).to(tl.int64)
+        a, s, lo, hi = _row_bounds(row, S, N, st_ptr, sts0, sts1, en_ptr, ens0, ens1, HAS_STARTS, HAS_ENDS)
+        base, end, short = _row_span(lo, hi, N, K, RANGE_ONLY)
+        c0 = base + chunk * CHUNK
+        c1 = tl.minimum(c0 + CHUNK, end)
+        if (c0 < end) & (short == 0):
+            bound = _row_bound(bnd_ptr, row, K, NCH, MAXC, REC)
+            fill_key = _fill_key(fill, LOW_BIT)
+            lane = tl.arange(0, TILE)
+            for start in range(c0, c1, TILE):
+                cols = start + lane.to(tl.int64)
+                key = _keys_at(cols, a, s, lo, hi, fill_key, x_ptr, xs0, xs1, xs2, m_ptr, ms0, ms1, ms2,
+                               b_ptr, bs0, bs1, bs2, MASK_MODE, HAS_BIAS, OUT_DTYPE, LOW_BIT)
+                sel = ((cols < c1) & (key >= bound)).to(tl.int32)
+                cnt = tl.sum(sel, 0)
+                if cnt > 0:
+                    slot = tl.atomic_add(ctr_ptr + row, cnt, sem="relaxed") + tl.cumsum(sel, 0) - sel
+                    keep = (sel != 0) & (slot < CAP)
+                    tl.store(ck_ptr + row * CAP + slot, key.to(tl.int32, bitcast=True), mask=keep)
+                    tl.store(cp_ptr + row * CAP + slot, cols.to(tl.int32), mask=keep)
+
+    @triton.jit
+    def _list_threshold(ck_ptr, n, K, LOW_BIT: tl.constexpr, BLOCK: tl.constexpr, BITS: tl.constexpr):
+        """``_split_at``'s triple for the K-th largest of the n (<= BLOCK, >= K) keys of a candidate list."""
+        lane = tl.arange(0, BLOCK)
+        key = tl.load(ck_ptr + lane, mask=lane < n, other=0).to(tl.uint32, bitcast=True)
+        t, c_lo, c_hi = _bisect_keys(key, K, n, LOW_BIT, BITS)
+        return _split_at(t, c_lo, c_hi, K.to(tl.int32))
+
+    @triton.jit
+    def _stream_threshold(a, s, lo, hi, base, end, K, fill_key,
+                          x_ptr, xs0, xs1, xs2, m_ptr, ms0, ms1, ms2, b_ptr, bs0, bs1, bs2,
+                          MASK_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_DTYPE: tl.constexpr,
+                          LOW_BIT: tl.constexpr, TILE: tl.constexpr):
+        """``_row_threshold`` for a row of any length: each 2-bit round streams the row in TILE-lane tiles (the
+        slow path of rows whose candidates overflow)."""
+        lane = tl.arange(0, TILE)
+        K = K.to(tl.int32)
+        t = (K * 0).to(tl.uint32)
+        c_lo = (end - base).to(tl.int32)
+        c_hi = K * 0
+        bit = K * 0 + 31
+        while (bit >= LOW_BIT) & (c_lo != K):
+            sh = tl.maximum(bit - 1, LOW_BIT)
+            one = (t * 0 + 1) << sh.to(tl.uint32)
+            n1 = K * 0
+            n2 = K * 0
+            n3 = K * 0
+            for start in range(base, end, TILE):
+                cols = start + lane.to(tl.int64)
+                key = _keys_at(cols, a, s, lo, hi, fill_key, x_ptr, xs0, xs1, xs2, m_ptr, ms0, ms1, ms2,
+                               b_ptr, bs0, bs1, bs2, MASK_MODE, HAS_BIAS, OUT_DTYPE, LOW_BIT)
+                key = tl.where(cols < end, key, 0)
+                n1 += tl.sum((key >= (t | one)).to(tl.int32), 0)
+                n2 += tl.sum((key >= (t | (one * 2))).to(tl.int32), 0)
+                n3 += tl.sum((key >= (t | (one * 3))).to(tl.int32), 0)
+            t, c_lo, c_hi = _bisect_step(t, sh, sh < bit, n1, n2, n3, K, c_lo, c_hi)
+            bit = sh - 1
+        return _split_at(t, c_lo, c_hi, K)
+
+    @triton.jit(do_not_specialize=["S", "N", "K", "CAP"])
+    def _v7_resolve_kernel(
+        x_ptr, xs0, xs1, xs2,
+        st_ptr, sts0, sts1, en_ptr, ens0, ens1,
+        m_ptr, ms0, ms1, ms2,
+        b_ptr, bs0, bs1, bs2,
+        ctr_ptr, ck_ptr, cp_ptr, val_ptr, idx_ptr,
+        S, N, K, CAP, fill,
+        HAS_STARTS: tl.constexpr, HAS_ENDS: tl.constexpr, MASK_MODE: tl.constexpr,
+        HAS_BIAS: tl.constexpr, RANGE_ONLY: tl.constexpr, WRITE_VALUES: tl.constexpr, LOW_BIT: tl.constexpr,
+        OUT_DTYPE: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr, BITS: tl.constexpr,
+    ):
+        """K3 (one program per row): the row's top K from its n candidates, in registers of BLOCK, BLOCK/2 or
+        BLOCK/4 lanes (n <= CAP <= BLOCK), written in candidate order; past CAP, from the row itself (streamed,
+        written in position order); a short row directly."""
+        row = tl.program_id(0).to(tl.int64)
+        a, s, lo, hi = _row_bounds(row, S, N, st_ptr, sts0, sts1, en_ptr, ens0, ens1, HAS_STARTS, HAS_ENDS)
+        base, end, short = _row_span(lo, hi, N, K, RANGE_ONLY)
+        fill_key = _fill_key(fill, LOW_BIT)
+        out = row * K
+        if short:
+            _short_row(row, a, s, lo, hi, K, fill, x_ptr, xs0, xs1, xs2, val_ptr, idx_ptr, WRITE_VALUES, OUT_DTYPE,
+                       TILE)
+        else:
+            n = tl.load(ctr_ptr + row)
+            if n <= CAP:
+                ck = ck_ptr + row * CAP
+                cp = cp_ptr + row * CAP
+                if BLOCK >= 64:
+                    if n <= BLOCK // 4:
+                        t_ge, t_eq, ties = _list_threshold(ck, n, K, LOW_BIT, BLOCK // 4, BITS)
+                    elif n <= BLOCK // 2:
+                        t_ge, t_eq, ties = _list_threshold(ck, n, K, LOW_BIT, BLOCK // 2, BITS)
+                    else:
+                        t_ge, t_eq, ties = _list_threshold(ck, n, K, LOW_BIT, BLOCK, BITS)
+                else:
+                    t_ge, t_eq, ties = _list_threshold(ck, n, K, LOW_BIT, BLOCK, BITS)
+                lane = tl.arange(0, TILE)
+                n_above = K - ties
+                off_a = ties * 0
+                off_e = ties * 0
+                start = n * 0
+                while (start < n) & ((off_a < n_above) | (off_e < ties)):
+                    i = start + lane
+                    exist = i < n
+                    key = tl.load(ck + i, mask=exist, other=0).to(tl.uint32, bitcast=True)
+                    cols = tl.load(cp + i, mask=exist, other=0)
+                    off_a, off_e = _place(key, cols, exist, t_ge, t_eq, ties, n_above, off_a, off_e, out, val_ptr,
+                                          idx_ptr, LOW_BIT, WRITE_VALUES, OUT_DTYPE)
+                    start += TILE
+            else:
+                t_ge, t_eq, ties = _stream_threshold(a, s, lo, hi, base, end, K, fill_key, x_ptr, xs0, xs1, xs2,
+                                                     m_ptr, ms0, ms1, ms2, b_ptr, bs0, bs1, bs2, MASK_MODE, HAS_BIAS,
+                                                     OUT_DTYPE, LOW_BIT, TILE)
+                _compact_tiles(a, s, lo, hi, base, end, K, out, t_ge, t_eq, ties, fill_key,
+                               x_ptr, xs0, xs1, xs2, m_ptr, ms0, ms1, ms2, b_ptr, bs0, bs1, bs2, val_ptr, idx_ptr,
+                               MASK_MODE, HAS_BIAS, OUT_DTYPE, LOW_BIT, WRITE_VALUES, TILE)
+
+
 _TL_DTYPES = {}
 if triton is not None:
     _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -870,6 +1124,12 @@ V5_BITS = 2  # bisection bits per block reduction in the v5 row program (1 or 2)
 V5_PHASES = "fused"  # "fused": threshold + compaction in one row kernel; "two": two kernels
 V5_CHUNK = 4096  # positions per program of a split (long) row
 V5_DIGIT = 8  # radix bits per histogram pass of a split row (256 bins)
+V7_CHUNK = 4096  # positions per bound / filter program (at least; see _masked_topk_v7)
+V7_MAX_CHUNKS = 64  # chunks per row at most (K2 combines the row's bounds in a [chunks, chunks] block)
+V7_OVERSAMPLE = 2.0  # each chunk's bound keeps cdiv(k * this, chunks of the row) keys
+V7_STOP_BIT = 16  # K1's bisection decides key bits 31..this (a coarser bound, fewer block reductions)
+V7_RESOLVE_WARPS = 8
+V7_MAX_PAIRS = 256  # staircase pairs per row that K2 combines (a [pairs, pairs] block per program)
 LAST_LAUNCHES: list = []  # what the last direct call launched (compiled kernels: n_regs, n_spills; for tuning)
 
 
@@ -906,7 +1166,7 @@ def _auto_impl(n: int, k: int, block_max: int, rows: int = 1, dtype: torch.dtype
 def masked_topk_triton(logits, k, row_starts=None, row_ends=None, mask=None, mask_keeps=True, bias=None,
                        fill=float("-inf"), sorted=True, index_dtype=torch.int64, need_values=True,
                        block_max=BLOCK_MAX, num_warps=None, chunk=None, small=None, merge=None, impl=None,
-                       tile=None, bits=None, phases=None, split=None, maxnreg=None):
+                       tile=None, bits=None, phases=None, split=None, maxnreg=None, v7=None):
     """Run the Triton kernels (the op's CUDA path; tests and tuning call it directly).
 
     ``impl`` picks the design (default ``IMPL``, else ``_auto_impl``): ``"v5"`` (threshold then streaming compaction; rows
@@ -934,8 +1194,11 @@ def masked_topk_triton(logits, k, row_starts=None, row_ends=None, mask=None, mas
     if impl == "v5":
         return _masked_topk_v5(logits, k, row_starts, row_ends, mask, mask_keeps, bias, fill, sorted, index_dtype,
                                need_values, block_max, num_warps, chunk, tile, bits, phases, split, maxnreg, batch)
+    if impl == "v7":
+        return _masked_topk_v7(logits, k, row_starts, row_ends, mask, mask_keeps, bias, fill, sorted, index_dtype,
+                               need_values, block_max, num_warps, chunk, tile, bits, maxnreg, batch, **(v7 or {}))
     if impl != "v4":
-        raise ValueError(f"masked_topk: `impl` must be 'v5' or 'v4', got {impl!r}")
+        raise ValueError(f"masked_topk: `impl` must be 'v5', 'v7' or 'v4', got {impl!r}")
     n = logits.shape[-1]
     if n >= 2**31 - 1:
         raise ValueError(f"masked_topk: the last dim of `logits` ({n}) must be < 2**31 - 1")
@@ -1031,6 +1294,80 @@ def _sort_descending(v: torch.Tensor):
     key, whose NaN is ``float("nan")``, or ``_short_row``'s explicit ``where``), so a plain sort is right
     (a NaN's payload and sign are not observable through topk's ordering)."""
     return v.sort(dim=-1, descending=True)
+
+
+def _masked_topk_v7(logits, k, row_starts, row_ends, mask, mask_keeps, bias, fill, sorted, index_dtype,
+                    need_values, block_max, num_warps, chunk, tile, bits, maxnreg, batch, oversample=None,
+                    stop_bit=None, cap=None, staircase=None):
+    """v7 launches (see the kernels' comment): bound and filter over chunks of ``chunk`` positions, then one
+    resolve program per row over at most ``cap`` (default ``block_max``) candidates.  Three launches and a sort,
+    no host sync, no data-dependent launch sizes (CUDA-graph safe); the candidate list's length is data-dependent
+    only inside the kernels.  Knobs: ``oversample`` (V7_OVERSAMPLE), ``stop_bit`` (V7_STOP_BIT), ``cap``."""
+    n = logits.shape[-1]
+    if n >= 2**31 - 1:
+        raise ValueError(f"masked_topk: the last dim of `logits` ({n}) must be < 2**31 - 1")
+    bits = bits or V5_BITS
+    if bits not in (1, 2):
+        raise ValueError(f"masked_topk: `bits` must be 1 or 2, got {bits!r}")
+    chunk = chunk or max(V7_CHUNK, next_pow2(cdiv(n, V7_MAX_CHUNKS)))
+    if chunk > 1 << 15 or cdiv(n, chunk) > V7_MAX_CHUNKS:
+        raise ValueError(f"masked_topk: impl='v7' takes at most {V7_MAX_CHUNKS} chunks of at most {1 << 15} "
+                         f"positions a row, got `chunk` {chunk} for N = {n}")
+    out_dtype = _result_dtype(logits, bias)
+    rows = math.prod(batch)
+    values = logits.new_empty(*batch, k if need_values else 0, dtype=out_dtype)
+    indices = logits.new_empty(*batch, k, dtype=index_dtype)
+    LAST_LAUNCHES.clear()
+    if rows == 0 or k == 0:
+        return values, indices
+    write_values = need_values or sorted
+    args, x3 = _row_args(logits, row_starts, row_ends, mask, bias, batch, n)
+    vbuf = values if need_values else logits.new_empty(*batch, k, dtype=out_dtype) if sorted else x3
+    fill = _round_to(float(fill), out_dtype)
+    low_bit = {torch.bfloat16: 16, torch.float16: 13, torch.float32: 0}[out_dtype]
+    common = dict(
+        HAS_STARTS=row_starts is not None, HAS_ENDS=row_ends is not None,
+        MASK_MODE=0 if mask is None else (1 if mask_keeps else 2), HAS_BIAS=bias is not None,
+        RANGE_ONLY=(mask is None and bias is None and fill == float("-inf")),
+        LOW_BIT=low_bit, OUT_DTYPE=_TL_DTYPES[out_dtype],
+    )
+    if maxnreg is not None:
+        common["maxnreg"] = maxnreg
+    s_dim = batch[-1] if len(batch) else 1
+    n_chunks = cdiv(n, chunk)
+    maxc = max(2, next_pow2(n_chunks))
+    cap = min(cap or block_max, 1 << 15)
+    til = min(next_pow2(tile or V5_TILE), next_pow2(chunk))
+    kc_num = math.ceil(k * (oversample or V7_OVERSAMPLE))
+    stop = max(low_bit, V7_STOP_BIT if stop_bit is None else stop_bit)
+    # Staircase pairs per chunk: one per bisection round, as many as the [pairs, pairs] combine affords.
+    rec = next_pow2(cdiv(32 - stop, bits)) if staircase is None or staircase else 1
+    while maxc * rec > V7_MAX_PAIRS and rec > 1:
+        rec //= 2
+    # One allocation: the bounds [rows, maxc, rec, 2], the counters [rows], the candidate keys and positions.
+    nb = rows * maxc * rec * 2
+    scratch = torch.empty(nb + rows * (1 + 2 * cap), dtype=torch.int32, device=logits.device)
+    bnd = scratch[:nb]
+    ctr = scratch[nb: nb + rows]
+    ck = scratch[nb + rows: nb + rows * (1 + cap)]
+    cp = scratch[nb + rows * (1 + cap):]
+    warps = num_warps or 4
+    LAST_LAUNCHES.append(_v7_bound_kernel[(rows, n_chunks)](
+        *args, bnd, ctr, s_dim, n, k, chunk, kc_num, fill, BLOCK=next_pow2(chunk), MAXC=maxc, REC=rec,
+        STOP_BIT=stop, BITS=bits, num_warps=warps, **common))
+    LAST_LAUNCHES.append(_v7_filter_kernel[(rows, n_chunks)](
+        *args, bnd, ctr, ck, cp, s_dim, n, k, chunk, n_chunks, cap, fill, TILE=til, MAXC=maxc, REC=rec,
+        num_warps=warps, **common))
+    LAST_LAUNCHES.append(_v7_resolve_kernel[(rows,)](
+        *args, ctr, ck, cp, vbuf, indices, s_dim, n, k, cap, fill, WRITE_VALUES=write_values,
+        BLOCK=max(16, next_pow2(cap)), TILE=min(next_pow2(tile or V5_TILE), max(16, next_pow2(cap))), BITS=bits,
+        num_warps=V7_RESOLVE_WARPS, **common))
+    if sorted:
+        vbuf, order = _sort_descending(vbuf)
+        indices = indices.gather(-1, order)
+        if need_values:
+            values = vbuf
+    return values, indices
 
 
 def _masked_topk_v5(logits, k, row_starts, row_ends, mask, mask_keeps, bias, fill, sorted, index_dtype,
