@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import functools
 import math
+import typing
 from typing import Optional
 
 import torch
@@ -516,6 +517,21 @@ if triton is not None:
         return a, s, lo, hi
 
     @triton.jit
+    def _row_span(lo, hi, N, K, RANGE_ONLY: tl.constexpr):
+        """Positions ``[base, end)`` a row's lanes cover, and whether the row is short (its kept positions, at
+        most K, are the answer): RANGE_ONLY rows cover [lo, hi), others every position (masked ones hold
+        ``fill``)."""
+        if RANGE_ONLY:
+            base = lo
+            end = hi
+            short = (hi - lo) <= K
+        else:
+            base = lo * 0
+            end = N.to(tl.int64)
+            short = (hi - lo) < 0
+        return base, end, short
+
+    @triton.jit
     def _fill_key(fill, LOW_BIT: tl.constexpr):
         fill = tl.cast(fill, tl.float32)  # already rounded to OUT_DTYPE by the caller
         fill_key = _sortable_key(fill)
@@ -797,14 +813,7 @@ if triton is not None:
         chunk = tl.program_id(1).to(tl.int64)
         a, s, lo, hi = _row_bounds(row, S, N, st_ptr, sts0, sts1, en_ptr, ens0, ens1, HAS_STARTS, HAS_ENDS)
         fill_key = _fill_key(fill, LOW_BIT)
-        if RANGE_ONLY:
-            base = lo
-            end = hi
-            skip = (hi - lo) <= K
-        else:
-            base = lo * 0
-            end = N.to(tl.int64)
-            skip = (hi - lo) < 0
+        base, end, skip = _row_span(lo, hi, N, K, RANGE_ONLY)
         c0 = base + chunk * CHUNK
         c1 = tl.minimum(c0 + CHUNK, end)
         h_row = h_ptr + row * (NPASS << DIGIT)
@@ -852,14 +861,7 @@ if triton is not None:
         chunk = tl.program_id(1).to(tl.int64)
         a, s, lo, hi = _row_bounds(row, S, N, st_ptr, sts0, sts1, en_ptr, ens0, ens1, HAS_STARTS, HAS_ENDS)
         fill_key = _fill_key(fill, LOW_BIT)
-        if RANGE_ONLY:
-            base = lo
-            end = hi
-            short = (hi - lo) <= K
-        else:
-            base = lo * 0
-            end = N.to(tl.int64)
-            short = (hi - lo) < 0
+        base, end, short = _row_span(lo, hi, N, K, RANGE_ONLY)
         if short:
             if chunk == 0:
                 _short_row(row, a, s, lo, hi, K, fill, x_ptr, xs0, xs1, xs2, val_ptr, idx_ptr,
@@ -905,21 +907,6 @@ if triton is not None:
     # and the chunk's keys >= T appended to the row's candidate list (one atomic per tile).  K3 (rows): the
     # exact top K of the candidates in registers, or, when they overflow the list's CAP, of the row itself
     # by a streaming bisection.  See bench/NOTES.md (session 22).
-
-    @triton.jit
-    def _row_span(lo, hi, N, K, RANGE_ONLY: tl.constexpr):
-        """Positions ``[base, end)`` a row's lanes cover, and whether the row is short (its kept positions, at
-        most K, are the answer): RANGE_ONLY rows cover [lo, hi), others every position (masked ones hold
-        ``fill``)."""
-        if RANGE_ONLY:
-            base = lo
-            end = hi
-            short = (hi - lo) <= K
-        else:
-            base = lo * 0
-            end = N.to(tl.int64)
-            short = (hi - lo) < 0
-        return base, end, short
 
     @triton.jit(do_not_specialize=["S", "N", "K", "CHUNK", "KC_NUM"])
     def _v7_bound_kernel(
@@ -1296,6 +1283,56 @@ def _sort_descending(v: torch.Tensor):
     return v.sort(dim=-1, descending=True)
 
 
+class _Setup(typing.NamedTuple):
+    values: torch.Tensor
+    indices: torch.Tensor
+    rows: int
+    args: tuple
+    vbuf: torch.Tensor
+    fill: float
+    low_bit: int
+    common: dict
+    s_dim: int
+
+
+def _split_setup(logits, k, row_starts, row_ends, mask, mask_keeps, bias, fill, sorted, index_dtype, need_values,
+                 maxnreg, batch) -> _Setup:
+    """What every v5 / v7 launch shares: the outputs, the row arguments (``_row_args``), the value buffer the
+    kernels write (``values``; a scratch one when only the sort needs values; else a stand-in), ``fill`` rounded
+    to the result dtype, the keys' lowest bit and the common constexprs."""
+    out_dtype = _result_dtype(logits, bias)
+    values = logits.new_empty(*batch, k if need_values else 0, dtype=out_dtype)
+    indices = logits.new_empty(*batch, k, dtype=index_dtype)
+    LAST_LAUNCHES.clear()
+    rows = math.prod(batch)
+    if rows == 0 or k == 0:
+        return _Setup(values, indices, rows, (), values, fill, 0, {}, 1)
+    args, x3 = _row_args(logits, row_starts, row_ends, mask, bias, batch, logits.shape[-1])
+    vbuf = values if need_values else logits.new_empty(*batch, k, dtype=out_dtype) if sorted else x3
+    fill = _round_to(float(fill), out_dtype)
+    low_bit = {torch.bfloat16: 16, torch.float16: 13, torch.float32: 0}[out_dtype]
+    common = dict(
+        HAS_STARTS=row_starts is not None, HAS_ENDS=row_ends is not None,
+        MASK_MODE=0 if mask is None else (1 if mask_keeps else 2), HAS_BIAS=bias is not None,
+        RANGE_ONLY=(mask is None and bias is None and fill == float("-inf")),
+        LOW_BIT=low_bit, OUT_DTYPE=_TL_DTYPES[out_dtype],
+    )
+    if maxnreg is not None:  # only when asked: a launch option Triton checks per backend
+        common["maxnreg"] = maxnreg
+    return _Setup(values, indices, rows, args, vbuf, fill, low_bit, common, batch[-1] if len(batch) else 1)
+
+
+def _finish(setup: _Setup, vbuf, sorted, need_values):
+    """``(values, indices)``; with ``sorted``, the winners ordered by their values (``torch.sort``)."""
+    values, indices = setup.values, setup.indices
+    if sorted:
+        vbuf, order = _sort_descending(vbuf)
+        indices = indices.gather(-1, order)
+        if need_values:
+            values = vbuf
+    return values, indices
+
+
 def _masked_topk_v7(logits, k, row_starts, row_ends, mask, mask_keeps, bias, fill, sorted, index_dtype,
                     need_values, block_max, num_warps, chunk, tile, bits, maxnreg, batch, oversample=None,
                     stop_bit=None, cap=None, staircase=None):
@@ -1313,27 +1350,12 @@ def _masked_topk_v7(logits, k, row_starts, row_ends, mask, mask_keeps, bias, fil
     if chunk > 1 << 15 or cdiv(n, chunk) > V7_MAX_CHUNKS:
         raise ValueError(f"masked_topk: impl='v7' takes at most {V7_MAX_CHUNKS} chunks of at most {1 << 15} "
                          f"positions a row, got `chunk` {chunk} for N = {n}")
-    out_dtype = _result_dtype(logits, bias)
-    rows = math.prod(batch)
-    values = logits.new_empty(*batch, k if need_values else 0, dtype=out_dtype)
-    indices = logits.new_empty(*batch, k, dtype=index_dtype)
-    LAST_LAUNCHES.clear()
-    if rows == 0 or k == 0:
-        return values, indices
-    write_values = need_values or sorted
-    args, x3 = _row_args(logits, row_starts, row_ends, mask, bias, batch, n)
-    vbuf = values if need_values else logits.new_empty(*batch, k, dtype=out_dtype) if sorted else x3
-    fill = _round_to(float(fill), out_dtype)
-    low_bit = {torch.bfloat16: 16, torch.float16: 13, torch.float32: 0}[out_dtype]
-    common = dict(
-        HAS_STARTS=row_starts is not None, HAS_ENDS=row_ends is not None,
-        MASK_MODE=0 if mask is None else (1 if mask_keeps else 2), HAS_BIAS=bias is not None,
-        RANGE_ONLY=(mask is None and bias is None and fill == float("-inf")),
-        LOW_BIT=low_bit, OUT_DTYPE=_TL_DTYPES[out_dtype],
-    )
-    if maxnreg is not None:
-        common["maxnreg"] = maxnreg
-    s_dim = batch[-1] if len(batch) else 1
+    setup = _split_setup(logits, k, row_starts, row_ends, mask, mask_keeps, bias, fill, sorted, index_dtype,
+                         need_values, maxnreg, batch)
+    if setup.rows == 0 or k == 0:
+        return setup.values, setup.indices
+    args, vbuf, fill, low_bit, common, s_dim, rows = (setup.args, setup.vbuf, setup.fill, setup.low_bit,
+                                                      setup.common, setup.s_dim, setup.rows)
     n_chunks = cdiv(n, chunk)
     maxc = max(2, next_pow2(n_chunks))
     cap = min(cap or block_max, 1 << 15)
@@ -1359,15 +1381,10 @@ def _masked_topk_v7(logits, k, row_starts, row_ends, mask, mask_keeps, bias, fil
         *args, bnd, ctr, ck, cp, s_dim, n, k, chunk, n_chunks, cap, fill, TILE=til, MAXC=maxc, REC=rec,
         num_warps=warps, **common))
     LAST_LAUNCHES.append(_v7_resolve_kernel[(rows,)](
-        *args, ctr, ck, cp, vbuf, indices, s_dim, n, k, cap, fill, WRITE_VALUES=write_values,
+        *args, ctr, ck, cp, vbuf, setup.indices, s_dim, n, k, cap, fill, WRITE_VALUES=need_values or sorted,
         BLOCK=max(16, next_pow2(cap)), TILE=min(next_pow2(tile or V5_TILE), max(16, next_pow2(cap))), BITS=bits,
         num_warps=V7_RESOLVE_WARPS, **common))
-    if sorted:
-        vbuf, order = _sort_descending(vbuf)
-        indices = indices.gather(-1, order)
-        if need_values:
-            values = vbuf
-    return values, indices
+    return _finish(setup, vbuf, sorted, need_values)
 
 
 def _masked_topk_v5(logits, k, row_starts, row_ends, mask, mask_keeps, bias, fill, sorted, index_dtype,
@@ -1384,27 +1401,14 @@ def _masked_topk_v5(logits, k, row_starts, row_ends, mask, mask_keeps, bias, fil
     bits = bits or V5_BITS
     if bits not in (1, 2):
         raise ValueError(f"masked_topk: `bits` must be 1 or 2, got {bits!r}")
-    out_dtype = _result_dtype(logits, bias)
-    rows = math.prod(batch)
-    values = logits.new_empty(*batch, k if need_values else 0, dtype=out_dtype)
-    indices = logits.new_empty(*batch, k, dtype=index_dtype)
-    LAST_LAUNCHES.clear()
-    if rows == 0 or k == 0:
-        return values, indices
+    setup = _split_setup(logits, k, row_starts, row_ends, mask, mask_keeps, bias, fill, sorted, index_dtype,
+                         need_values, maxnreg, batch)
+    if setup.rows == 0 or k == 0:
+        return setup.values, setup.indices
+    args, vbuf, fill, low_bit, common, s_dim, rows = (setup.args, setup.vbuf, setup.fill, setup.low_bit,
+                                                      setup.common, setup.s_dim, setup.rows)
     write_values = need_values or sorted  # sorted: the values order the winners (torch.sort below)
-    args, x3 = _row_args(logits, row_starts, row_ends, mask, bias, batch, n)
-    vbuf = values if need_values else logits.new_empty(*batch, k, dtype=out_dtype) if sorted else x3
-    fill = _round_to(float(fill), out_dtype)
-    low_bit = {torch.bfloat16: 16, torch.float16: 13, torch.float32: 0}[out_dtype]
-    common = dict(
-        HAS_STARTS=row_starts is not None, HAS_ENDS=row_ends is not None,
-        MASK_MODE=0 if mask is None else (1 if mask_keeps else 2), HAS_BIAS=bias is not None,
-        RANGE_ONLY=(mask is None and bias is None and fill == float("-inf")),
-        LOW_BIT=low_bit, OUT_DTYPE=_TL_DTYPES[out_dtype],
-    )
-    s_dim = batch[-1] if len(batch) else 1
-    if maxnreg is not None:  # only when asked: a launch option Triton checks per backend
-        common["maxnreg"] = maxnreg
+    x3, indices = args[0], setup.indices  # (x3: a stand-in pointer, never read)
     block_max = min(block_max, 1 << 15)  # 16-bit packed counts (bisection, compaction scans)
     if split is None:
         split = n > block_max
@@ -1434,12 +1438,7 @@ def _masked_topk_v5(logits, k, row_starts, row_ends, mask, mask_keeps, bias, fil
         LAST_LAUNCHES.append(_v5_split_compact_kernel[(rows, n_chunks)](
             *args, hist, ctr, vbuf, indices, s_dim, n, k, chunk, fill, WRITE_VALUES=write_values, TILE=til,
             NPASS=npass, DIGIT=V5_DIGIT, num_warps=warps, **common))
-    if sorted:
-        vbuf, order = _sort_descending(vbuf)
-        indices = indices.gather(-1, order)
-        if need_values:
-            values = vbuf
-    return values, indices
+    return _finish(setup, vbuf, sorted, need_values)
 
 
 @fused_op(OP_NAME)
