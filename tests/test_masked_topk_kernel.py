@@ -139,9 +139,10 @@ def test_auto_impl_follows_the_measurements():
     """The designs `_auto_impl` picks are the ones measured faster on the H100 (bench/NOTES.md, session 20)."""
     from dsa_inductor.lowerings.masked_topk import _auto_impl
     assert _auto_impl(8192, 2048, 16384, 8192) == "v5"  # causal rows: v5's row program
-    assert _auto_impl(65536, 2048, 16384, 64) == "v4"  # decode, fp32, 64 rows: v4's chunk + merge stages
-    assert _auto_impl(65536, 2048, 16384, 64, torch.bfloat16) == "v5"  # 16-bit keys: split rows, two passes
-    assert _auto_impl(131072, 2048, 16384, 256) == "v5"  # a larger decode batch: split rows
+    assert _auto_impl(65536, 2048, 16384, 64) == "v7"  # decode, fp32, 64 rows: bound, filter, resolve
+    assert _auto_impl(65536, 2048, 16384, 64, torch.bfloat16) == "v7"
+    assert _auto_impl(131072, 2048, 16384, 256) == "v7"  # a larger decode batch
+    assert _auto_impl(1 << 22, 2048, 16384, 64) == "v5"  # past v7's 64 chunks of 32768: split rows
     assert _auto_impl(65536, 16384, 16384, 4) == "v5"  # 2 k > block_max: v4 would fall back to torch
     assert _auto_impl(32768, 2048, 16384, 32768) == "v4"  # long prefill rows: v4, as before (not measured)
 
@@ -154,6 +155,10 @@ def test_impl_knobs_are_checked():
         masked_topk_triton(x, 2, impl="v5", bits=3)
     with pytest.raises(ValueError, match="`phases`"):
         masked_topk_triton(x, 2, impl="v5", phases="three")
+    with pytest.raises(ValueError, match="`bits`"):
+        masked_topk_triton(x, 2, impl="v7", bits=3)
+    with pytest.raises(ValueError, match="`chunk`"):
+        masked_topk_triton(x, 2, impl="v7", chunk=1 << 16)
 
 
 @pytest.mark.parametrize("batch", [(2, 3), (1,), ()])

@@ -1145,6 +1145,8 @@ def _auto_impl(n: int, k: int, block_max: int, rows: int = 1, dtype: torch.dtype
     * v4 falls back to torch past ``2 k > block_max`` for long rows, v5's split path does not."""
     if n <= block_max or 2 * k > block_max:
         return "v5"
+    if rows <= SPLIT_MAX_ROWS and n <= V7_MAX_CHUNKS << 15:
+        return "v7"
     if rows <= SPLIT_MAX_ROWS and (dtype == torch.bfloat16 or rows * n >= SPLIT_MIN_ELEMENTS):
         return "v5"
     return "v4"
