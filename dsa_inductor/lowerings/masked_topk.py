@@ -18,7 +18,8 @@ NaN ranks above +inf (``torch.topk``'s order, on CPU and CUDA); among equal valu
 fill included) which indices are picked is unspecified, in eager too.  The contract is
 ``dsa_inductor.testing.topk_mismatch``.
 
-CUDA path (``masked_topk_triton``, design ``impl="v5"`` by default; ``impl="v4"`` keeps the previous one).
+CUDA path (``masked_topk_triton``; ``_auto_impl`` picks the design: v5 for rows that fit one program, v7
+for longer rows of decode-sized batches; ``impl=`` forces one).
 v5, rows of at most ``BLOCK_MAX`` positions: one program per row (longest causal rows first) holds only
 the row's order-preserving uint32 keys in registers, loading only kept positions (for range rows only
 ``[row_start, row_end)``, in a register block of the size the range needs) and never writing a masked
@@ -31,7 +32,14 @@ bits each add per-chunk histograms into a per-row global histogram with atomics,
 replays the decided digits from those histograms, and a chunked compaction reserves output slots with
 a per-row atomic counter (fixed launch sizes, no host sync: CUDA-graph safe).  A range row with at most
 ``k`` kept positions and ``fill == -inf`` short-circuits: its selection is every in-range position plus
-padding.  ``sorted=True`` orders the winners afterwards with ``torch.sort`` on their values.  v4: the
+padding.  v7, longer rows (decode: a few rows of 64K-2M positions, k much smaller): a bound, a filter and
+a resolve launch.  Each chunk program bisects its chunk's keys toward its share of k (times an oversampling
+factor) and records every round's (threshold, exact count at or above it); the filter takes as the row's
+bound the highest recorded threshold at which the chunks together hold k keys (so it cannot exceed the k-th
+key) and appends every key at or above it to a per-row candidate list; one program per row selects the
+exact top k of those candidates in registers (a few thousand for scores that do not rise with the position),
+or, when the list overflows, streams the row itself.  ``sorted=True`` orders the winners afterwards with
+``torch.sort`` on their values.  v4: the
 row in registers, a banded two-phase bisection and one compaction scan, chunk + merge stages for long
 rows.  The key transform and select-then-compact structure follow the radix top-k kernels written for
 the DSA indexer (SGLang's and vLLM's DeepSeek-V3.2 ``topk``, FlashInfer's radix top-k);
