@@ -136,15 +136,16 @@ def test_v5_ties_and_special_values(problem):
 
 
 def test_auto_impl_follows_the_measurements():
-    """The designs `_auto_impl` picks are the ones measured faster on the H100 (bench/NOTES.md, session 20)."""
+    """The designs `_auto_impl` picks are the ones measured faster on the H100 (bench/NOTES.md, sessions 20, 22)."""
     from dsa_inductor.lowerings.masked_topk import _auto_impl
     assert _auto_impl(8192, 2048, 16384, 8192) == "v5"  # causal rows: v5's row program
     assert _auto_impl(65536, 2048, 16384, 64) == "v7"  # decode, fp32, 64 rows: bound, filter, resolve
     assert _auto_impl(65536, 2048, 16384, 64, torch.bfloat16) == "v7"
-    assert _auto_impl(131072, 2048, 16384, 256) == "v7"  # a larger decode batch
-    assert _auto_impl(1 << 22, 2048, 16384, 64) == "v5"  # past v7's 64 chunks of 32768: split rows
+    assert _auto_impl(32768, 2048, 16384, 2048) == "v7"  # prefill rows past one program (session 22)
+    assert _auto_impl(131072, 2048, 16384, 256) == "v5"  # a larger decode batch: v5's split rows
+    assert _auto_impl(131072, 2048, 16384, 64, torch.bfloat16) == "v5"
+    assert _auto_impl(131072, 2048, 16384, 64) == "v4"  # fp32, 64 rows past 65536: v4 (session 20)
     assert _auto_impl(65536, 16384, 16384, 4) == "v5"  # 2 k > block_max: v4 would fall back to torch
-    assert _auto_impl(32768, 2048, 16384, 32768) == "v4"  # long prefill rows: v4, as before (not measured)
 
 
 def test_impl_knobs_are_checked():

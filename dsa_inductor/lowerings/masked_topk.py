@@ -599,8 +599,9 @@ if triton is not None:
 
         Returns ``(t, c_lo, c_hi)`` with c_lo = #(key >= t) >= K and c_hi = #(key >= t + 2**(bit + 1)) < K for
         the last bit decided (with every bit down to the keys' lowest decided, that is #(key > t)).
-        With REC > 0, ``rec_ptr[r] = (t, c_lo)`` after each round r < REC (the rest: the last pair): a staircase
-        of exact counts, t rising and c_lo falling."""
+        With REC > 0, ``rec_ptr[r] = (t, c_lo)`` after each round r (rounds past REC - 1 overwrite the last slot,
+        slots past the last round repeat the final pair): a staircase of exact counts, t rising and c_lo
+        falling, that ends with the final pair."""
         t = (K * 0).to(tl.uint32)
         K = K.to(tl.int32)
         c_hi = K * 0
@@ -638,9 +639,10 @@ if triton is not None:
 
     @triton.jit
     def _record(rec_ptr, r, t, c, REC: tl.constexpr):
-        if r < REC:
-            tl.store(rec_ptr + r * 2, t.to(tl.int32, bitcast=True))
-            tl.store(rec_ptr + r * 2 + 1, c)
+        """Round r's pair at slot min(r, REC - 1): the last slot ends with the final (finest) pair."""
+        slot = tl.minimum(r, REC - 1)
+        tl.store(rec_ptr + slot * 2, t.to(tl.int32, bitcast=True))
+        tl.store(rec_ptr + slot * 2 + 1, c)
 
     @triton.jit
     def _split_at(t, c_lo, c_hi, K):
@@ -1125,6 +1127,7 @@ V7_OVERSAMPLE = 2.0  # each chunk's bound keeps cdiv(k * this, chunks of the row
 V7_STOP_BIT = 16  # K1's bisection decides key bits 31..this (a coarser bound, fewer block reductions)
 V7_RESOLVE_WARPS = 8
 V7_MAX_PAIRS = 256  # staircase pairs per row that K2 combines (a [pairs, pairs] block per program)
+V7_AUTO_MAX_N = 16 * V7_CHUNK  # _auto_impl's v7 rows: up to 16 chunks (128 pairs; see _auto_impl)
 LAST_LAUNCHES: list = []  # what the last direct call launched (compiled kernels: n_regs, n_spills; for tuning)
 
 
@@ -1141,19 +1144,21 @@ SPLIT_MAX_ROWS = 1024  # ... for decode batches only: many long rows (prefill pa
 
 
 def _auto_impl(n: int, k: int, block_max: int, rows: int = 1, dtype: torch.dtype = torch.float32) -> str:
-    """The design measured faster for the shape, on an H100 with Triton 3.6 (bench/NOTES.md, v5 and session-20
-    sections; GPU time of the kernels, k = 2048):
+    """The design measured faster for the shape, on an H100 with Triton 3.6 (bench/NOTES.md, v5, session-20 and
+    session-22 sections; GPU time of the kernels, k = 2048, unsorted):
 
     * rows that fit one program: v5's row program (causal 8192 x 8192: 296 us, v4 470-484 us);
-    * longer rows (decode): v4's chunk + merge stages at 64 x 65536 fp32 (87 us, v5's split rows 109 us), but v5's
-      split rows for bf16 (16-bit keys, two radix passes: 71 us, v4 86 us) and for larger batches
-      (256 x 131072 fp32: 590 us, v4 983 us, stock torch.compile 698 us).  ``SPLIT_MIN_ELEMENTS`` (rows * N) sits
-      between the two fp32 shapes measured; ``SPLIT_MAX_ROWS`` keeps the choice to decode-sized batches (prefill
-      rows past ``block_max`` keys, thousands of them, stay on v4 as before: not measured);
+    * rows of up to 16 chunks of ``V7_CHUNK`` (N <= 65536): v7 (64 x 65536 fp32: 69.6 us, v4 86.6, v5's split rows
+      108.9; bf16 66.8, v4 86.5, v5 70.8; rows whose scores rise with the position 67.3, v4 89.9; 2048 prefill rows
+      x 32768: 809.4, v4 2583.7, v5 1439.2);
+    * longer rows: at 256 x 131072 fp32 (32 chunks) v7's filter spends most of its time combining the row's 256
+      bound pairs in every program (701.7 us against v5's split rows 590.3, v4 985.2), so there as before: v5's
+      split rows for bf16 and larger batches (``SPLIT_MIN_ELEMENTS``, rows * N, sits between the fp32 shapes
+      measured in session 20), v4 otherwise;
     * v4 falls back to torch past ``2 k > block_max`` for long rows, v5's split path does not."""
     if n <= block_max or 2 * k > block_max:
         return "v5"
-    if rows <= SPLIT_MAX_ROWS and n <= V7_MAX_CHUNKS << 15:
+    if n <= V7_AUTO_MAX_N:
         return "v7"
     if rows <= SPLIT_MAX_ROWS and (dtype == torch.bfloat16 or rows * n >= SPLIT_MIN_ELEMENTS):
         return "v5"
