@@ -106,7 +106,7 @@ def kernel_times(fn) -> str:
 
 GPU_TIME_VARIANTS = [("v4 default", dict(impl="v4")), ("v7 default", dict(impl="v7"))] + [
     (f"v7 {name}", dict(impl="v7", **kw)) for name, kw in (
-        ("no staircase", dict(v7=dict(staircase=False))), ("oversample 1.25", dict(v7=dict(oversample=1.25))),
+        ("no staircase", dict(v7=dict(staircase=False))), ("row bound", dict(v7=dict(row_bound=True))), ("oversample 1.25", dict(v7=dict(oversample=1.25))),
         ("oversample 1.5", dict(v7=dict(oversample=1.5))), ("oversample 3", dict(v7=dict(oversample=3.0))),
         ("stop bit 0", dict(v7=dict(stop_bit=0))), ("stop bit 8", dict(v7=dict(stop_bit=8))),
         ("chunk 8192", dict(chunk=8192)), ("warps 8", dict(num_warps=8)), ("cap 8192", dict(v7=dict(cap=8192))))
@@ -119,7 +119,7 @@ def gpu_time(which, t, k):
         g = torch.Generator(device="cuda").manual_seed(1)
         dx = torch.randn(64, 65536, device="cuda", generator=g)
         ends = torch.randint(32768, 65537, (64,), device="cuda", dtype=torch.int32, generator=g)
-        three = GPU_TIME_VARIANTS[:3] + [GPU_TIME_VARIANTS[-1]]  # v4, v7, v7 without the staircase, v5 split
+        three = GPU_TIME_VARIANTS[:4] + [GPU_TIME_VARIANTS[-1]]  # v4, v7, v7 w/o staircase, v7 row bound, v5 split
         cases += [("decode", dx, ends, GPU_TIME_VARIANTS), ("decode bf16", dx.bfloat16(), ends, three)]
         # Rows whose scores rise with the position: chunks' bounds differ most (v7's candidates overflow its list).
         rising = dx + torch.arange(65536, device="cuda") / 256.0

@@ -975,21 +975,28 @@ if triton is not None:
         held = tl.sum(tl.where(t[None, :] >= t[:, None], d[None, :], 0), 1)
         return tl.maximum(tl.max(tl.where(held >= K, t, 0), 0), 1)
 
+    @triton.jit(do_not_specialize=["K", "NCH"])
+    def _v7_row_bound_kernel(bnd_ptr, tb_ptr, K, NCH, MAXC: tl.constexpr, REC: tl.constexpr):
+        """``tb_ptr[row]`` = the row's ``_row_bound``, once per row (the ``row_bound`` knob: K2 then loads it
+        instead of combining the pairs in each of its programs)."""
+        row = tl.program_id(0).to(tl.int64)
+        tl.store(tb_ptr + row, _row_bound(bnd_ptr, row, K, NCH, MAXC, REC).to(tl.int32, bitcast=True))
+
     @triton.jit(do_not_specialize=["S", "N", "K", "CHUNK", "NCH", "CAP"])
     def _v7_filter_kernel(
         x_ptr, xs0, xs1, xs2,
         st_ptr, sts0, sts1, en_ptr, ens0, ens1,
         m_ptr, ms0, ms1, ms2,
         b_ptr, bs0, bs1, bs2,
-        bnd_ptr, ctr_ptr, ck_ptr, cp_ptr,
+        bnd_ptr, tb_ptr, ctr_ptr, ck_ptr, cp_ptr,
         S, N, K, CHUNK, NCH, CAP, fill,
         HAS_STARTS: tl.constexpr, HAS_ENDS: tl.constexpr, MASK_MODE: tl.constexpr,
         HAS_BIAS: tl.constexpr, RANGE_ONLY: tl.constexpr, LOW_BIT: tl.constexpr, OUT_DTYPE: tl.constexpr,
-        TILE: tl.constexpr, MAXC: tl.constexpr, REC: tl.constexpr,
+        TILE: tl.constexpr, MAXC: tl.constexpr, REC: tl.constexpr, ROW_BOUND: tl.constexpr,
     ):
-        """K2: append the chunk's keys >= the row's bound (``_row_bound``) to the row's candidate list
-        (``ck_ptr`` keys, ``cp_ptr`` positions, [rows, CAP]); ``ctr_ptr[row]`` counts them all, also past CAP
-        (those are not written)."""
+        """K2: append the chunk's keys >= the row's bound (``_row_bound``, or ``tb_ptr[row]`` with ROW_BOUND) to
+        the row's candidate list (``ck_ptr`` keys, ``cp_ptr`` positions, [rows, CAP]); ``ctr_ptr[row]`` counts
+        them all, also past CAP (those are not written)."""
         row = tl.program_id(0).to(tl.int64)
         chunk = tl.program_id(1).to(tl.int64)
         a, s, lo, hi = _row_bounds(row, S, N, st_ptr, sts0, sts1, en_ptr, ens0, ens1, HAS_STARTS, HAS_ENDS)
@@ -997,7 +1004,10 @@ if triton is not None:
         c0 = base + chunk * CHUNK
         c1 = tl.minimum(c0 + CHUNK, end)
         if (c0 < end) & (short == 0):
-            bound = _row_bound(bnd_ptr, row, K, NCH, MAXC, REC)
+            if ROW_BOUND:
+                bound = tl.load(tb_ptr + row).to(tl.uint32, bitcast=True)
+            else:
+                bound = _row_bound(bnd_ptr, row, K, NCH, MAXC, REC)
             fill_key = _fill_key(fill, LOW_BIT)
             lane = tl.arange(0, TILE)
             for start in range(c0, c1, TILE):
@@ -1350,11 +1360,13 @@ def _finish(setup: _Setup, vbuf, sorted, need_values):
 
 def _masked_topk_v7(logits, k, row_starts, row_ends, mask, mask_keeps, bias, fill, sorted, index_dtype,
                     need_values, block_max, num_warps, chunk, tile, bits, maxnreg, batch, oversample=None,
-                    stop_bit=None, cap=None, staircase=None):
+                    stop_bit=None, cap=None, staircase=None, row_bound=False):
     """v7 launches (see the kernels' comment): bound and filter over chunks of ``chunk`` positions, then one
     resolve program per row over at most ``cap`` (default ``block_max``) candidates.  Three launches and a sort,
     no host sync, no data-dependent launch sizes (CUDA-graph safe); the candidate list's length is data-dependent
-    only inside the kernels.  Knobs: ``oversample`` (V7_OVERSAMPLE), ``stop_bit`` (V7_STOP_BIT), ``cap``."""
+    only inside the kernels.  Knobs: ``oversample`` (V7_OVERSAMPLE), ``stop_bit`` (V7_STOP_BIT), ``cap``,
+    ``staircase`` (False: one bound pair per chunk), ``row_bound`` (True: one more launch computes each row's bound
+    once, where each filter program combines the row's pairs by default; not yet measured, bench/NOTES.md)."""
     n = logits.shape[-1]
     if n >= 2**31 - 1:
         raise ValueError(f"masked_topk: the last dim of `logits` ({n}) must be < 2**31 - 1")
@@ -1382,9 +1394,10 @@ def _masked_topk_v7(logits, k, row_starts, row_ends, mask, mask_keeps, bias, fil
     while maxc * rec > V7_MAX_PAIRS and rec > 1:
         rec //= 2
     # One allocation: the bounds [rows, maxc, rec, 2], the counters [rows], the candidate keys and positions.
-    nb = rows * maxc * rec * 2
+    nb = rows * (maxc * rec * 2 + 1)
     scratch = torch.empty(nb + rows * (1 + 2 * cap), dtype=torch.int32, device=logits.device)
-    bnd = scratch[:nb]
+    bnd = scratch[: nb - rows]
+    tb = scratch[nb - rows: nb]  # the rows' bounds (row_bound)
     ctr = scratch[nb: nb + rows]
     ck = scratch[nb + rows: nb + rows * (1 + cap)]
     cp = scratch[nb + rows * (1 + cap):]
@@ -1392,9 +1405,12 @@ def _masked_topk_v7(logits, k, row_starts, row_ends, mask, mask_keeps, bias, fil
     LAST_LAUNCHES.append(_v7_bound_kernel[(rows, n_chunks)](
         *args, bnd, ctr, s_dim, n, k, chunk, kc_num, fill, BLOCK=next_pow2(chunk), MAXC=maxc, REC=rec,
         STOP_BIT=stop, BITS=bits, num_warps=warps, **common))
+    if row_bound:
+        LAST_LAUNCHES.append(_v7_row_bound_kernel[(rows,)](bnd, tb, k, n_chunks, MAXC=maxc, REC=rec,
+                                                           num_warps=warps))
     LAST_LAUNCHES.append(_v7_filter_kernel[(rows, n_chunks)](
-        *args, bnd, ctr, ck, cp, s_dim, n, k, chunk, n_chunks, cap, fill, TILE=til, MAXC=maxc, REC=rec,
-        num_warps=warps, **common))
+        *args, bnd, tb, ctr, ck, cp, s_dim, n, k, chunk, n_chunks, cap, fill, TILE=til, MAXC=maxc, REC=rec,
+        ROW_BOUND=bool(row_bound), num_warps=warps, **common))
     LAST_LAUNCHES.append(_v7_resolve_kernel[(rows,)](
         *args, ctr, ck, cp, vbuf, setup.indices, s_dim, n, k, cap, fill, WRITE_VALUES=need_values or sorted,
         BLOCK=max(16, next_pow2(cap)), TILE=min(next_pow2(tile or V5_TILE), max(16, next_pow2(cap))), BITS=bits,
