@@ -192,6 +192,34 @@ def test_fused_op_in_generated_code(fresh):
     assert "u8_after:idx1:token:raw" in fresh.report()
 
 
+@pytest.mark.parametrize("fn", [vllm_inline_paged, inline_scale_bytes], ids=lambda f: f.__name__)
+def test_inline_scale_bytes_not_copied(fresh, fn):
+    """The inline layout's fp32 scales are bytes inside the cache: the op takes them as bytes (``scale_bytes``)
+    and views them itself, so the generated code neither copies the scale table nor calls ``view.dtype``."""
+    p = 6
+    q, s = quantize_e4m3(torch.randn(p, B, D, generator=torch.Generator().manual_seed(0)))
+    cache = torch.cat([q.view(p, B * D), s.view(p, B).contiguous().view(torch.uint8)], dim=1).view(p, B, D + 4)
+    slots = torch.tensor([5, -1, 23, 0, 9])
+    out, code = run_and_get_code(torch.compile(fn), cache, slots)
+    src = "\n".join(code)
+    call = next(line for line in src.splitlines() if "gather_dequant.default(" in line)
+    assert call.rstrip().endswith("True)"), call  # scale_bytes
+    assert "view.dtype" not in src
+    assert_same(out, fn(cache, slots))
+    assert any("no copy of the scale table" in note for note in _notes()), _notes()
+
+
+def test_scale_bytes_bad_input_names_the_argument():
+    values = torch.zeros(4, B, D, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="`scales`"):
+        torch.ops.dsa_inductor.gather_dequant(values, torch.ones(4, B, 1), torch.tensor([1]), None, B, None, False,
+                                              "e4m3", torch.float32, True)
+    with pytest.raises(ValueError, match="`scales`"):  # bytes whose offset is not 4-aligned: no fp32 view
+        odd = torch.zeros(4, B * 4 + 1, dtype=torch.uint8)[:, 1:].view(4, B, 4)
+        torch.ops.dsa_inductor.gather_dequant(values, odd, torch.tensor([1]), None, B, None, False, "e4m3",
+                                              torch.float32, True)
+
+
 # ---- near misses -------------------------------------------------------------------------------------------
 
 def nm_scale_other_index(k_cache, k_scale, idx, idx2):

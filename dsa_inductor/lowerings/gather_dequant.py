@@ -37,6 +37,8 @@ Layouts and addressing.  ``values`` is ``[P, Dq]`` (one row per slot) or ``[P, B
     values = pages[:, : B * D].view(num_pages, B, D)                       # [P, B, D], strides (B*(D+4), D, 1)
     scales = pages[:, B * D :].view(torch.float32)                         # [P, B]
 
+With ``scale_bytes=True`` the op takes those scale bytes themselves, uint8 ``[P, B, 4]``, and views them as
+float32 (no copy; the rule passes them so, since Inductor copies a strided byte table to take the view).
 ``scales`` has the rank of ``values`` with ``G`` last, e.g. ``[P, B, 1]``; it is indexed like ``values``
 (its indexed dims have their own sizes, as in eager), and a non-indexed page dim may be 1 (broadcast).
 Indices (int32 / int64, any shape, broadcast together):
@@ -568,6 +570,21 @@ def _verify(out, values, scales, index0, index1, block_size, drop, zero_negative
                              f"{out[first].item()} != {ref[first].item()}")
 
 
+def _scales_of(scales, scale_bytes: bool):
+    """The scales the op reads: with ``scale_bytes``, the fp32 view of uint8 ``scales`` (a view, never a copy).
+    Raises ValueError naming `scales` when they are not uint8 bytes with such a view (4-aligned offset and
+    strides, last dim contiguous and a multiple of 4)."""
+    if not scale_bytes:
+        return scales
+    if not isinstance(scales, torch.Tensor) or scales.dtype != torch.uint8:
+        raise ValueError(f"{_name('scales')} must be a uint8 tensor with `scale_bytes`, got "
+                         f"{getattr(scales, 'dtype', type(scales).__name__)}")
+    try:
+        return scales.view(torch.float32)
+    except RuntimeError as e:
+        raise ValueError(f"{_name('scales')}: its bytes have no float32 view ({e})") from None
+
+
 @fused_op(OP_NAME)
 def gather_dequant(
     values: torch.Tensor,
@@ -579,6 +596,7 @@ def gather_dequant(
     zero_negative: bool,
     fmt: str,
     out_dtype: torch.dtype,
+    scale_bytes: bool = False,
 ) -> torch.Tensor:
     """Fused gather + dequantize of a quantized (paged) K cache.
 
@@ -593,6 +611,9 @@ def gather_dequant(
         zero_negative: negative ``index0`` gives a zero row and is not read.
         fmt: ``"e4m3"`` (FP8) or ``"e2m1"`` (packed MXFP4).
         out_dtype: float32, bfloat16 or float16.
+        scale_bytes: ``scales`` is uint8 ``[Ps, (Bs,) 4 G]``, the bytes of fp32 scales: the op reads
+            ``scales.view(torch.float32)`` (no copy; the inline page layout's scale bytes, strided inside the
+            cache, which Inductor would copy whole to take that view in the graph).
 
     Returns:
         ``[*index shape, (B,) D]`` in ``out_dtype``.
@@ -601,6 +622,7 @@ def gather_dequant(
         TypeError / ValueError naming the argument (dtype, rank, device, block size, scale groups);
         IndexError on the CPU path for an index outside the cache (as eager).
     """
+    scales = _scales_of(scales, scale_bytes)
     if values.device.type != "cuda":  # (on CUDA, the *_triton function checks them)
         _check_args(values, scales, index0, index1, block_size, drop, fmt, out_dtype)
         return gather_dequant_reference(values, scales, index0, index1, block_size, drop, zero_negative, fmt,
@@ -612,7 +634,8 @@ def gather_dequant(
 
 
 @gather_dequant.register_fake
-def _gather_dequant_fake(values, scales, index0, index1, block_size, drop, zero_negative, fmt, out_dtype):
+def _gather_dequant_fake(values, scales, index0, index1, block_size, drop, zero_negative, fmt, out_dtype,
+                         scale_bytes=False):
     # Shapes only (the launch arithmetic would specialize dynamic sizes).
-    _check_args(values, scales, index0, index1, block_size, drop, fmt, out_dtype)
+    _check_args(values, _scales_of(scales, scale_bytes), index0, index1, block_size, drop, fmt, out_dtype)
     return values.new_empty(_out_shape(values, index0, index1, block_size, drop, fmt), dtype=out_dtype)

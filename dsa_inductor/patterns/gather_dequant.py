@@ -32,7 +32,9 @@ follow-up rewrites (listed under ``then`` in the report) fold into the op, witho
   zero a scalar or a zeros tensor of the result's shape, the mask ``unsqueeze``d or reshaped to it):
   ``drop``; when the mask is ``slot < 0`` and the index is ``slot`` or ``slot.clamp(min=0)``,
   ``zero_negative`` on the raw slots;
-* a final ``.to(bfloat16 / float16)``: ``out_dtype`` (the op rounds the same fp32 product once).
+* a final ``.to(bfloat16 / float16)``: ``out_dtype`` (the op rounds the same fp32 product once);
+* scales that are ``view(torch.float32)`` of the cache's bytes (the inline page layout): the bytes, with
+  ``scale_bytes`` (the op takes the view; Inductor would copy the whole strided byte table to take it).
 
 Checks reject near misses: another FP8 format or target dtype (re-traced exactly), a scale gathered
 with other indices (no match), a scale that broadcasts along another dim than the scale groups, bool
@@ -274,11 +276,12 @@ def _is_op(node) -> bool:
     return node.op == "call_function" and node.target is torch.ops.dsa_inductor.gather_dequant.default
 
 
-_ARGS = ("values", "scales", "index0", "index1", "block_size", "drop", "zero_negative", "fmt", "out_dtype")
+_ARGS = ("values", "scales", "index0", "index1", "block_size", "drop", "zero_negative", "fmt", "out_dtype",
+         "scale_bytes")
 
 
 def _op_args(node) -> dict:
-    return dict(zip(_ARGS, node.args))
+    return {"scale_bytes": False, **dict(zip(_ARGS, node.args))}
 
 
 def _fake_mode(vals):
@@ -441,7 +444,43 @@ def _fold_cast(graph, node) -> Optional[str]:
     return f".to({dt}) -> out_dtype (one rounding of the same fp32 product)"
 
 
-FOLDS = (_fold_slot_index, _fold_zero_mask, _fold_cast)
+def _fold_scale_bytes(graph, node) -> Optional[str]:
+    """Scales that are ``view(torch.float32)`` of uint8 bytes (the inline page layout: ``pages[:, B * D:]``) ->
+    those bytes with ``scale_bytes``: the op takes the fp32 view of the strided bytes itself, where Inductor
+    would copy the whole byte table to take it in the graph.  Token scales (``[P, B]`` viewed from ``[P, 4 B]``
+    bytes, unsqueezed to ``[P, B, 1]``) are passed as ``[P, B, 4]`` bytes."""
+    a = _op_args(node)
+    s = a["scales"]
+    if a["scale_bytes"] or not isinstance(s, torch.fx.Node):
+        return None
+    token = s.target is aten.unsqueeze.default
+    v = s.args[0] if token else s
+    if not (isinstance(v, torch.fx.Node) and v.target is aten.view.dtype and v.args[1] == torch.float32):
+        return None
+    u = v.args[0]
+    uv, vv = _val(u), _val(v)
+    if uv is None or vv is None or uv.dtype != torch.uint8:
+        return None
+    if token:
+        if not (s.args[1] in (-1, vv.dim()) and uv.dim() == 2 and isinstance(uv.shape[1], int)):
+            return None
+        u = _new_node(graph, node, aten.reshape.default, (u, [-1, uv.shape[1] // 4, 4]))
+    _replace_op(graph, node, scales=u, scale_bytes=True)
+    return "scales.view(float32) of the cache's bytes -> viewed by the op (no copy of the scale table)"
+
+
+def float_scales(graph, node) -> torch.fx.Node:
+    """Undo ``_fold_scale_bytes`` on ``node`` (for a consumer that reads fp32 scales: the index score's FP8
+    cache fold): its scales become the graph's ``view(torch.float32)`` of the bytes again.  Returns the op node
+    (a new one when changed)."""
+    a = _op_args(node)
+    if not a["scale_bytes"]:
+        return node
+    view = _new_node(graph, node, aten.view.dtype, (a["scales"], torch.float32))
+    return _replace_op(graph, node, scales=view, scale_bytes=False)
+
+
+FOLDS = (_fold_slot_index, _fold_zero_mask, _fold_cast, _fold_scale_bytes)
 
 
 def fold_into_ops(graph: torch.fx.Graph, stats) -> int:

@@ -44,7 +44,7 @@ from ..canonicalize import drop_bmm_operand_clones, restore_bmm_operand_clones, 
 from ..lowerings import index_score as _op_module  # noqa: F401  (defines the op)
 from ..report import stats_for
 from .common import Rule, Variant, sym_size, tensor_meta
-from .gather_dequant import is_zero_full, slot_of_page_pos
+from .gather_dequant import float_scales, is_zero_full, slot_of_page_pos
 
 aten = torch.ops.aten
 SCALE_MAGIC = 0.3711  # stands for the scale while tracing
@@ -283,6 +283,7 @@ def read_fp8_cache(graph: torch.fx.Graph, stats) -> int:
         if isinstance(address, str):
             stats.notes[f"gather_dequant -> index_score: not folded, {address}"] += 1
             continue
+        src = float_scales(graph, src)  # the score kernel reads fp32 scales
         x, block_size, drop, zero_negative = address
         values, scales = src.args[:2]
         kval = _val(args[1])
@@ -319,6 +320,8 @@ def _cache_fold_refusal(gd: torch.fx.Node, chain, score: torch.fx.Node, args) ->
     if fmt != "e4m3" or out_dtype != torch.float32:
         return f"fmt {fmt!r} / out_dtype {out_dtype} (the score kernel reads e4m3 with a float32 result only)"
     v, sc, i0, k = _val(values), _val(scales), _val(index0), _val(args[1])
+    if len(gd.args) > 9 and gd.args[9] and sc is not None:  # scale_bytes: the fp32 view the op takes
+        sc = sc.view(torch.float32)
     if sc is None or sc.dtype not in _FLOATS or sc.shape[-1] != 1 or sc.dim() != v.dim():
         return "not one float scale per cache row (block or UE8M0 scales)"
     q = _val(args[0])
