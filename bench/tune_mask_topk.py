@@ -5,7 +5,9 @@ configuration with the do_bench median, registers/spills of each launch and a co
 With ``--gpu-time``: each variant's host-free cost, the figure a decode or CUDA-graph caller sees:
 CUDA-graph replay of one call, and the profiler's per-kernel device time; beside them ``direct``, the do_bench
 median of direct calls (for the launch-heavy split designs, host launch time).  The decode cases: 64 x 65536
-fp32 and bf16, and a larger batch, 256 x 131072 (v4 against v5's split rows, which ``_auto_impl`` picks there).
+fp32 (v4, v7 and its knobs, v5's split rows), and with v4, v7 (default, without the staircase, with
+``row_bound``) and v5: bf16, rows whose scores rise with the position, a larger batch (256 x 131072) and 2048
+prefill rows of 32768 keys (bench/NOTES.md, session 22).
 Without ``--variants``: the v4 sweep (band size, chunk/merge, warps).  With ``--variants``: v4's default
 against the v5 designs and knobs (``impl``, ``bits``, ``phases``, ``tile``, ``num_warps``, ``maxnreg``;
 ``chunk`` for split decode rows), the rows bench/NOTES.md's v5 table asks for.
