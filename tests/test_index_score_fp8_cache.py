@@ -181,6 +181,30 @@ def test_generated_code_has_no_dequantized_copy(fresh):
     assert "gather_dequant" not in code, "the dequantized keys are still computed"
 
 
+def test_inline_scale_bytes_read_by_the_score_kernel(fresh):
+    """The lifted serving loop reads the inline page layout: the score kernel gets the cache's scale bytes
+    (``k_cache_scale_bytes``) as a view of the cache, and the graph neither copies the scale table nor
+    calls ``view.dtype``."""
+    block, d, pages = 4, 32, 6
+    g = torch.Generator().manual_seed(0)
+    cache = torch.randint(0, 256, (pages, block * (d + 4)), dtype=torch.uint8, generator=g)
+    cache[:, : block * d][(cache[:, : block * d] & 0x7F) == 0x7F] = 0
+    cache[:, block * d:] = torch.rand(pages, block, generator=g).view(torch.uint8).view(pages, -1)
+    slots = torch.tensor([3, -1, 17, 0, 22, 9])
+    q, w = torch.randn(1, 3, H, d, generator=g).bfloat16(), torch.randn(1, 3, H, generator=g)
+    fn = serving_loops.indexer_scores_from_cache
+    with torch.no_grad():
+        out, code = run_and_get_code(torch.compile(fn), q, w, cache, slots, block, d)
+        eager = fn(q, w, cache, slots, block, d)
+    src = "\n".join(code)
+    call = next(line for line in src.splitlines() if "index_score.default(" in line)
+    assert call.rstrip().endswith("True)"), call  # k_cache_scale_bytes
+    assert "view.dtype" not in src and "gather_dequant" not in src
+    keys = serving_loops.read_indexer_cache(cache, slots, block, d).unsqueeze(0)
+    assert testing.score_mismatch(out, eager, testing.index_score_tolerance(q, keys, w, serving_loops.INDEX_SCALE)) \
+        is None
+
+
 # ---- near misses: the fold must not happen ----------------------------------------------------------------------
 
 def keys_used_twice(q, weights, k_cache, k_scale, slots):

@@ -570,19 +570,19 @@ def _verify(out, values, scales, index0, index1, block_size, drop, zero_negative
                              f"{out[first].item()} != {ref[first].item()}")
 
 
-def _scales_of(scales, scale_bytes: bool):
-    """The scales the op reads: with ``scale_bytes``, the fp32 view of uint8 ``scales`` (a view, never a copy).
-    Raises ValueError naming `scales` when they are not uint8 bytes with such a view (4-aligned offset and
-    strides, last dim contiguous and a multiple of 4)."""
+def scales_from_bytes(scales, scale_bytes: bool, name: str = "gather_dequant: `scales`"):
+    """The scales an op reads: with ``scale_bytes``, the fp32 view of uint8 ``scales`` (a view, never a copy).
+    Raises ValueError naming the argument (``name``) when they are not uint8 bytes with such a view (4-aligned
+    offset and strides, last dim contiguous and a multiple of 4)."""
     if not scale_bytes:
         return scales
     if not isinstance(scales, torch.Tensor) or scales.dtype != torch.uint8:
-        raise ValueError(f"{_name('scales')} must be a uint8 tensor with `scale_bytes`, got "
+        raise ValueError(f"{name} must be a uint8 tensor of fp32 bytes here, got "
                          f"{getattr(scales, 'dtype', type(scales).__name__)}")
     try:
         return scales.view(torch.float32)
     except RuntimeError as e:
-        raise ValueError(f"{_name('scales')}: its bytes have no float32 view ({e})") from None
+        raise ValueError(f"{name}: its bytes have no float32 view ({e})") from None
 
 
 @fused_op(OP_NAME)
@@ -622,7 +622,7 @@ def gather_dequant(
         TypeError / ValueError naming the argument (dtype, rank, device, block size, scale groups);
         IndexError on the CPU path for an index outside the cache (as eager).
     """
-    scales = _scales_of(scales, scale_bytes)
+    scales = scales_from_bytes(scales, scale_bytes)
     if values.device.type != "cuda":  # (on CUDA, the *_triton function checks them)
         _check_args(values, scales, index0, index1, block_size, drop, fmt, out_dtype)
         return gather_dequant_reference(values, scales, index0, index1, block_size, drop, zero_negative, fmt,
@@ -637,5 +637,5 @@ def gather_dequant(
 def _gather_dequant_fake(values, scales, index0, index1, block_size, drop, zero_negative, fmt, out_dtype,
                          scale_bytes=False):
     # Shapes only (the launch arithmetic would specialize dynamic sizes).
-    _check_args(values, _scales_of(scales, scale_bytes), index0, index1, block_size, drop, fmt, out_dtype)
+    _check_args(values, scales_from_bytes(scales, scale_bytes), index0, index1, block_size, drop, fmt, out_dtype)
     return values.new_empty(_out_shape(values, index0, index1, block_size, drop, fmt), dtype=out_dtype)

@@ -89,6 +89,7 @@ from typing import Optional
 
 import torch
 
+from .gather_dequant import scales_from_bytes
 from .host import by_metadata, cdiv, next_pow2
 from .registry import fused_op
 
@@ -699,6 +700,7 @@ def index_score(
     k_cache_scale: Optional[torch.Tensor] = None,
     k_block_size: int = 0,
     k_zero_negative: bool = False,
+    k_cache_scale_bytes: bool = False,
 ) -> torch.Tensor:
     """Fused ``sum_h weights * relu(q . k * scale)`` over heads, as fp32 ``[B, S, T]``.
 
@@ -730,6 +732,8 @@ def index_score(
         k_zero_negative: with ``k_slots``, a negative slot (vLLM's padding ``-1``) is a zero key; otherwise
             negative slots wrap once as eager indexing does.  A slot outside the cache raises IndexError on
             the CPU path (as eager) and gives a zero key on CUDA (never read).
+        k_cache_scale_bytes: ``k_cache_scale`` is uint8 ``[P, (B'',) 4]``, the bytes of the fp32 scales (the
+            inline page layout), viewed as float32 by the op (``gather_dequant``'s ``scale_bytes``).
 
     Returns:
         float32 ``[B, S, T]``.
@@ -738,6 +742,7 @@ def index_score(
         ValueError / TypeError naming the argument: bad rank, dtype, device or shape, non-finite scale,
         ``short_k >= 0`` without ``outside_undefined``.
     """
+    k_cache_scale = scales_from_bytes(k_cache_scale, k_cache_scale_bytes, "index_score: `k_cache_scale`")
     gather = (k_slots, k_cache_scale, k_block_size, k_zero_negative)
     if q.device.type != "cuda":  # (on CUDA, the *_triton function checks them)
         _check_args(q, k, weights, scale, row_ends, row_starts, short_k, outside_undefined, k_scale, *gather[:3])
@@ -762,8 +767,9 @@ def index_score(
 @index_score.register_fake
 def _index_score_fake(q, k, weights, scale, scale_after_relu, row_ends, row_starts=None, short_k=-1,
                       outside_undefined=False, k_scale=None, k_slots=None, k_cache_scale=None, k_block_size=0,
-                      k_zero_negative=False):
+                      k_zero_negative=False, k_cache_scale_bytes=False):
     # Shapes only (the launch arithmetic on sizes would specialize dynamic shapes).
+    k_cache_scale = scales_from_bytes(k_cache_scale, k_cache_scale_bytes, "index_score: `k_cache_scale`")
     _check_args(q, k, weights, scale, row_ends, row_starts, short_k, outside_undefined, k_scale, k_slots,
                 k_cache_scale, k_block_size)
     return q.new_empty(q.shape[0], q.shape[1], _logical_k_shape(k, k_slots)[1], dtype=torch.float32)

@@ -469,17 +469,6 @@ def _fold_scale_bytes(graph, node) -> Optional[str]:
     return "scales.view(float32) of the cache's bytes -> viewed by the op (no copy of the scale table)"
 
 
-def float_scales(graph, node) -> torch.fx.Node:
-    """Undo ``_fold_scale_bytes`` on ``node`` (for a consumer that reads fp32 scales: the index score's FP8
-    cache fold): its scales become the graph's ``view(torch.float32)`` of the bytes again.  Returns the op node
-    (a new one when changed)."""
-    a = _op_args(node)
-    if not a["scale_bytes"]:
-        return node
-    view = _new_node(graph, node, aten.view.dtype, (a["scales"], torch.float32))
-    return _replace_op(graph, node, scales=view, scale_bytes=False)
-
-
 FOLDS = (_fold_slot_index, _fold_zero_mask, _fold_cast, _fold_scale_bytes)
 
 

@@ -44,7 +44,7 @@ from ..canonicalize import drop_bmm_operand_clones, restore_bmm_operand_clones, 
 from ..lowerings import index_score as _op_module  # noqa: F401  (defines the op)
 from ..report import stats_for
 from .common import Rule, Variant, sym_size, tensor_meta
-from .gather_dequant import float_scales, is_zero_full, slot_of_page_pos
+from .gather_dequant import is_zero_full, slot_of_page_pos
 
 aten = torch.ops.aten
 SCALE_MAGIC = 0.3711  # stands for the scale while tracing
@@ -228,11 +228,11 @@ def _normalize_dims(graph: torch.fx.Graph) -> None:
 
 
 _VIEWS = (aten.reshape.default, aten.view.default, aten.unsqueeze.default)
-_SCORE_DEFAULTS = (None, -1, False, None, None, None, 0, False)  # index_score's args after row_ends
+_SCORE_DEFAULTS = (None, -1, False, None, None, None, 0, False, False)  # index_score's args after row_ends
 
 
 def score_args(node: torch.fx.Node) -> Optional[list]:
-    """An ``index_score`` node's 14 args with defaults filled in, or None if it has kwargs."""
+    """An ``index_score`` node's 15 args with defaults filled in, or None if it has kwargs."""
     if node.kwargs or len(node.args) < 6:
         return None
     return list(node.args) + list(_SCORE_DEFAULTS[len(node.args) - 6:])
@@ -283,7 +283,6 @@ def read_fp8_cache(graph: torch.fx.Graph, stats) -> int:
         if isinstance(address, str):
             stats.notes[f"gather_dequant -> index_score: not folded, {address}"] += 1
             continue
-        src = float_scales(graph, src)  # the score kernel reads fp32 scales
         x, block_size, drop, zero_negative = address
         values, scales = src.args[:2]
         kval = _val(args[1])
@@ -301,7 +300,9 @@ def read_fp8_cache(graph: torch.fx.Graph, stats) -> int:
                 flat = slots
                 slots = graph.call_function(aten.reshape.default, (flat, size))
                 slots.meta["val"] = aten.reshape.default(_val(flat), [kval.shape[0], -1])
+        scale_bytes = len(src.args) > 9 and bool(src.args[9])  # (gather_dequant's scale_bytes: kept as bytes)
         args[1], args[10], args[11], args[12], args[13] = values, slots, scales, block_size, bool(zero_negative)
+        args[14] = scale_bytes
         set_score_args(node, args)
         for dead in chain + [src]:
             if not dead.users:
