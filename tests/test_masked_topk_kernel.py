@@ -71,7 +71,7 @@ def problems(draw, max_n=MAX_N):
         opts["bits"] = draw(st.sampled_from([1, 2]))
         opts["v7"] = dict(oversample=draw(st.sampled_from([1.0, 1.5, 2.0, 4.0])),
                           stop_bit=draw(st.sampled_from([0, 8, 16, 24, 31])),
-                          cap=draw(st.sampled_from([16, 64, opts["block_max"]])), staircase=draw(st.booleans()),
+                          cap=draw(st.sampled_from([16, 64, None, opts["block_max"]])), staircase=draw(st.booleans()),
                           row_bound=draw(st.booleans()))
     else:
         # Row program (fused or two kernels, 1 or 2 bits per reduction) or split rows (radix histograms
