@@ -911,12 +911,13 @@ if triton is not None:
 
 
     # ---- v7: bound, filter, resolve (rows longer than one program holds: decode) --------------------------
-    # K1 (rows x chunks): each chunk's KC-th largest key t_c (a prefix bisection, stopped at STOP_BIT) and
-    # g_c = #(chunk keys >= t_c) >= KC.  K2 (rows x chunks): T = the largest t_c whose chunks with t >= t_c
-    # hold g >= K keys together -- a lower bound of the row's K-th key, so the keys >= T hold the top K --
-    # and the chunk's keys >= T appended to the row's candidate list (one atomic per tile).  K3 (rows): the
-    # exact top K of the candidates in registers, or, when they overflow the list's CAP, of the row itself
-    # by a streaming bisection.  See bench/NOTES.md (session 22).
+    # K1 (rows x chunks): a prefix bisection of the chunk's keys toward its KC-th largest, stopped at STOP_BIT,
+    # recording each round's (threshold, exact count at or above it).  K2 (rows x chunks): T = the highest
+    # recorded threshold at which the row's chunks hold K keys together (``_row_bound``) -- never above the
+    # row's K-th key, so the keys >= T hold the top K -- and the chunk's keys >= T appended to the row's
+    # candidate list (one atomic per tile).  K3 (rows): the exact top K of the candidates in registers, or,
+    # when they overflow the list's CAP, of the row itself by a streaming bisection.  See bench/NOTES.md
+    # (session 22).
 
     @triton.jit(do_not_specialize=["S", "N", "K", "CHUNK", "KC_NUM"])
     def _v7_bound_kernel(
@@ -942,7 +943,6 @@ if triton is not None:
         c1 = tl.minimum(c0 + CHUNK, end)
         n_c = tl.maximum(c1 - c0, 0).to(tl.int32)
         rec = bnd_ptr + (row * MAXC + chunk) * (2 * REC)
-        t = (n_c * 0).to(tl.uint32)  # (0, 0): no key (past the row's end, or a short row)
         chunks = tl.maximum((end - base + CHUNK - 1) // CHUNK, 1)  # of this row
         kc = ((KC_NUM + chunks - 1) // chunks).to(tl.int32)
         if (n_c > kc) & (short == 0):
@@ -952,10 +952,10 @@ if triton is not None:
             key = tl.where(cols < c1, key, 0)
             # Pairs (0, n_c) before the first accepted round are true (every key is >= 0), and useless.
             _bisect_keys(key, kc, n_c, STOP_BIT, BITS, rec, REC)
-        else:  # the whole chunk (every real key is >= 1), or nothing
+        else:  # the whole chunk: (1, n_c) (every real key is >= 1); no key (past the row's end, a short row): (0, 0)
             g = tl.where(short == 0, n_c, 0)
             for r in tl.static_range(REC):
-                _record(rec, r, tl.where(g > 0, t + 1, t), g, REC)
+                _record(rec, r, (g > 0).to(tl.uint32), g, REC)
         if chunk == 0:
             tl.store(ctr_ptr + row, 0)
 
@@ -1175,16 +1175,31 @@ def _auto_impl(n: int, k: int, block_max: int, rows: int = 1, dtype: torch.dtype
     return "v4"
 
 
+def _constexprs(row_starts, row_ends, mask, mask_keeps, bias, fill, out_dtype) -> dict:
+    """The constexprs every design's kernels take: which row pieces exist, and the keys' lowest bit that can be
+    nonzero (bf16 values use the top 16 bits of the fp32 key, fp16 the top 19)."""
+    return dict(
+        HAS_STARTS=row_starts is not None, HAS_ENDS=row_ends is not None,
+        MASK_MODE=0 if mask is None else (1 if mask_keeps else 2), HAS_BIAS=bias is not None,
+        RANGE_ONLY=(mask is None and bias is None and fill == float("-inf")),
+        LOW_BIT={torch.bfloat16: 16, torch.float16: 13, torch.float32: 0}[out_dtype], OUT_DTYPE=_TL_DTYPES[out_dtype],
+    )
+
+
 def masked_topk_triton(logits, k, row_starts=None, row_ends=None, mask=None, mask_keeps=True, bias=None,
                        fill=float("-inf"), sorted=True, index_dtype=torch.int64, need_values=True,
                        block_max=BLOCK_MAX, num_warps=None, chunk=None, small=None, merge=None, impl=None,
                        tile=None, bits=None, phases=None, split=None, maxnreg=None, v7=None):
     """Run the Triton kernels (the op's CUDA path; tests and tuning call it directly).
 
-    ``impl`` picks the design (default ``IMPL``, else ``_auto_impl``): ``"v5"`` (threshold then streaming compaction; rows
-    longer than ``block_max`` split over programs with global radix histograms) or ``"v4"`` (row in
-    registers, chunk + merge stages).  Knobs of both: ``block_max`` (most positions one row program
-    holds in registers), ``chunk`` (positions per program of a split row), ``num_warps``.
+    ``impl`` picks the design (default ``IMPL``, else ``_auto_impl``): ``"v5"`` (threshold then streaming
+    compaction; rows longer than ``block_max`` split over programs with global radix histograms), ``"v7"``
+    (bound, filter and resolve launches over chunks of a long row) or ``"v4"`` (row in registers, chunk + merge
+    stages).  Knobs of all: ``block_max`` (most positions one row program holds in registers), ``chunk``
+    (positions per program of a split row), ``num_warps``.
+
+    v7: ``tile``, ``bits`` as v5's, and ``v7``, a dict of ``_masked_topk_v7``'s own knobs (``oversample``,
+    ``stop_bit``, ``cap``, ``staircase``, ``row_bound``).
 
     v4: a longer row is cut into chunks of ``chunk`` (default ``block_max``) positions, each chunk keeps
     its top-k candidates and merge stages (``merge`` candidates per program) select among them.
@@ -1246,15 +1261,8 @@ def masked_topk_triton(logits, k, row_starts=None, row_ends=None, mask=None, mas
     # The value buffer exists only when the kernel writes values (x3 stands in as an unused pointer).
     vbuf = values if need_values else logits.new_empty(*batch, k, dtype=out_dtype) if sorted else x3
     fill = _round_to(float(fill), out_dtype)
-    common = dict(
-        HAS_STARTS=row_starts is not None, HAS_ENDS=row_ends is not None,
-        MASK_MODE=0 if mask is None else (1 if mask_keeps else 2), HAS_BIAS=bias is not None,
-        RANGE_ONLY=(mask is None and bias is None and fill == float("-inf")),
-        WRITE_VALUES=write_values,
-        # Lowest bit of the fp32 key that can be nonzero: bf16 values use the top 16 bits, fp16 the top 19.
-        LOW_BIT={torch.bfloat16: 16, torch.float16: 13, torch.float32: 0}[out_dtype],
-        SMALL=small, OUT_DTYPE=_TL_DTYPES[out_dtype],
-    )
+    common = dict(_constexprs(row_starts, row_ends, mask, mask_keeps, bias, fill, out_dtype),
+                  WRITE_VALUES=write_values, SMALL=small)
     n_chunks = cdiv(n, chunk) if n > block_max else 1
     scratch = torch.empty(2, rows * max(n_chunks, cdiv(n_chunks * k, block_max)) * small,
                           dtype=torch.int32, device=logits.device).unbind(0)  # (views made once, not per launch)
@@ -1288,14 +1296,7 @@ def masked_topk_triton(logits, k, row_starts=None, row_ends=None, mask=None, mas
             launch_stage((rows, groups), cand, nxt, width, per_program, False, block_max)
             cand, width = nxt, groups * k
         launch_stage((rows, 1), cand, None, width, width, True, max(16, next_pow2(width)))
-    if sorted:
-        # Ordering the winners with tl.sort in-kernel measured slower than torch.sort on H100 (2048
-        # winners: ~1.4 ms per 8192 rows) and was wrong on one bf16 case under Triton 3.6: torch.sort it is.
-        vbuf, order = _sort_descending(vbuf)
-        indices = indices.gather(-1, order)
-        if need_values:
-            values = vbuf
-    return values, indices
+    return _finish(values, indices, vbuf, sorted, need_values)
 
 
 
@@ -1335,21 +1336,17 @@ def _split_setup(logits, k, row_starts, row_ends, mask, mask_keeps, bias, fill, 
     args, x3 = _row_args(logits, row_starts, row_ends, mask, bias, batch, logits.shape[-1])
     vbuf = values if need_values else logits.new_empty(*batch, k, dtype=out_dtype) if sorted else x3
     fill = _round_to(float(fill), out_dtype)
-    low_bit = {torch.bfloat16: 16, torch.float16: 13, torch.float32: 0}[out_dtype]
-    common = dict(
-        HAS_STARTS=row_starts is not None, HAS_ENDS=row_ends is not None,
-        MASK_MODE=0 if mask is None else (1 if mask_keeps else 2), HAS_BIAS=bias is not None,
-        RANGE_ONLY=(mask is None and bias is None and fill == float("-inf")),
-        LOW_BIT=low_bit, OUT_DTYPE=_TL_DTYPES[out_dtype],
-    )
+    common = _constexprs(row_starts, row_ends, mask, mask_keeps, bias, fill, out_dtype)
+    low_bit = common["LOW_BIT"]
     if maxnreg is not None:  # only when asked: a launch option Triton checks per backend
         common["maxnreg"] = maxnreg
     return _Setup(values, indices, rows, args, vbuf, fill, low_bit, common, batch[-1] if len(batch) else 1)
 
 
-def _finish(setup: _Setup, vbuf, sorted, need_values):
-    """``(values, indices)``; with ``sorted``, the winners ordered by their values (``torch.sort``)."""
-    values, indices = setup.values, setup.indices
+def _finish(values, indices, vbuf, sorted, need_values):
+    """``(values, indices)``; with ``sorted``, the winners ordered by their values in ``vbuf``.  Ordering them with
+    tl.sort in-kernel measured slower than torch.sort on H100 (2048 winners: ~1.4 ms per 8192 rows) and was wrong
+    on one bf16 case under Triton 3.6: torch.sort it is."""
     if sorted:
         vbuf, order = _sort_descending(vbuf)
         indices = indices.gather(-1, order)
@@ -1362,9 +1359,9 @@ def _masked_topk_v7(logits, k, row_starts, row_ends, mask, mask_keeps, bias, fil
                     need_values, block_max, num_warps, chunk, tile, bits, maxnreg, batch, oversample=None,
                     stop_bit=None, cap=None, staircase=None, row_bound=False):
     """v7 launches (see the kernels' comment): bound and filter over chunks of ``chunk`` positions, then one
-    resolve program per row over at most ``cap`` (default ``min(block_max, 4 k)``) candidates.  Three launches and a sort,
-    no host sync, no data-dependent launch sizes (CUDA-graph safe); the candidate list's length is data-dependent
-    only inside the kernels.  Knobs: ``oversample`` (V7_OVERSAMPLE), ``stop_bit`` (V7_STOP_BIT), ``cap``,
+    resolve program per row over at most ``cap`` (default ``min(block_max, 4 k)``) candidates.  Three launches and
+    a sort, no host sync, no data-dependent launch sizes (CUDA-graph safe); the candidate list's length is
+    data-dependent only inside the kernels.  Knobs: ``oversample`` (V7_OVERSAMPLE), ``stop_bit`` (V7_STOP_BIT), ``cap``,
     ``staircase`` (False: one bound pair per chunk), ``row_bound`` (True: one more launch computes each row's bound
     once, where each filter program combines the row's pairs by default; not yet measured, bench/NOTES.md)."""
     n = logits.shape[-1]
@@ -1418,7 +1415,7 @@ def _masked_topk_v7(logits, k, row_starts, row_ends, mask, mask_keeps, bias, fil
         *args, ctr, ck, cp, vbuf, setup.indices, s_dim, n, k, cap, fill, WRITE_VALUES=need_values or sorted,
         BLOCK=max(16, next_pow2(cap)), TILE=min(next_pow2(tile or V5_TILE), max(16, next_pow2(cap))), BITS=bits,
         num_warps=V7_RESOLVE_WARPS, **common))
-    return _finish(setup, vbuf, sorted, need_values)
+    return _finish(setup.values, setup.indices, vbuf, sorted, need_values)
 
 
 def _masked_topk_v5(logits, k, row_starts, row_ends, mask, mask_keeps, bias, fill, sorted, index_dtype,
@@ -1472,7 +1469,7 @@ def _masked_topk_v5(logits, k, row_starts, row_ends, mask, mask_keeps, bias, fil
         LAST_LAUNCHES.append(_v5_split_compact_kernel[(rows, n_chunks)](
             *args, hist, ctr, vbuf, indices, s_dim, n, k, chunk, fill, WRITE_VALUES=write_values, TILE=til,
             NPASS=npass, DIGIT=V5_DIGIT, num_warps=warps, **common))
-    return _finish(setup, vbuf, sorted, need_values)
+    return _finish(setup.values, setup.indices, vbuf, sorted, need_values)
 
 
 @fused_op(OP_NAME)
