@@ -284,6 +284,11 @@ def _op_args(node) -> dict:
     return {"scale_bytes": False, **dict(zip(_ARGS, node.args))}
 
 
+def takes_scale_bytes(node) -> bool:
+    """Does the ``gather_dequant`` node take its scales as fp32 bytes (``scale_bytes``, ``_fold_scale_bytes``)?"""
+    return bool(_op_args(node)["scale_bytes"])
+
+
 def _fake_mode(vals):
     for v in torch.utils._pytree.tree_leaves(vals):
         if isinstance(v, torch.Tensor):

@@ -44,7 +44,7 @@ from ..canonicalize import drop_bmm_operand_clones, restore_bmm_operand_clones, 
 from ..lowerings import index_score as _op_module  # noqa: F401  (defines the op)
 from ..report import stats_for
 from .common import Rule, Variant, sym_size, tensor_meta
-from .gather_dequant import is_zero_full, slot_of_page_pos
+from .gather_dequant import is_zero_full, slot_of_page_pos, takes_scale_bytes
 
 aten = torch.ops.aten
 SCALE_MAGIC = 0.3711  # stands for the scale while tracing
@@ -300,9 +300,7 @@ def read_fp8_cache(graph: torch.fx.Graph, stats) -> int:
                 flat = slots
                 slots = graph.call_function(aten.reshape.default, (flat, size))
                 slots.meta["val"] = aten.reshape.default(_val(flat), [kval.shape[0], -1])
-        scale_bytes = len(src.args) > 9 and bool(src.args[9])  # (gather_dequant's scale_bytes: kept as bytes)
-        args[1], args[10], args[11], args[12], args[13] = values, slots, scales, block_size, bool(zero_negative)
-        args[14] = scale_bytes
+        args[1], args[10:15] = values, [slots, scales, block_size, bool(zero_negative), takes_scale_bytes(src)]
         set_score_args(node, args)
         for dead in chain + [src]:
             if not dead.users:
@@ -321,7 +319,7 @@ def _cache_fold_refusal(gd: torch.fx.Node, chain, score: torch.fx.Node, args) ->
     if fmt != "e4m3" or out_dtype != torch.float32:
         return f"fmt {fmt!r} / out_dtype {out_dtype} (the score kernel reads e4m3 with a float32 result only)"
     v, sc, i0, k = _val(values), _val(scales), _val(index0), _val(args[1])
-    if len(gd.args) > 9 and gd.args[9] and sc is not None:  # scale_bytes: the fp32 view the op takes
+    if takes_scale_bytes(gd) and sc is not None:  # the fp32 view the op takes
         sc = sc.view(torch.float32)
     if sc is None or sc.dtype not in _FLOATS or sc.shape[-1] != 1 or sc.dim() != v.dim():
         return "not one float scale per cache row (block or UE8M0 scales)"
